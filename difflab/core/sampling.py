@@ -1,0 +1,530 @@
+"""Samplers: short functions over a decreasing sigma grid, built from one-step primitives.
+
+Every sampler has the signature
+
+    sample_xxx(denoiser, x, sigmas, *, cond=None, callback=None, noise=None, progress=False, ...)
+
+- `x` starts at noise level sigmas[0] (for a fresh sample: `torch.randn(...) * sigmas[0]`);
+- `cond` is a dict passed to the denoiser as keyword arguments;
+- `callback(step)` runs after every step with a `Step(i, x, sigma, sigma_next, x0_hat)` where
+  `x` is already at `sigma_next`; it may return a replacement `x` (RePaint, ILVR, DiffEdit,
+  Blended Diffusion) or None;
+- `noise` is the noise source of stochastic samplers: None (torch's global RNG), a
+  `torch.Generator`, or a callable `(i, like) -> Tensor`, so two runs can be compared bit for bit.
+
+Solver state (multistep history) lives in local variables. Notation follows Karras et al. 2022
+and Lu et al. 2022 (DPM-Solver++): d = (x - x0_hat) / sigma, lambda = -log sigma, h = lambda' - lambda.
+
+DDIM is Euler on the probability-flow ODE (eta = 0) and the Euler-ancestral step with eta
+in general; with eta = 1 it is DDPM's ancestral sampler with the posterior variance
+(derivation in `ancestral_step`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from difflab.core.schedules import DiscreteVP
+
+__all__ = [
+    "Step",
+    "SAMPLERS",
+    "sample",
+    "euler_step",
+    "ancestral_step",
+    "renoise",
+    "sample_euler",
+    "sample_euler_ancestral",
+    "sample_ddim",
+    "sample_ddpm",
+    "sample_heun",
+    "sample_dpmpp_2m",
+    "sample_dpmpp_3m",
+    "sample_dpmpp_2m_sde",
+    "sample_dpmpp_3m_sde",
+    "sample_unipc",
+    "sample_langevin",
+    "invert_euler",
+    "DEFAULT_SAMPLER",
+]
+
+
+@dataclass
+class Step:
+    """What a sampler's callback sees after step i: x is already at sigma_next."""
+
+    i: int
+    x: Tensor
+    sigma: float
+    sigma_next: float
+    x0_hat: Tensor
+
+
+NoiseSource = None | torch.Generator | Callable[[int, Tensor], Tensor]
+
+
+# --------------------------------------------------------------------------------------------
+# Plumbing shared by every sampler
+# --------------------------------------------------------------------------------------------
+
+
+def _noise_fn(noise: NoiseSource) -> Callable[[int, Tensor], Tensor]:
+    if noise is None:
+        return lambda i, like: torch.randn_like(like)
+    if isinstance(noise, torch.Generator):
+        return lambda i, like: torch.randn(like.shape, generator=noise, dtype=like.dtype,
+                                           device=like.device)
+    if callable(noise):
+        return noise
+    raise TypeError(f"noise must be None, a torch.Generator or a callable (i, like) -> Tensor, got {type(noise).__name__}")
+
+
+def _check(x: Tensor, sigmas: Tensor, *, increasing: bool = False) -> Tensor:
+    sigmas = torch.as_tensor(sigmas)
+    if sigmas.ndim != 1 or len(sigmas) < 2:
+        raise ValueError(f"sigmas must be a 1-D grid of at least 2 values, got shape {tuple(sigmas.shape)}")
+    if not torch.isfinite(sigmas).all() or (sigmas < 0).any():
+        raise ValueError(f"sigmas must be finite and >= 0, got {sigmas.tolist()}")
+    diffs = sigmas[1:] - sigmas[:-1]
+    if increasing and not (diffs > 0).all():
+        raise ValueError(f"this sampler needs strictly increasing sigmas, got {sigmas.tolist()}")
+    if not increasing and not (diffs < 0).all():
+        raise ValueError(f"sigmas must be strictly decreasing (highest noise first), got {sigmas.tolist()}")
+    if not torch.isfinite(x).all():
+        bad = (~torch.isfinite(x)).sum().item()
+        raise ValueError(f"x contains {bad} NaN/inf values; the sampler's starting point must be finite")
+    return sigmas.to(torch.float64)
+
+
+class _Runner:
+    """Calls the denoiser with a (B,) sigma and the user's cond; runs the callback."""
+
+    def __init__(self, denoiser, x: Tensor, cond: dict | None, callback):
+        self.denoiser = denoiser
+        self.cond = cond or {}
+        self.callback = callback
+        self.ones = x.new_ones(x.shape[0])
+
+    def __call__(self, x: Tensor, sigma: float) -> Tensor:
+        return self.denoiser(x, self.ones * sigma, **self.cond)
+
+    def after(self, i: int, x: Tensor, sigma: float, sigma_next: float, x0_hat: Tensor) -> Tensor:
+        if self.callback is None:
+            return x
+        new = self.callback(Step(i, x, sigma, sigma_next, x0_hat))
+        return x if new is None else new
+
+
+def _steps(n: int, progress: bool, desc: str):
+    if not progress:
+        return range(n)
+    from tqdm.auto import trange
+
+    return trange(n, desc=desc, leave=False)
+
+
+# --------------------------------------------------------------------------------------------
+# One-step primitives
+# --------------------------------------------------------------------------------------------
+
+
+def euler_step(x: Tensor, x0_hat: Tensor, sigma: float, sigma_next: float) -> Tensor:
+    """Euler on dx/dsigma = (x - D) / sigma: x + (sigma_next - sigma) d."""
+    if sigma_next == 0:
+        return x0_hat
+    return x0_hat + (sigma_next / sigma) * (x - x0_hat)
+
+
+def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[float, float]:
+    """(sigma_down, sigma_up) of the ancestral step: Euler to sigma_down, then add sigma_up noise.
+
+    sigma_up^2 = eta^2 sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2, sigma_down^2 =
+    sigma_next^2 - sigma_up^2. This is exactly DDIM's s_t (Song et al. 2021, eq. 16) written in
+    VE coordinates: with abar = 1/(1+sigma^2), s_t^2 / abar_{t-1} equals sigma_up^2 above, and
+    DDIM's direction coefficient sqrt(1 - abar_{t-1} - s_t^2)/sqrt(abar_{t-1}) equals sigma_down.
+    """
+    if sigma_next == 0 or eta == 0:
+        return sigma_next, 0.0
+    up = min(sigma_next, eta * math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2))
+    return math.sqrt(sigma_next**2 - up**2), up
+
+
+def renoise(x: Tensor, sigma_from: float, sigma_to: float, noise: Tensor | None = None) -> Tensor:
+    """Move x from noise level sigma_from up to sigma_to: x + sqrt(sigma_to^2 - sigma_from^2) n."""
+    sigma_from, sigma_to = float(sigma_from), float(sigma_to)
+    if sigma_to < sigma_from:
+        raise ValueError(f"renoise goes up in noise: sigma_to={sigma_to} < sigma_from={sigma_from}")
+    if noise is None:
+        noise = torch.randn_like(x)
+    return x + math.sqrt(sigma_to**2 - sigma_from**2) * noise
+
+
+# --------------------------------------------------------------------------------------------
+# First-order samplers
+# --------------------------------------------------------------------------------------------
+
+
+def sample_euler(denoiser, x, sigmas, *, cond=None, callback=None, noise=None, progress=False,
+                 s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
+    """Euler on the probability-flow ODE = DDIM with eta = 0 (optional EDM churn)."""
+    sigmas = _check(x, sigmas)
+    run, draw = _Runner(denoiser, x, cond, callback), _noise_fn(noise)
+    n = len(sigmas) - 1
+    for i in _steps(n, progress, "euler"):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        if s_churn > 0 and s_tmin <= sigma <= s_tmax:
+            gamma = min(s_churn / n, 2**0.5 - 1)
+            sigma_hat = sigma * (gamma + 1)
+            x = x + draw(i, x) * s_noise * math.sqrt(sigma_hat**2 - sigma**2)
+            sigma = sigma_hat
+        x0_hat = run(x, sigma)
+        x = euler_step(x, x0_hat, sigma, sigma_next)
+        x = run.after(i, x, sigma, sigma_next, x0_hat)
+    return x
+
+
+def sample_euler_ancestral(denoiser, x, sigmas, *, cond=None, callback=None, noise=None,
+                           progress=False, eta=1.0, s_noise=1.0):
+    """Euler ancestral = DDIM with eta (eta = 1: DDPM's ancestral sampler, posterior variance)."""
+    sigmas = _check(x, sigmas)
+    run, draw = _Runner(denoiser, x, cond, callback), _noise_fn(noise)
+    for i in _steps(len(sigmas) - 1, progress, "euler_ancestral"):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        x0_hat = run(x, sigma)
+        sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
+        x = euler_step(x, x0_hat, sigma, sigma_down)
+        if sigma_up > 0:
+            x = x + draw(i, x) * (s_noise * sigma_up)
+        x = run.after(i, x, sigma, sigma_next, x0_hat)
+    return x
+
+
+def sample_ddim(denoiser, x, sigmas, *, cond=None, callback=None, noise=None, progress=False, eta=0.0):
+    """DDIM (Song et al. 2021) with eta; the same update as `sample_euler_ancestral`."""
+    return sample_euler_ancestral(denoiser, x, sigmas, cond=cond, callback=callback, noise=noise,
+                                  progress=progress, eta=eta)
+
+
+def sample_ddpm(denoiser, x, schedule: DiscreteVP, *, cond=None, callback=None, noise=None,
+                progress=False, variance: str = "small"):
+    """DDPM's ancestral sampler over the full discrete chain (Ho et al. 2020, Algorithm 2).
+
+    Written in VP coordinates as the paper does: mu = c1 x0_hat + c2 x_t, with
+    c1 = sqrt(abar_{t-1}) beta_t / (1 - abar_t), c2 = sqrt(alpha_t) (1 - abar_{t-1}) / (1 - abar_t),
+    and variance beta~_t = (1 - abar_{t-1}) / (1 - abar_t) beta_t ("small") or beta_t ("large").
+    `x` enters and leaves in VE coordinates, at sigma_T and 0. The reference for the other samplers.
+    """
+    if not isinstance(schedule, DiscreteVP):
+        raise ValueError(f"sample_ddpm needs a DiscreteVP schedule, got {type(schedule).__name__}")
+    if variance not in ("small", "large"):
+        raise ValueError(f"variance must be 'small' or 'large', got {variance!r}")
+    sigmas = torch.cat([schedule.sigmas.flip(0), schedule.sigmas.new_zeros(1)])
+    _check(x, sigmas)
+    run, draw = _Runner(denoiser, x, cond, callback), _noise_fn(noise)
+    abar, betas, T = schedule.alphas_cumprod, schedule.betas, schedule.T
+    x_t = x * math.sqrt(float(abar[-1]))  # VE -> VP
+    for i in _steps(T, progress, "ddpm"):
+        t = T - 1 - i
+        ab, ab_prev = float(abar[t]), (float(abar[t - 1]) if t > 0 else 1.0)
+        beta = float(betas[t])
+        x0_hat = run(x_t / math.sqrt(ab), float(schedule.sigmas[t]))
+        c1 = math.sqrt(ab_prev) * beta / (1 - ab)
+        c2 = math.sqrt(1 - beta) * (1 - ab_prev) / (1 - ab)
+        x_t = c1 * x0_hat + c2 * x_t
+        if t > 0:
+            var = beta * (1 - ab_prev) / (1 - ab) if variance == "small" else beta
+            x_t = x_t + math.sqrt(var) * draw(i, x_t)
+        sigma_next = float(schedule.sigmas[t - 1]) if t > 0 else 0.0
+        x_ve = run.after(i, x_t / math.sqrt(ab_prev), float(schedule.sigmas[t]), sigma_next, x0_hat)
+        x_t = x_ve * math.sqrt(ab_prev)
+    return x_t
+
+
+# --------------------------------------------------------------------------------------------
+# Higher-order ODE / SDE solvers
+# --------------------------------------------------------------------------------------------
+
+
+def sample_heun(denoiser, x, sigmas, *, cond=None, callback=None, noise=None, progress=False,
+                s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
+    """EDM's stochastic Heun sampler (Karras et al. 2022, Algorithm 2); deterministic at s_churn=0."""
+    sigmas = _check(x, sigmas)
+    run, draw = _Runner(denoiser, x, cond, callback), _noise_fn(noise)
+    n = len(sigmas) - 1
+    for i in _steps(n, progress, "heun"):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        gamma = min(s_churn / n, 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
+        sigma_hat = sigma * (1 + gamma)
+        if gamma > 0:
+            x = x + draw(i, x) * s_noise * math.sqrt(sigma_hat**2 - sigma**2)
+        x0_hat = run(x, sigma_hat)
+        d = (x - x0_hat) / sigma_hat
+        x_next = x + (sigma_next - sigma_hat) * d
+        if sigma_next > 0:  # second-order correction
+            x0_next = run(x_next, sigma_next)
+            d_next = (x_next - x0_next) / sigma_next
+            x_next = x + (sigma_next - sigma_hat) * 0.5 * (d + d_next)
+        x = run.after(i, x_next, sigma, sigma_next, x0_hat)
+    return x
+
+
+def sample_dpmpp_2m(denoiser, x, sigmas, *, cond=None, callback=None, noise=None, progress=False):
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), first order on the first and last step."""
+    sigmas = _check(x, sigmas)
+    run = _Runner(denoiser, x, cond, callback)
+    x0_prev, h_prev = None, None
+    for i in _steps(len(sigmas) - 1, progress, "dpmpp_2m"):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        x0_hat = run(x, sigma)
+        if sigma_next == 0:
+            x_next = x0_hat
+        else:
+            h = math.log(sigma) - math.log(sigma_next)
+            if x0_prev is None:
+                D = x0_hat
+            else:
+                r = h_prev / h
+                D = (1 + 1 / (2 * r)) * x0_hat - (1 / (2 * r)) * x0_prev
+            x_next = (sigma_next / sigma) * x - math.expm1(-h) * D
+            h_prev = h
+        x0_prev = x0_hat
+        x = run.after(i, x_next, sigma, sigma_next, x0_hat)
+    return x
+
+
+def sample_dpmpp_3m(denoiser, x, sigmas, *, cond=None, callback=None, noise=None, progress=False):
+    """DPM-Solver++(3M), the deterministic third-order multistep solver (Lu et al. 2022, App. B)."""
+    return sample_dpmpp_3m_sde(denoiser, x, sigmas, cond=cond, callback=callback, noise=noise,
+                               progress=progress, eta=0.0)
+
+
+def sample_dpmpp_2m_sde(denoiser, x, sigmas, *, cond=None, callback=None, noise=None,
+                        progress=False, eta=1.0, s_noise=1.0, solver_type="midpoint"):
+    """DPM-Solver++(2M) SDE (Lu et al. 2022), data prediction, in VE coordinates."""
+    if solver_type not in ("midpoint", "heun"):
+        raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
+    sigmas = _check(x, sigmas)
+    run, draw = _Runner(denoiser, x, cond, callback), _noise_fn(noise)
+    x0_prev, h_prev = None, None
+    for i in _steps(len(sigmas) - 1, progress, "dpmpp_2m_sde"):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        x0_hat = run(x, sigma)
+        if sigma_next == 0:
+            x_next = x0_hat
+        else:
+            h = math.log(sigma) - math.log(sigma_next)
+            eta_h = eta * h
+            x_next = (sigma_next / sigma) * math.exp(-eta_h) * x + (-math.expm1(-h - eta_h)) * x0_hat
+            if x0_prev is not None:
+                r = h_prev / h
+                diff = (x0_hat - x0_prev) / r
+                if solver_type == "heun":
+                    x_next = x_next + ((-math.expm1(-h - eta_h)) / (-h - eta_h) + 1) * diff
+                else:
+                    x_next = x_next + 0.5 * (-math.expm1(-h - eta_h)) * diff
+            if eta > 0:
+                x_next = x_next + draw(i, x) * (sigma_next * math.sqrt(-math.expm1(-2 * eta_h)) * s_noise)
+            h_prev = h
+        x0_prev = x0_hat
+        x = run.after(i, x_next, sigma, sigma_next, x0_hat)
+    return x
+
+
+def sample_dpmpp_3m_sde(denoiser, x, sigmas, *, cond=None, callback=None, noise=None,
+                        progress=False, eta=1.0, s_noise=1.0):
+    """DPM-Solver++(3M) SDE; eta = 0 gives the deterministic 3M ODE solver."""
+    sigmas = _check(x, sigmas)
+    run, draw = _Runner(denoiser, x, cond, callback), _noise_fn(noise)
+    x0_1, x0_2, h_1, h_2 = None, None, None, None
+    for i in _steps(len(sigmas) - 1, progress, "dpmpp_3m_sde"):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        x0_hat = run(x, sigma)
+        if sigma_next == 0:
+            x_next = x0_hat
+        else:
+            h = math.log(sigma) - math.log(sigma_next)
+            h_eta = h * (eta + 1)
+            x_next = math.exp(-h_eta) * x + (-math.expm1(-h_eta)) * x0_hat
+            if x0_2 is not None:
+                r0, r1 = h_1 / h, h_2 / h
+                d1_0 = (x0_hat - x0_1) / r0
+                d1_1 = (x0_1 - x0_2) / r1
+                d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+                d2 = (d1_0 - d1_1) / (r0 + r1)
+                phi_2 = math.expm1(-h_eta) / h_eta + 1
+                phi_3 = phi_2 / h_eta - 0.5
+                x_next = x_next + phi_2 * d1 - phi_3 * d2
+            elif x0_1 is not None:
+                r = h_1 / h
+                d = (x0_hat - x0_1) / r
+                phi_2 = math.expm1(-h_eta) / h_eta + 1
+                x_next = x_next + phi_2 * d
+            if eta > 0:
+                x_next = x_next + draw(i, x) * (sigma_next * math.sqrt(-math.expm1(-2 * h * eta)) * s_noise)
+            h_2, h_1 = h_1, h
+        x0_2, x0_1 = x0_1, x0_hat
+        x = run.after(i, x_next, sigma, sigma_next, x0_hat)
+    return x
+
+
+def sample_unipc(denoiser, x, sigmas, *, cond=None, callback=None, noise=None, progress=False,
+                 order: int = 3, variant: str = "bh2", corrector: bool = True):
+    """UniPC (Zhao et al. 2023): UniP-p predictor + UniC corrector, data prediction, order <= 3.
+
+    One network call per step: the corrector reuses the evaluation at the new point, which the
+    next predictor step needs anyway. Lower order on the first steps and on the final step.
+    """
+    if order not in (1, 2, 3):
+        raise ValueError(f"UniPC order must be 1, 2 or 3, got {order}")
+    if variant not in ("bh1", "bh2"):
+        raise ValueError(f"variant must be 'bh1' or 'bh2', got {variant!r}")
+    sigmas = _check(x, sigmas)
+    run = _Runner(denoiser, x, cond, callback)
+    lam = lambda s: -math.log(s)  # noqa: E731
+    n = len(sigmas) - 1
+    hist_x0: list[Tensor] = []  # model outputs, newest last
+    hist_lam: list[float] = []
+    x_prev_pred = None  # x before the last predictor step (corrector input)
+    for i in _steps(n, progress, "unipc"):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        x0_hat = run(x, sigma)
+        if corrector and x_prev_pred is not None:  # UniC on the last step, with the new evaluation
+            x = _unipc_update(x_prev_pred, hist_x0, hist_lam, lam(sigma), x0_hat, used_order,
+                              variant, sigma_from=sigma_prev, sigma_to=sigma)
+        hist_x0.append(x0_hat)
+        hist_lam.append(lam(sigma))
+        hist_x0, hist_lam = hist_x0[-order:], hist_lam[-order:]
+        if sigma_next == 0:
+            x_next = x0_hat
+        else:
+            used_order = min(order, len(hist_x0))
+            x_prev_pred, sigma_prev = x, sigma
+            x_next = _unipc_update(x, hist_x0, hist_lam, lam(sigma_next), None, used_order, variant,
+                                   sigma_from=sigma, sigma_to=sigma_next)
+        x = run.after(i, x_next, sigma, sigma_next, x0_hat)
+    return x
+
+
+def _unipc_update(x, hist_x0, hist_lam, lam_t, x0_t, order, variant, sigma_from, sigma_to):
+    """One UniP (x0_t is None) or UniC (x0_t given) update of order `order` in VE coordinates."""
+    m0, lam_s0 = hist_x0[-1], hist_lam[-1]
+    h = lam_t - lam_s0
+    hh = -h  # data prediction
+    h_phi_1 = math.expm1(hh)
+    B_h = hh if variant == "bh1" else math.expm1(hh)
+    rks, D1s = [], []
+    for k in range(1, order):
+        lam_sk, m_sk = hist_lam[-1 - k], hist_x0[-1 - k]
+        rk = (lam_sk - lam_s0) / h
+        rks.append(rk)
+        D1s.append((m_sk - m0) / rk)
+    rks.append(1.0)
+    R, b = [], []
+    h_phi_k = h_phi_1 / hh - 1
+    factorial = 1
+    for k in range(1, order + 1):
+        R.append([r ** (k - 1) for r in rks])
+        b.append(h_phi_k * factorial / B_h)
+        factorial *= k + 1
+        h_phi_k = h_phi_k / hh - 1 / factorial
+    x_t = (sigma_to / sigma_from) * x - h_phi_1 * m0
+    if x0_t is None:  # predictor
+        if not D1s:
+            return x_t
+        if order == 2:
+            rhos = [0.5]
+        else:
+            rhos = torch.linalg.solve(torch.tensor(R, dtype=torch.float64)[:-1, :-1],
+                                      torch.tensor(b, dtype=torch.float64)[:-1]).tolist()
+        return x_t - B_h * sum(r * d for r, d in zip(rhos, D1s))
+    # corrector
+    if order == 1:
+        rhos = [0.5]
+    else:
+        rhos = torch.linalg.solve(torch.tensor(R, dtype=torch.float64),
+                                  torch.tensor(b, dtype=torch.float64)).tolist()
+    corr = sum(r * d for r, d in zip(rhos[:-1], D1s)) if D1s else 0
+    return x_t - B_h * (corr + rhos[-1] * (x0_t - m0))
+
+
+# --------------------------------------------------------------------------------------------
+# Score-based sampling and inversion
+# --------------------------------------------------------------------------------------------
+
+
+def sample_langevin(denoiser, x, sigmas, *, cond=None, callback=None, noise=None, progress=False,
+                    n_steps: int = 10, step_lr: float = 2e-5, denoise: bool = True):
+    """Annealed Langevin dynamics (Song & Ermon 2019, Algorithm 1) over the positive sigmas.
+
+    At level sigma_i, `n_steps` updates x <- x + (a/2) score + sqrt(a) z with
+    a = step_lr sigma_i^2 / sigma_L^2 and score = (D - x)/sigma^2. With `denoise`, the last
+    positive level is followed by Tweedie's x0_hat = D(x, sigma_L) (grid ending in 0).
+    """
+    sigmas = _check(x, sigmas)
+    run, draw = _Runner(denoiser, x, cond, callback), _noise_fn(noise)
+    levels = [float(s) for s in sigmas if s > 0]
+    sigma_L = levels[-1]
+    k = 0
+    for i in _steps(len(levels), progress, "langevin"):
+        sigma = levels[i]
+        a = step_lr * (sigma / sigma_L) ** 2
+        for _ in range(n_steps):
+            x0_hat = run(x, sigma)
+            score = (x0_hat - x) / sigma**2
+            x = x + 0.5 * a * score + math.sqrt(a) * draw(k, x)
+            k += 1
+        sigma_next = levels[i + 1] if i + 1 < len(levels) else 0.0
+        x = run.after(i, x, sigma, sigma_next, x0_hat)
+    if denoise and float(sigmas[-1]) == 0:
+        x = run(x, sigma_L)
+    return x
+
+
+def invert_euler(denoiser, x, sigmas, *, cond=None, callback=None, noise=None, progress=False):
+    """DDIM inversion: Euler steps on the probability-flow ODE with increasing sigma.
+
+    If sigmas[0] == 0 (a clean image), the first derivative is taken at sigmas[1], the usual
+    DDIM-inversion approximation. Returns x at sigmas[-1].
+    """
+    sigmas = _check(x, sigmas, increasing=True)
+    run = _Runner(denoiser, x, cond, callback)
+    for i in _steps(len(sigmas) - 1, progress, "invert"):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        sigma_eval = sigma if sigma > 0 else sigma_next
+        x0_hat = run(x, sigma_eval)
+        d = (x - x0_hat) / sigma_eval
+        x = x + (sigma_next - sigma) * d
+        x = run.after(i, x, sigma, sigma_next, x0_hat)
+    return x
+
+
+# --------------------------------------------------------------------------------------------
+# Selection by name
+# --------------------------------------------------------------------------------------------
+
+SAMPLERS: dict[str, Callable[..., Tensor]] = {
+    "euler": sample_euler,
+    "ddim": sample_ddim,
+    "euler_ancestral": sample_euler_ancestral,
+    "heun": sample_heun,
+    "dpmpp_2m": sample_dpmpp_2m,
+    "dpmpp_3m": sample_dpmpp_3m,
+    "dpmpp_2m_sde": sample_dpmpp_2m_sde,
+    "dpmpp_3m_sde": sample_dpmpp_3m_sde,
+    "unipc": sample_unipc,
+    "langevin": sample_langevin,
+}
+
+DEFAULT_SAMPLER = "unipc"
+
+
+def sample(denoiser, x, sigmas, method: str = DEFAULT_SAMPLER, **kw: Any) -> Tensor:
+    """Run the sampler named `method` (see SAMPLERS)."""
+    if method not in SAMPLERS:
+        raise ValueError(f"unknown sampler {method!r}; known: {', '.join(sorted(SAMPLERS))}")
+    return SAMPLERS[method](denoiser, x, sigmas, **kw)

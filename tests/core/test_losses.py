@@ -1,0 +1,98 @@
+import math
+
+import pytest
+import torch
+
+from difflab.core import (
+    EDM, DenoisingLoss, GaussianMixture, Preconditioned, discrete_uniform, lognormal, min_snr, vlb_terms,
+    vp_linear,
+)
+from difflab.core.losses import WEIGHTINGS, discretized_gaussian_log_likelihood, normal_kl, q_posterior
+from tests.core.conftest import OracleNet
+
+
+def test_x0_weighting_gives_the_mmse_of_the_exact_denoiser():
+    # For Gaussian data N(mu, v I), E||D* - x0||^2 per dim = v sigma^2 / (v + sigma^2) (the MMSE).
+    v = 0.25
+    gm = GaussianMixture.gaussian(torch.zeros(16), math.sqrt(v))
+    for prediction, sched in [("eps", vp_linear()), ("v", vp_linear()), ("edm", EDM())]:
+        D = OracleNet(gm, lambda net: Preconditioned(net, sched, prediction)).precond
+        loss = DenoisingLoss(lognormal(), weighting="x0")
+        x0 = gm.sample(4000, torch.Generator().manual_seed(0))[0].reshape(4000, 1, 4, 4)
+        sigma = torch.full((4000,), 0.7, dtype=torch.float64)
+        got = loss(D, x0, sigma=sigma).item()
+        mmse = v * 0.49 / (v + 0.49)
+        assert got == pytest.approx(mmse, rel=0.03), prediction
+
+
+def test_weightings_relate_as_documented():
+    sched = vp_linear()
+    D = Preconditioned(torch.nn.Identity(), sched, "eps")
+    sigma = torch.tensor([0.05, 0.5, 5.0], dtype=torch.float64)
+    _, c_out, _, _ = D.coefficients(sigma)
+    snr = 1 / sigma**2
+    torch.testing.assert_close(WEIGHTINGS["simple"](sigma, c_out, 0.5), torch.ones(3, dtype=torch.float64))
+    # min-SNR-5 on an eps network: min(1, 5 / SNR) (Hang et al. 2023)
+    torch.testing.assert_close(min_snr(5.0)(sigma, c_out, 0.5), (5 / snr).clamp(max=1))
+    E = Preconditioned(torch.nn.Identity(), EDM(), "edm")
+    _, c_edm, _, _ = E.coefficients(sigma)
+    # EDM's lambda(sigma) c_out^2 = 1 for its own preconditioning
+    torch.testing.assert_close(WEIGHTINGS["edm"](sigma, c_edm, 0.5), torch.ones(3, dtype=torch.float64))
+
+
+def test_discrete_uniform_draws_trained_sigmas():
+    s = vp_linear()
+    sig = discrete_uniform(s)(1000, torch.Generator().manual_seed(0))
+    assert torch.isin(sig, s.sigmas).all()
+    assert sig.min() < s.sigmas[20] and sig.max() > s.sigmas[980]
+
+
+def test_normal_kl_matches_torch_distributions():
+    m1, m2 = torch.randn(10), torch.randn(10)
+    l1, l2 = torch.randn(10), torch.randn(10)
+    ref = torch.distributions.kl_divergence(torch.distributions.Normal(m1, (0.5 * l1).exp()),
+                                            torch.distributions.Normal(m2, (0.5 * l2).exp()))
+    torch.testing.assert_close(normal_kl(m1, l1, m2, l2), ref)
+
+
+def test_discretized_gaussian_is_a_distribution_over_256_levels():
+    levels = torch.linspace(-1, 1, 256)
+    for mean, log_scale in [(0.0, -2.0), (0.9, -4.0), (-1.2, 0.0)]:
+        lp = discretized_gaussian_log_likelihood(levels, torch.full((256,), mean), torch.full((256,), log_scale))
+        assert lp.exp().sum().item() == pytest.approx(1.0, abs=1e-4)
+
+
+def test_q_posterior_matches_bayes_rule():
+    s = vp_linear(T=50)
+    t = torch.tensor([3, 20, 49])
+    x0, xt = torch.randn(3, 2, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)
+    mean, logvar = q_posterior(s, x0, xt, t)
+    ab, b = s.alphas_cumprod, s.betas
+    for i, ti in enumerate(t.tolist()):
+        # prior x_{t-1} ~ N(sqrt(ab_{t-1}) x0, 1 - ab_{t-1}); likelihood x_t ~ N(sqrt(1-b_t) x_{t-1}, b_t)
+        pm, pv = ab[ti - 1].sqrt() * x0[i], 1 - ab[ti - 1]
+        a = (1 - b[ti]).sqrt()
+        post_v = 1 / (1 / pv + a**2 / b[ti])
+        post_m = post_v * (pm / pv + a * xt[i] / b[ti])
+        torch.testing.assert_close(mean[i], post_m)
+        torch.testing.assert_close(logvar[i], post_v.log().expand(2))
+
+
+def test_vlb_terms_exact_denoiser_small_variance_kl_is_zero_when_x0_known():
+    # if the network returns the true x0, the model mean equals the posterior mean: KL = 0 with
+    # the "small" (posterior) variance
+    sched = vp_linear(T=100)
+    x0 = torch.rand(4, 1, 2, 2, dtype=torch.float64) * 2 - 1
+
+    class Cheat(torch.nn.Module):
+        def forward(self, x_in, c, **k):  # eps net that knows x0: eps = (x - x0)/sigma
+            sigma = sched.sigma(c.double()).reshape(-1, 1, 1, 1)
+            x = x_in * (1 + sigma**2).sqrt()
+            return (x - x0) / sigma
+
+    D = Preconditioned(Cheat(), sched, "eps")
+    t = torch.tensor([1, 10, 50, 99])
+    kl = vlb_terms(D, x0, t, variance="small")
+    assert kl.abs().max() < 1e-6
+    with pytest.raises(ValueError, match="variance must be"):
+        vlb_terms(D, x0, t, variance="huge")
