@@ -1,9 +1,83 @@
-"""The `difflab` command (also `python -m difflab`)."""
+"""The `difflab` command (also `python -m difflab`): train, sample, demo, demo-toy."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
+from pathlib import Path
+
+
+# --------------------------------------------------------------------------------------------
+# difflab train
+# --------------------------------------------------------------------------------------------
+
+
+def _train_config(args: argparse.Namespace):
+    from difflab.train import TrainConfig
+
+    values = {}
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise SystemExit(f"difflab train: config file {path} does not exist")
+        try:
+            values = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"difflab train: {path} is not valid JSON: {e}")
+        values = values.get("train", values)  # accept a run's config.json too
+    flags = {"data": args.data, "model": args.model, "steps": args.steps, "minutes": args.minutes,
+             "batch_size": args.batch_size, "seed": args.seed, "save_every": args.save_every,
+             "lr": args.lr, "bf16": args.bf16 or None}
+    if args.unconditional:
+        flags["class_conditional"] = False
+    values.update({k: v for k, v in flags.items() if v is not None})
+    if args.minutes is not None and args.steps is None:
+        values["steps"] = None
+    try:
+        return TrainConfig.from_dict(values)
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"difflab train: {e}")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from difflab.train import train
+
+    cfg = _train_config(args)
+    out = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
+    print(f"run folder: {out} (config.json, model.safetensors, checkpoint.safetensors, loss.png)")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# difflab sample
+# --------------------------------------------------------------------------------------------
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from difflab.data import save_image_grid
+    from difflab.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(args.run)
+    labels = args.label
+    if labels is None and pipe.num_classes is not None:
+        labels = [i % pipe.num_classes for i in range(args.n)]
+    images = pipe(args.n, class_labels=labels, guidance_scale=args.guidance_scale, sampler=args.sampler,
+                  steps=args.steps, seed=args.seed, progress=True)
+    names = pipe.class_names
+    captions = None
+    if labels is not None and names:
+        lab = labels if isinstance(labels, list) else [labels] * args.n
+        captions = [names[i] for i in lab]
+    save_image_grid(images, args.out, labels=captions)
+    print(f"wrote {args.out} ({args.n} samples, {args.sampler}, {args.steps} steps)")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# difflab demo-toy
+# --------------------------------------------------------------------------------------------
 
 
 def _cmd_demo_toy(args: argparse.Namespace) -> int:
@@ -35,19 +109,77 @@ def _cmd_demo_toy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from difflab.demo import run_demo
+
+    run_demo(out=args.out, minutes=args.minutes, steps=args.steps, seed=args.seed, data=args.data)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# The parser
+# --------------------------------------------------------------------------------------------
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from difflab.core.sampling import DEFAULT_SAMPLER, SAMPLERS
+
     p = argparse.ArgumentParser(prog="difflab", description="The diffusion-models reading list, implemented.")
-    sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo-toy", help="sampler demo on a 2-D Gaussian mixture (writes a PNG)")
-    d.add_argument("--out", default="toy_samplers.png")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a diffusion model; writes a run folder",
+                       description="Train a diffusion model (EDM preconditioning by default). Flags override "
+                                   "--config (a JSON file of TrainConfig fields, or a run's config.json).")
+    t.add_argument("--data", help="digits | fashion_mnist | shapes | folder:PATH (default fashion_mnist)")
+    t.add_argument("--model", help="unet-xs | unet-s | unet-m | DiT-T/2 ... (default unet-s)")
+    t.add_argument("--out", required=True, help="run folder to write (or to resume)")
+    t.add_argument("--steps", type=int, help="budget in optimizer steps (default 2000)")
+    t.add_argument("--minutes", type=float, help="budget in minutes of wall time instead of steps")
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--seed", type=int)
+    t.add_argument("--save-every", type=int, help="steps between checkpoints")
+    t.add_argument("--bf16", action="store_true", help="bf16 autocast (CPU or GPU)")
+    t.add_argument("--unconditional", action="store_true", help="ignore class labels")
+    t.add_argument("--config", help="JSON config file (TrainConfig fields)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=_cmd_train)
+
+    s = sub.add_parser("sample", help="sample a grid of images from a run folder")
+    s.add_argument("--run", required=True, help="run folder (config.json + model.safetensors)")
+    s.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=sorted(SAMPLERS))
+    s.add_argument("--steps", type=int, default=20)
+    s.add_argument("--n", type=int, default=64)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--label", type=int, help="class label for every image (default: cycle through classes)")
+    s.add_argument("--guidance-scale", type=float, default=1.0,
+                   help="classifier-free guidance s (1 = none; the paper's w = s - 1)")
+    s.add_argument("--out", default="samples.png")
+    s.set_defaults(func=_cmd_sample)
+
+    d = sub.add_parser("demo", help="the main job: train on Fashion-MNIST, sample, write report.html")
+    d.add_argument("--out", default="demo_out", help="folder for the run and report.html")
+    d.add_argument("--minutes", type=float, default=5.0, help="training budget (default 5)")
+    d.add_argument("--steps", type=int, help="training budget in steps instead of minutes")
+    d.add_argument("--data", default=None, help="fashion_mnist (default; digits if not installed) or digits")
     d.add_argument("--seed", type=int, default=0)
-    d.set_defaults(func=_cmd_demo_toy)
+    d.set_defaults(func=_cmd_demo)
+
+    dt = sub.add_parser("demo-toy", help="sampler demo on a 2-D Gaussian mixture (writes a PNG)")
+    dt.add_argument("--out", default="toy_samplers.png")
+    dt.add_argument("--seed", type=int, default=0)
+    dt.set_defaults(func=_cmd_demo_toy)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"difflab {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,399 @@
+"""The training loop: one function you can read top to bottom.
+
+    cfg = TrainConfig(data="fashion_mnist", model="unet-s", steps=2000, class_conditional=True)
+    train(cfg, "runs/fmnist")                 # writes config.json, model.safetensors, checkpoint
+    train(cfg, "runs/fmnist", resume=True)    # continues exactly where it stopped
+
+Exact resume: every source of randomness in step s (the batch, sigma, noise, dropout, label
+dropout) is drawn from generators seeded by hash(seed, s), never from a stream that depends on
+how many steps ran before; the optimizer, EMA and step counter are in the checkpoint. A run
+killed (even by SIGKILL) and resumed ends with the same weights, bit for bit, as one that was
+never interrupted.
+
+Multi-process: under `torchrun --nproc_per_node N`, each rank takes 1/N of every global batch
+(same noise as a single process would draw) and DDP averages gradients (gloo on CPU, NCCL on GPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from difflab.core.denoiser import Preconditioned
+from difflab.core.losses import DenoisingLoss, discrete_uniform, lognormal
+from difflab.core.schedules import EDM, Schedule, schedule_from_config
+from difflab.data import ImageData, batch_indices, load_dataset
+from difflab.data._hash import seed_from
+from difflab.nn import create_model, create_model_from_config
+from difflab.train.checkpoint import (
+    CHECKPOINT_FORMAT, atomic_save_safetensors, read_json, read_safetensors, write_json,
+)
+
+__all__ = ["TrainConfig", "train", "build_denoiser", "load_run", "load_training_data"]
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; saved in config.json beside the weights."""
+
+    data: str = "fashion_mnist"
+    model: str = "unet-s"
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    class_conditional: bool = True
+    label_dropout: float = 0.1  # classifier-free guidance: labels dropped to the null class
+    # the denoiser: prediction + schedule (EDM preconditioning by default: best per CPU-minute)
+    prediction: str = "edm"
+    schedule: dict[str, Any] = field(default_factory=lambda: EDM().to_config())
+    sigma_sampler: str = "lognormal"  # "lognormal" (EDM) or "discrete_uniform" (DDPM)
+    p_mean: float = -1.2
+    p_std: float = 1.2
+    weighting: str = "simple"
+    # optimisation
+    batch_size: int = 64
+    grad_accum: int = 1
+    lr: float = 1e-3
+    warmup: int = 100
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    bf16: bool = False
+    # budget and bookkeeping
+    steps: int | None = 2000
+    minutes: float | None = None
+    seed: int = 0
+    save_every: int = 500
+    log_every: int = 25
+    flip: bool = False
+    data_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig field(s) {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+    def validate(self) -> None:
+        if self.steps is None and self.minutes is None:
+            raise ValueError("give a budget: steps or minutes")
+        for name in ("batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.sigma_sampler not in ("lognormal", "discrete_uniform"):
+            raise ValueError(f"sigma_sampler must be 'lognormal' or 'discrete_uniform', got {self.sigma_sampler!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------
+
+
+def load_training_data(cfg: TrainConfig) -> ImageData:
+    kw = dict(cfg.data_kwargs)
+    if cfg.data == "fashion_mnist":
+        kw.setdefault("pad_to", 32)
+    return load_dataset(cfg.data, "train", **kw)
+
+
+def build_denoiser(model_config: dict, schedule: dict, prediction: str, sigma_data: float | None = None) -> Preconditioned:
+    """Rebuild the denoiser from config.json's pieces (weights freshly initialised)."""
+    net = create_model_from_config(model_config)
+    return Preconditioned(net, schedule_from_config(schedule), prediction, sigma_data=sigma_data)
+
+
+def _new_denoiser(cfg: TrainConfig, data: ImageData) -> Preconditioned:
+    overrides = dict(in_channels=data.images.shape[1], image_size=data.images.shape[-1])
+    if cfg.class_conditional:
+        if data.labels is None:
+            raise ValueError(f"dataset {cfg.data!r} has no labels; use class_conditional=False")
+        overrides["num_classes"] = len(data.class_names) or int(data.labels.max()) + 1
+    overrides.update(cfg.model_overrides)
+    net = create_model(cfg.model, **overrides)
+    return Preconditioned(net, schedule_from_config(cfg.schedule), cfg.prediction)
+
+
+def _lr_at(cfg: TrainConfig, step: int) -> float:
+    return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+
+
+def _ema_decay_at(cfg: TrainConfig, step: int) -> float:
+    """EMA with a warm-up (decay grows as (1 + s)/(10 + s) up to ema_decay): short runs need it."""
+    return min(cfg.ema_decay, (1 + step) / (10 + step))
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer, params: list[nn.Parameter]) -> dict[str, Tensor]:
+    out = {}
+    for i, p in enumerate(params):
+        for key, value in opt.state.get(p, {}).items():
+            out[f"optim.{i}.{key}"] = value if isinstance(value, Tensor) else torch.tensor(value)
+    return out
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, params: list[nn.Parameter], tensors: dict[str, Tensor]) -> None:
+    for name, value in tensors.items():
+        if not name.startswith("optim."):
+            continue
+        _, i, key = name.split(".", 2)
+        opt.state[params[int(i)]][key] = value.clone()
+
+
+# --------------------------------------------------------------------------------------------
+# Saving and loading a run
+# --------------------------------------------------------------------------------------------
+
+
+def _run_config(cfg: TrainConfig, denoiser: Preconditioned, data: ImageData) -> dict:
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "model": denoiser.net.config_dict(),
+        "schedule": denoiser.schedule.to_config(),
+        "prediction": denoiser.prediction,
+        "sigma_data": denoiser.sigma_data,
+        "data": {"name": data.name, "channels": data.images.shape[1], "size": data.images.shape[-1],
+                 "class_names": list(data.class_names)},
+        "train": dataclasses.asdict(cfg),
+    }
+
+
+def _save(out: Path, cfg: TrainConfig, denoiser, ema: dict[str, Tensor], opt, params, step: int,
+          elapsed: float, data: ImageData) -> None:
+    raw = {f"model.{k}": v for k, v in denoiser.net.state_dict().items()}
+    ema_t = {f"ema.{k}": v for k, v in ema.items()}
+    meta = {"format": CHECKPOINT_FORMAT, "step": str(step), "elapsed": f"{elapsed:.3f}",
+            "config": json.dumps(dataclasses.asdict(cfg))}
+    atomic_save_safetensors({**raw, **ema_t, **_optimizer_tensors(opt, params)},
+                            out / "checkpoint.safetensors", metadata=meta)
+    atomic_save_safetensors(ema, out / "model.safetensors", metadata={"format": CHECKPOINT_FORMAT, "step": str(step)})
+    write_json(out / "config.json", _run_config(cfg, denoiser, data))
+
+
+def load_run(run: str | os.PathLike, weights: str = "ema") -> tuple[Preconditioned, dict]:
+    """(denoiser in eval mode, config.json) of a run folder; weights "ema" or "raw"."""
+    run = Path(run)
+    if not run.is_dir():
+        raise FileNotFoundError(f"run folder {run} does not exist")
+    config = read_json(run / "config.json")
+    if config.get("format") != CHECKPOINT_FORMAT or "model" not in config:
+        raise ValueError(f"{run / 'config.json'} is not a difflab run config (format {config.get('format')!r})")
+    denoiser = build_denoiser(config["model"], config["schedule"], config["prediction"], config.get("sigma_data"))
+    if weights == "ema":
+        state, _ = read_safetensors(run / "model.safetensors")
+    elif weights == "raw":
+        tensors, _ = read_safetensors(run / "checkpoint.safetensors")
+        state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    else:
+        raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
+    try:
+        denoiser.net.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"weights in {run} do not fit the network in its config.json: {e}") from None
+    return denoiser.eval().requires_grad_(False), config
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+
+
+def _dist() -> tuple[int, int]:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, progress: bool = True,
+          device: str | torch.device | None = None, data: ImageData | None = None,
+          stop_after: int | None = None) -> Path:
+    """Train per `cfg`, writing the run folder `out`. Returns the folder.
+
+    `stop_after` ends this call after that many steps (for tests: a run "killed" mid-way).
+    """
+    cfg.validate()
+    out = Path(out)
+    rank, world = _dist()
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    data = data if data is not None else load_training_data(cfg)
+    if data.images.shape[0] < cfg.batch_size:
+        raise ValueError(f"dataset {cfg.data!r} has {data.images.shape[0]} images, fewer than batch_size {cfg.batch_size}")
+
+    torch.manual_seed(cfg.seed)
+    denoiser = _new_denoiser(cfg, data).to(device)
+    params = [p for p in denoiser.net.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ema = {k: v.detach().clone() for k, v in denoiser.net.state_dict().items()}
+    step, elapsed = 0, 0.0
+    log_path = out / "log.jsonl"
+
+    ckpt = out / "checkpoint.safetensors"
+    if resume:
+        if not ckpt.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt}")
+        tensors, meta = read_safetensors(ckpt)
+        if meta.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{ckpt} is not a difflab checkpoint (format {meta.get('format')!r})")
+        saved_cfg = json.loads(meta["config"])
+        for key in ("model", "model_overrides", "prediction", "schedule", "data", "class_conditional", "batch_size", "seed"):
+            if saved_cfg.get(key) != dataclasses.asdict(cfg).get(key):
+                raise ValueError(f"--resume: {key} differs from the checkpoint's "
+                                 f"({saved_cfg.get(key)!r} there, {dataclasses.asdict(cfg).get(key)!r} now)")
+        try:
+            denoiser.net.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        except RuntimeError as e:
+            raise ValueError(f"{ckpt} does not fit this network: {e}") from None
+        ema = {k[4:]: v.to(device) for k, v in tensors.items() if k.startswith("ema.")}
+        _load_optimizer(opt, params, {k: v.to(device) for k, v in tensors.items()})
+        step, elapsed = int(meta["step"]), float(meta.get("elapsed", 0))
+        if rank == 0 and log_path.exists():  # drop log rows past the checkpoint (the killed tail)
+            rows = [r for r in log_path.read_text().splitlines() if r and json.loads(r)["step"] <= step]
+            log_path.write_text("".join(r + "\n" for r in rows))
+    elif rank == 0 and log_path.exists():
+        log_path.unlink()
+
+    loss_fn = DenoisingLoss(
+        lognormal(cfg.p_mean, cfg.p_std) if cfg.sigma_sampler == "lognormal" else discrete_uniform(denoiser.schedule),
+        cfg.weighting,
+    )
+    step_loss = _LossModule(denoiser, loss_fn)
+    if world > 1:
+        step_loss = nn.parallel.DistributedDataParallel(
+            step_loss, device_ids=[device.index] if device.type == "cuda" else None)
+    n = data.images.shape[0]
+    micro = cfg.batch_size // cfg.grad_accum
+    pbar = None
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        pbar = tqdm(total=cfg.steps, initial=step, desc="train", dynamic_ncols=True)
+    t_start = time.perf_counter() - elapsed
+    ran, window_t, window_n, losses = 0, time.perf_counter(), 0, []
+    denoiser.train()
+    while True:
+        if cfg.steps is not None and step >= cfg.steps:
+            break
+        if cfg.minutes is not None and time.perf_counter() - t_start >= cfg.minutes * 60:
+            break
+        if stop_after is not None and ran >= stop_after:
+            break
+        # ---- the batch and all randomness of this step, from (seed, step) alone -------------
+        torch.manual_seed(seed_from(cfg.seed, step, 1))  # dropout, label dropout inside the net
+        g = torch.Generator().manual_seed(seed_from(cfg.seed, step, 2))
+        idx = batch_indices(n, cfg.batch_size, cfg.seed, step)
+        x0 = data.images[idx]
+        if cfg.flip:
+            flip = torch.rand(cfg.batch_size, generator=g) < 0.5
+            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+        sigma = loss_fn.sigma_sampler(cfg.batch_size, g)
+        noise = torch.randn(x0.shape, generator=g)
+        cond = {}
+        if cfg.class_conditional:
+            labels = data.labels[idx].clone()
+            drop = torch.rand(cfg.batch_size, generator=g) < cfg.label_dropout
+            cond["class_labels"] = labels.masked_fill(drop, -1)
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(cfg, step)
+        # ---- forward/backward over micro-batches; this rank's share of each --------------
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for a in range(0, cfg.batch_size, micro):
+            share = torch.arange(a, a + micro)[rank::world]
+            xb, sb, nb = x0[share].to(device), sigma[share], noise[share].to(device)
+            cb = {k: v[share].to(device) for k, v in cond.items()}
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                loss = step_loss(xb, sb, nb, cb)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower lr (now {cfg.lr})")
+            (loss / cfg.grad_accum).backward()
+            total += loss.item() / cfg.grad_accum
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        decay = _ema_decay_at(cfg, step)
+        with torch.no_grad():
+            for k, v in denoiser.net.state_dict().items():
+                if v.dtype.is_floating_point:
+                    ema[k].lerp_(v, 1 - decay)
+                else:
+                    ema[k].copy_(v)
+        step += 1
+        ran += 1
+        losses.append(total)
+        window_n += cfg.batch_size
+        if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps):
+            now = time.perf_counter()
+            row = {"step": step, "loss": sum(losses) / len(losses), "lr": _lr_at(cfg, step - 1),
+                   "img_per_s": window_n / max(now - window_t, 1e-9), "time": now - t_start}
+            with open(log_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            if pbar is not None:
+                pbar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['img_per_s']:.0f}")
+            losses, window_t, window_n = [], now, 0
+        if pbar is not None:
+            pbar.update(1)
+        if rank == 0 and cfg.save_every and step % cfg.save_every == 0:
+            _save(out, cfg, denoiser, ema, opt, params, step, time.perf_counter() - t_start, data)
+    if pbar is not None:
+        pbar.close()
+    if rank == 0:
+        _save(out, cfg, denoiser, ema, opt, params, step, time.perf_counter() - t_start, data)
+        plot_loss(out)
+    if world > 1:
+        torch.distributed.barrier()
+    return out
+
+
+class _LossModule(nn.Module):
+    """The loss as a module, so DistributedDataParallel can wrap it and all-reduce gradients."""
+
+    def __init__(self, denoiser: Preconditioned, loss_fn: DenoisingLoss):
+        super().__init__()
+        self.denoiser = denoiser
+        self.loss_fn = loss_fn
+
+    def forward(self, x0: Tensor, sigma: Tensor, noise: Tensor, cond: dict) -> Tensor:
+        return self.loss_fn(self.denoiser, x0, sigma=sigma, noise=noise, **cond)
+
+
+def plot_loss(run: str | os.PathLike) -> Path | None:
+    """loss.png from log.jsonl (smoothed training loss against step)."""
+    run = Path(run)
+    log = run / "log.jsonl"
+    if not log.exists():
+        return None
+    rows = [json.loads(r) for r in log.read_text().splitlines() if r.strip()]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = run / "loss.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

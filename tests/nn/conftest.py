@@ -1,0 +1,29 @@
+"""Shared fixtures for the network tests."""
+
+import pytest
+import torch
+
+
+def _randomize(model: torch.nn.Module, std: float = 0.05, seed: int = 0) -> torch.nn.Module:
+    """Add Gaussian noise to every parameter, so zero-initialised layers stop hiding inputs."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * std)
+    return model
+
+
+@pytest.fixture
+def randomize():
+    return _randomize
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_one_thread():
+    """Seed, and run single-threaded: these tiny models gain nothing from a second thread, and
+    on a shared 2-core machine a busy core stalls every OpenMP barrier (10x slowdowns seen)."""
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
