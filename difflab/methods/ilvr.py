@@ -1,0 +1,66 @@
+"""ILVR: Conditioning Method for Denoising Diffusion Probabilistic Models.
+Choi et al. 2021, https://arxiv.org/abs/2108.02938 (official code: jychoi118/ilvr_adm).
+
+Notation (paper -> difflab):
+    y                         -> `reference` (N|1, C, H, W)
+    phi_N                     -> `low_pass(x, N)`: downsample by N, upsample back
+    y_{t-1} ~ q(y_{t-1}|y)    -> renoise(reference, 0, sigma_next) (VE coordinates)
+    x_{t-1} = phi_N(y_{t-1}) + x'_{t-1} - phi_N(x'_{t-1})   (the refinement, each step)
+    conditioning range [T, t_stop] -> steps whose sigma_next >= `sigma_stop`
+
+Filters: "area" (box average down, nearest up) is an orthogonal projection, so with the
+refinement applied down to sigma 0 the output's low-pass equals the reference's exactly;
+"bicubic" (antialiased) is the paper's resizer, which is not a projection (approximate).
+
+Usage::
+
+    cb = ilvr_callback(reference, factor=4, sigma_stop=0.0)
+    out = sample(denoiser, torch.randn_like(reference) * sigmas[0], sigmas,
+                 method="euler_ancestral", callback=cb)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from difflab.core.sampling import Step, _noise_fn, renoise
+
+__all__ = ["low_pass", "ilvr_callback"]
+
+
+def low_pass(x: Tensor, factor: int, filter: str = "area") -> Tensor:
+    """phi_N: downsample by `factor` and upsample back to x's size."""
+    if factor < 1 or x.shape[-1] % factor or x.shape[-2] % factor:
+        raise ValueError(f"low-pass factor {factor} must divide the image size {tuple(x.shape[-2:])}")
+    if factor == 1:
+        return x
+    h, w = x.shape[-2:]
+    if filter == "area":
+        small = F.avg_pool2d(x, factor)
+        return F.interpolate(small, size=(h, w), mode="nearest")
+    if filter == "bicubic":
+        small = F.interpolate(x, size=(h // factor, w // factor), mode="bicubic", antialias=True, align_corners=False)
+        return F.interpolate(small, size=(h, w), mode="bicubic", align_corners=False)
+    raise ValueError(f"unknown filter {filter!r}; known: 'area', 'bicubic'")
+
+
+def ilvr_callback(reference: Tensor, factor: int, sigma_stop: float = 0.0, *, filter: str = "area",
+                  noise=None):
+    """A sampler callback applying ILVR's refinement while sigma_next >= sigma_stop."""
+    if not torch.isfinite(reference).all():
+        raise ValueError("reference image contains NaN/inf values")
+    low_pass(reference, factor, filter)  # validate factor/filter now, not mid-sampling
+    draw = _noise_fn(noise)
+
+    def refine(step: Step):
+        if step.sigma_next < sigma_stop:
+            return None
+        if step.x.shape[1:] != reference.shape[1:]:
+            raise ValueError(f"reference of shape {tuple(reference.shape)} does not fit samples "
+                             f"of shape {tuple(step.x.shape)}")
+        y = renoise(reference, 0.0, step.sigma_next, draw(step.i, step.x) if step.sigma_next > 0 else None)
+        return low_pass(y, factor, filter) + step.x - low_pass(step.x, factor, filter)
+
+    return refine
