@@ -29,8 +29,20 @@ def _sigma_vec(sigma, x: Tensor) -> Tensor:
     return sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma
 
 
+def _pad_to(t: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """Right-pad t with zeros (False for masks) up to `shape` in every non-batch dim."""
+    pad = []
+    for have, want in reversed(list(zip(t.shape[1:], shape[1:]))):
+        pad += [0, want - have]
+    return torch.nn.functional.pad(t, pad) if any(pad) else t
+
+
 def _cat_cond(cond: dict, uncond: dict, batch: int) -> dict:
-    """Concatenate cond and uncond values along the batch: the keys must agree."""
+    """Concatenate cond and uncond values along the batch: the keys must agree.
+
+    Token sequences of different lengths (a prompt and the empty prompt) are right-padded with
+    zeros; their key masks are padded with False, so the padding is never attended to.
+    """
     if set(cond) != set(uncond):
         raise ValueError(f"cfg: cond keys {sorted(cond)} and uncond keys {sorted(uncond)} differ")
     out = {}
@@ -38,10 +50,15 @@ def _cat_cond(cond: dict, uncond: dict, batch: int) -> dict:
         u = uncond[key]
         if isinstance(c, Tensor):
             u = torch.as_tensor(u, device=c.device, dtype=c.dtype)
+            if u.ndim != c.ndim:
+                raise ValueError(f"cfg: uncond[{key!r}] has {u.ndim} dims, cond has {c.ndim}")
             if u.shape[0] != c.shape[0]:
                 if u.shape[0] != 1:
                     raise ValueError(f"cfg: uncond[{key!r}] has batch {u.shape[0]}, expected 1 or {c.shape[0]}")
                 u = u.expand(c.shape[0], *u.shape[1:])
+            if u.shape[1:] != c.shape[1:]:
+                shape = (c.shape[0], *(max(a, b) for a, b in zip(c.shape[1:], u.shape[1:])))
+                c, u = _pad_to(c, shape), _pad_to(u, shape)
             out[key] = torch.cat([c, u])
         elif c is None and u is None:
             out[key] = None

@@ -106,3 +106,21 @@ def test_clamp_threshold_interval_compose():
         cfg(2.0, {}, rescale=2.0)
     with pytest.raises(ValueError, match="sigma_lo <= sigma_hi"):
         interval(clamp(), 2.0, 1.0)
+
+
+def test_cfg_pads_token_sequences_of_different_lengths():
+    # a "text" denoiser whose output depends on the masked mean of the context tokens
+    def D(x, sigma, context, context_mask):
+        m = context_mask[..., None].to(x.dtype)
+        pooled = (context * m).sum(1) / m.sum(1)
+        return x * 0.5 + pooled[:, : x.shape[1]]
+
+    x = torch.randn(3, 2, dtype=torch.float64)
+    ctx, mask = torch.randn(3, 5, 4, dtype=torch.float64), torch.ones(3, 5, dtype=torch.bool)
+    mask[0, 3:] = False
+    null_ctx, null_mask = torch.randn(1, 2, 4, dtype=torch.float64), torch.ones(1, 2, dtype=torch.bool)
+    guided = cfg(3.0, {"context": null_ctx, "context_mask": null_mask})(D)
+    got = guided(x, 1.0, context=ctx, context_mask=mask)
+    d_c = D(x, 1.0, ctx, mask)
+    d_u = D(x, 1.0, null_ctx.expand(3, 2, 4), null_mask.expand(3, 2))
+    torch.testing.assert_close(got, d_u + 3.0 * (d_c - d_u))
