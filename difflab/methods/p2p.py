@@ -1,0 +1,159 @@
+"""Prompt-to-Prompt Image Editing with Cross-Attention Control.
+Hertz et al. 2022, https://arxiv.org/abs/2208.01626 (official code: google/prompt-to-prompt).
+
+The source prompt and its edits are generated together, from the same noise, as one batch
+[source, edit_1, ..., edit_k] (times 2 under classifier-free guidance: every chunk of
+n_prompts is controlled the same way). A `P2PController` is an attention hook
+(core.attention) installed on any backbone — difflab's UNet or DiT, or a wrapped diffusers UNet —
+so no attention processor is copied.
+
+Notation (paper -> difflab):
+    M_t (cross-attention maps)     -> the `probs` (B, heads, pixels, tokens) of cross layers
+    Edit(M_t, M*_t, t)             -> `P2PController.probs`:
+        word swap:  M*_t <- M_t for t < tau_c                    (`cross_replace`, fraction of steps)
+        refine:     M*_t[:, j] <- M_t[:, A(j)] for aligned tokens (`mapper` from `refine_mapper`)
+        reweight:   M*_t[:, j] <- c * M*_t[:, j]                 (`reweight` = {token index: c})
+    self-attention injection for t < tau_s, layers <= 16x16      (`self_replace`, `self_max_pixels`)
+    local blend (threshold 0.3 on averaged 16x16 maps of words)  (`blend_words`, `blend_threshold`)
+
+Usage::
+
+    ctl = P2PController(n_prompts=2, num_steps=len(sigmas) - 1, cross_replace=0.8, self_replace=0.4)
+    with attention_hooks(unet, ctl):
+        x = sample(denoiser, noise.expand(2, ...), sigmas, cond=text_cond, callback=ctl.callback)
+    maps = ctl.token_maps(res=8)      # (n_prompts, tokens, 8, 8) averaged cross-attention
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from difflab.core.attention import AttentionHook, AttnContext
+from difflab.core.sampling import Step
+
+__all__ = ["P2PController", "word_swap_mapper", "refine_mapper"]
+
+
+def word_swap_mapper(source_tokens: list, edit_tokens: list) -> Tensor:
+    """Word swap keeps token positions: both prompts must have the same number of tokens."""
+    if len(source_tokens) != len(edit_tokens):
+        raise ValueError(f"word swap needs prompts of equal token length: {len(source_tokens)} "
+                         f"({source_tokens}) vs {len(edit_tokens)} ({edit_tokens}); use refine_mapper")
+    return torch.arange(len(edit_tokens))
+
+
+def refine_mapper(source_tokens: list, edit_tokens: list) -> Tensor:
+    """For each edit token, the index of the aligned source token, or -1 for a new word."""
+    mapper = torch.full((len(edit_tokens),), -1, dtype=torch.long)
+    for block in difflib.SequenceMatcher(a=source_tokens, b=edit_tokens, autojunk=False).get_matching_blocks():
+        for k in range(block.size):
+            mapper[block.b + k] = block.a + k
+    return mapper
+
+
+class P2PController(AttentionHook):
+    """Cross/self-attention control for a batch [source, edits...] (per CFG chunk)."""
+
+    def __init__(self, n_prompts: int, num_steps: int, *, cross_replace: float = 0.8, self_replace: float = 0.4,
+                 self_max_pixels: int = 16 * 16, mapper: Tensor | None = None,
+                 reweight: dict[int, float] | None = None, blend_words: list[int] | None = None,
+                 blend_threshold: float = 0.3, blend_res: int | None = None, store: bool = True):
+        if n_prompts < 2:
+            raise ValueError(f"Prompt-to-Prompt needs a source and at least one edit: n_prompts={n_prompts}")
+        for name, v in (("cross_replace", cross_replace), ("self_replace", self_replace)):
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"{name} is a fraction of the steps in [0, 1], got {v}")
+        self.n, self.num_steps = n_prompts, num_steps
+        self.cross_replace, self.self_replace = cross_replace, self_replace
+        self.self_max_pixels = self_max_pixels
+        self.mapper, self.reweight = mapper, reweight or {}
+        self.blend_words, self.blend_threshold, self.blend_res = blend_words, blend_threshold, blend_res
+        self.store_maps = store or blend_words is not None
+        self.step = 0
+        self.last_blend_mask: Tensor | None = None
+        self.maps: dict[tuple[int, int], Tensor] = {}  # (h, w) -> summed cross maps (n, tokens, h, w)
+        self.counts: dict[tuple[int, int], int] = {}
+        self._step_maps: dict[tuple[int, int], list[Tensor]] = {}
+
+    # ---- the hook ---------------------------------------------------------------------------
+
+    def _chunks(self, p: Tensor) -> Tensor:
+        if p.shape[0] % self.n:
+            raise ValueError(f"attention batch {p.shape[0]} is not a multiple of n_prompts {self.n}")
+        return p.reshape(p.shape[0] // self.n, self.n, *p.shape[1:])  # (chunks, n, H, Lq, Lk)
+
+    def probs(self, ctx: AttnContext, p: Tensor) -> Tensor:
+        frac = self.step / max(1, self.num_steps)
+        q = self._chunks(p)
+        if ctx.cross:
+            if self.store_maps and ctx.hw is not None and len(ctx.hw) == 2:
+                self._record(ctx.hw, q[0])
+            src, edits = q[:, :1], q[:, 1:]
+            if frac < self.cross_replace:
+                if self.mapper is None:
+                    new = src.expand_as(edits)
+                else:
+                    m = self.mapper.to(p.device)
+                    if m.numel() != p.shape[-1]:
+                        m = F.pad(m, (0, p.shape[-1] - m.numel()), value=-1)[: p.shape[-1]]
+                    gathered = src[..., m.clamp(min=0)].expand_as(edits)
+                    new = torch.where(m >= 0, gathered, edits)  # new words keep their own maps
+                edits = new
+            if self.reweight:
+                w = torch.ones(p.shape[-1], dtype=p.dtype, device=p.device)
+                for j, c in self.reweight.items():
+                    w[j] = c
+                edits = edits * w
+            q = torch.cat([src, edits], dim=1)
+        elif frac < self.self_replace and ctx.hw is not None and math.prod(ctx.hw) <= self.self_max_pixels:
+            q = torch.cat([q[:, :1], q[:, :1].expand_as(q[:, 1:])], dim=1)
+        return q.reshape(p.shape)
+
+    def _record(self, hw: tuple[int, int], p: Tensor) -> None:
+        """Accumulate the first chunk's (conditional) cross maps per resolution: (n, tokens, h, w)."""
+        maps = p.mean(1).transpose(1, 2).reshape(self.n, p.shape[-1], *hw).detach()  # (n, H, HW, T) -> (n, T, h, w)
+        self.maps[hw] = self.maps.get(hw, 0) + maps
+        self.counts[hw] = self.counts.get(hw, 0) + 1
+        self._step_maps.setdefault(hw, []).append(maps)
+
+    # ---- per-step callback (step counter and local blend) -----------------------------------
+
+    def callback(self, step: Step) -> Tensor | None:
+        """Pass as the sampler's callback: advances the step counter, applies the local blend."""
+        self.step += 1
+        out = None
+        if self.blend_words is not None and self._step_maps:
+            mask = self._blend_mask(step.x.shape[-2:])  # (n, 1, H, W)
+            self.last_blend_mask = mask
+            x = step.x.reshape(-1, self.n, *step.x.shape[1:])  # (chunks, n, C, H, W)
+            src = x[:, :1]
+            x = src + mask[None] * (x - src)  # outside the words' region, edits follow the source
+            out = x.reshape(step.x.shape)
+        self._step_maps = {}
+        return out
+
+    def _blend_mask(self, size) -> Tensor:
+        res = self.blend_res or min(self._step_maps, key=lambda hw: abs(hw[0] - 16))[0]
+        maps = [torch.stack(v).mean(0) for hw, v in self._step_maps.items() if hw[0] == res]
+        if not maps:
+            raise ValueError(f"no cross-attention maps at resolution {res}; have {sorted(self._step_maps)}")
+        m = maps[0][:, self.blend_words].sum(1, keepdim=True)  # (n, 1, res, res)
+        m = F.max_pool2d(m, 3, stride=1, padding=1)  # the paper dilates the map a little
+        m = F.interpolate(m, size=tuple(size), mode="nearest")
+        m = m / m.flatten(1).max(1).values.clamp(min=1e-12).reshape(-1, 1, 1, 1)
+        union = (m > self.blend_threshold).any(0, keepdim=True).to(m.dtype)  # source or edit words
+        return union.expand(self.n, -1, -1, -1)
+
+    # ---- visualisation ----------------------------------------------------------------------
+
+    def token_maps(self, res: int | None = None) -> Tensor:
+        """Average cross-attention per token over layers and steps at one resolution: (n, T, h, w)."""
+        if not self.maps:
+            raise ValueError("no cross-attention maps stored (was the controller installed with store=True?)")
+        hw = min(self.maps, key=lambda k: abs(k[0] - (res or 16)))
+        return self.maps[hw] / self.counts[hw]
