@@ -1,0 +1,47 @@
+import pytest
+import torch
+
+from difflab.core import GaussianMixture, sigmas_karras
+from difflab.methods.blended import augment, blended_diffusion, range_loss
+from difflab.nn.clip import SmallCLIP, SmallCLIPConfig
+
+
+@pytest.fixture(scope="module")
+def clip():
+    torch.manual_seed(0)
+    return SmallCLIP(SmallCLIPConfig(vocab=["a", "red", "circle"], image_size=8, channels=8, dim=16,
+                                     text_dim=16, text_depth=1, noise_aware=False)).eval().requires_grad_(False)
+
+
+def test_blended_keeps_background_exactly_ranks_and_guidance_raises_the_score(clip):
+    gm = GaussianMixture.gaussian(torch.zeros(3 * 8 * 8), 0.5)
+    image = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., 2:6, 2:6] = 1
+    sig = sigmas_karras(12, 0.01, 10.0)
+    kw = dict(n_candidates=4, n_aug=2, noise=torch.Generator().manual_seed(1))
+    out, sims = blended_diffusion(gm.denoiser, clip, image, mask, "a red circle", sig, scale=50.0,
+                                  aug_generator=torch.Generator().manual_seed(2), **kw)
+    assert out.shape == (4, 3, 8, 8) and (sims[:-1] >= sims[1:]).all()
+    torch.testing.assert_close(out * (1 - mask), image.expand(4, -1, -1, -1) * (1 - mask), rtol=0, atol=0)
+    kw["noise"] = torch.Generator().manual_seed(1)
+    _, sims0 = blended_diffusion(gm.denoiser, clip, image, mask, "a red circle", sig, scale=0.0, **kw)
+    assert sims.mean() > sims0.mean(), (sims, sims0)
+
+
+def test_augment_and_range_loss():
+    x = torch.randn(2, 3, 8, 8)
+    assert augment(x, 3, torch.Generator().manual_seed(0)).shape == (6, 3, 8, 8)
+    assert range_loss(torch.zeros(1, 3, 2, 2)).item() == 0
+    assert range_loss(torch.full((1, 1, 1, 1), 2.0)).item() == pytest.approx(1.0)
+
+
+def test_blended_errors(clip):
+    gm = GaussianMixture.gaussian(torch.zeros(3 * 8 * 8), 0.5)
+    img, m, sig = torch.zeros(1, 3, 8, 8), torch.ones(1, 1, 8, 8), sigmas_karras(4, 0.1, 5.0)
+    with pytest.raises(ValueError, match="non-empty prompt"):
+        blended_diffusion(gm.denoiser, clip, img, m, "  ", sig)
+    with pytest.raises(ValueError, match="one image"):
+        blended_diffusion(gm.denoiser, clip, torch.zeros(2, 3, 8, 8), m, "a red circle", sig)
+    with pytest.raises(ValueError, match="edit_mask of shape"):
+        blended_diffusion(gm.denoiser, clip, img, torch.ones(1, 1, 4, 4), "a red circle", sig)
