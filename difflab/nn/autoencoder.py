@@ -108,6 +108,8 @@ class AutoencoderKL(Backbone):
                 enc.append(nn.Conv2d(cur, cur, 3, stride=2, padding=1))
         enc += [_Res(cur, cur), group_norm(cur), nn.SiLU(), nn.Conv2d(cur, 2 * cfg.z_channels, 3, padding=1)]
         self.encoder = nn.Sequential(*enc)
+        with torch.no_grad():  # start with small posterior noise (std e^-2): short runs learn to reconstruct first
+            enc[-1].bias[cfg.z_channels:].fill_(-4.0)
         # ---- decoder -----------------------------------------------------------------------
         dec: list[nn.Module] = [nn.Conv2d(cfg.z_channels, cur, 3, padding=1), _Res(cur, cur)]
         for level, c in reversed(list(enumerate(chans))):
