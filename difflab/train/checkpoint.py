@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 __all__ = ["atomic_write_bytes", "atomic_save_safetensors", "write_json", "read_json", "read_safetensors",
-           "CHECKPOINT_FORMAT"]
+           "remove_stale_temps", "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = "difflab-checkpoint-1"
 
@@ -34,10 +35,26 @@ CHECKPOINT_FORMAT = "difflab-checkpoint-1"
 def _tmp_in(path: Path) -> str:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    _usual_mode(tmp)
+    return tmp
+
+
+def _usual_mode(path: str) -> None:
+    """mkstemp (and safetensors' writer) make 0600 files; give the file the usual permissions."""
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
-    return tmp
+    os.chmod(path, 0o666 & ~umask)
+
+
+_TMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # what _tmp_in makes: .NAME.XXXXXXXX.tmp
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files a process killed mid-write left in `folder`; return them."""
+    stale = [p for p in Path(folder).glob(".*.tmp") if p.is_file() and _TMP_NAME.match(p.name)]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -62,6 +79,7 @@ def atomic_save_safetensors(tensors: dict[str, Tensor], path: str | os.PathLike,
     tmp = _tmp_in(path)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        _usual_mode(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -10,12 +10,16 @@ how many steps ran before; the optimizer, EMA and step counter are in the checkp
 killed (even by SIGKILL) and resumed ends with the same weights, bit for bit, as one that was
 never interrupted.
 
-Multi-process: under `torchrun --nproc_per_node N`, each rank takes 1/N of every global batch
-(same noise as a single process would draw) and DDP averages gradients (gloo on CPU, NCCL on GPU).
+Multi-process: under `torchrun --nproc_per_node N`, each rank takes 1/N of every micro-batch
+(`[rank::N]`, with the noise and sigmas a single process would draw), DDP averages gradients
+(gloo on CPU, NCCL on GPU, one GPU per rank), rank 0 writes the run folder and logs the global
+batch's loss. The result equals one process's to float rounding, except that dropout inside the
+network draws its masks per rank. The micro-batch (batch_size / grad_accum) must divide by N.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -35,7 +39,8 @@ from difflab.data import ImageData, batch_indices, load_dataset
 from difflab.data._hash import seed_from
 from difflab.nn import create_model, create_model_from_config
 from difflab.train.checkpoint import (
-    CHECKPOINT_FORMAT, atomic_save_safetensors, read_json, read_safetensors, write_json,
+    CHECKPOINT_FORMAT, atomic_save_safetensors, atomic_write_bytes, read_json, read_safetensors, remove_stale_temps,
+    write_json,
 )
 
 __all__ = ["TrainConfig", "train", "build_denoiser", "load_run", "load_training_data"]
@@ -181,27 +186,57 @@ def _save(out: Path, cfg: TrainConfig, denoiser, ema: dict[str, Tensor], opt, pa
     write_json(out / "config.json", _run_config(cfg, denoiser, data))
 
 
+def _log_rows_upto(log_path: Path, step: int) -> list[str]:
+    """The complete rows of log.jsonl with step <= `step` (a kill mid-write leaves a partial row)."""
+    rows = []
+    for line in log_path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            rows.append(line)
+    return rows
+
+
 def load_run(run: str | os.PathLike, weights: str = "ema") -> tuple[Preconditioned, dict]:
     """(denoiser in eval mode, config.json) of a run folder; weights "ema" or "raw"."""
     run = Path(run)
     if not run.is_dir():
         raise FileNotFoundError(f"run folder {run} does not exist")
-    config = read_json(run / "config.json")
-    if config.get("format") != CHECKPOINT_FORMAT or "model" not in config:
-        raise ValueError(f"{run / 'config.json'} is not a difflab run config (format {config.get('format')!r})")
-    denoiser = build_denoiser(config["model"], config["schedule"], config["prediction"], config.get("sigma_data"))
-    if weights == "ema":
-        state, _ = read_safetensors(run / "model.safetensors")
-    elif weights == "raw":
-        tensors, _ = read_safetensors(run / "checkpoint.safetensors")
-        state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    else:
+    if weights not in ("ema", "raw"):
         raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
+    config_path = run / "config.json"
+    config = read_json(config_path)
+    if not isinstance(config, dict) or config.get("format") != CHECKPOINT_FORMAT or "model" not in config:
+        found = config.get("format") if isinstance(config, dict) else type(config).__name__
+        raise ValueError(f"{config_path} is not a difflab run config (format {found!r})")
     try:
-        denoiser.net.load_state_dict(state)
-    except RuntimeError as e:
-        raise ValueError(f"weights in {run} do not fit the network in its config.json: {e}") from None
+        denoiser = build_denoiser(config["model"], config["schedule"], config["prediction"], config.get("sigma_data"))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{config_path} does not describe a buildable model: {type(e).__name__}: {e}") from None
+    if weights == "ema":
+        path = run / "model.safetensors"
+        state, _ = read_safetensors(path)
+    else:
+        path = run / "checkpoint.safetensors"
+        tensors, _ = read_safetensors(path)
+        state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    _load_weights(denoiser.net, state, path)
     return denoiser.eval().requires_grad_(False), config
+
+
+def _load_weights(net: nn.Module, state: dict[str, Tensor], path: Path) -> None:
+    """net.load_state_dict(state), with a short error naming the file when they do not fit."""
+    own = net.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        parts = [f"{len(v)} {what} (e.g. {v[0]!r})" for what, v in
+                 (("missing", missing), ("unexpected", unexpected), ("of another shape", wrong)) if v]
+        raise ValueError(f"{path} does not fit the network of this run: tensors " + ", ".join(parts))
+    net.load_state_dict(state)
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,12 +245,23 @@ def load_run(run: str | os.PathLike, weights: str = "ema") -> tuple[Precondition
 
 
 def _dist() -> tuple[int, int]:
+    """(rank, world size); joins the process group that torchrun's environment describes."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":  # one GPU per process: rank r of this node uses cuda:LOCAL_RANK
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         torch.distributed.init_process_group(backend)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
+
+
+def _default_device(world: int) -> torch.device:
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    if world > 1:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cuda")
 
 
 def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, progress: bool = True,
@@ -228,12 +274,23 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
     cfg.validate()
     out = Path(out)
     rank, world = _dist()
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device) if device is not None else _default_device(world)
+    micro = cfg.batch_size // cfg.grad_accum
+    if micro % world:
+        raise ValueError(f"micro-batch {micro} (batch_size {cfg.batch_size} / grad_accum {cfg.grad_accum}) "
+                         f"is not divisible by the {world} processes")
+    if resume and not out.is_dir():
+        raise FileNotFoundError(f"--resume: run folder {out} does not exist")
     data = data if data is not None else load_training_data(cfg)
     if data.images.shape[0] < cfg.batch_size:
         raise ValueError(f"dataset {cfg.data!r} has {data.images.shape[0]} images, fewer than batch_size {cfg.batch_size}")
+    bad = (~torch.isfinite(data.images)).flatten(1).any(1).nonzero().flatten()
+    if bad.numel():
+        raise ValueError(f"dataset {cfg.data!r} has NaN/inf pixels in {bad.numel()} image(s), "
+                         f"first at index {bad[0].item()}")
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(out)  # left by a run killed mid-write
 
     torch.manual_seed(cfg.seed)
     denoiser = _new_denoiser(cfg, data).to(device)
@@ -251,20 +308,20 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
         if meta.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{ckpt} is not a difflab checkpoint (format {meta.get('format')!r})")
         saved_cfg = json.loads(meta["config"])
-        for key in ("model", "model_overrides", "prediction", "schedule", "data", "class_conditional", "batch_size", "seed"):
+        for key in ("model", "model_overrides", "prediction", "schedule", "data", "data_kwargs", "class_conditional",
+                    "batch_size", "seed"):
             if saved_cfg.get(key) != dataclasses.asdict(cfg).get(key):
                 raise ValueError(f"--resume: {key} differs from the checkpoint's "
                                  f"({saved_cfg.get(key)!r} there, {dataclasses.asdict(cfg).get(key)!r} now)")
-        try:
-            denoiser.net.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        except RuntimeError as e:
-            raise ValueError(f"{ckpt} does not fit this network: {e}") from None
+        _load_weights(denoiser.net, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, ckpt)
         ema = {k[4:]: v.to(device) for k, v in tensors.items() if k.startswith("ema.")}
+        if set(ema) != set(ema_keys := denoiser.net.state_dict()):
+            raise ValueError(f"{ckpt} has EMA tensors that do not fit this network "
+                             f"({len(set(ema_keys) - set(ema))} missing, {len(set(ema) - set(ema_keys))} unexpected)")
         _load_optimizer(opt, params, {k: v.to(device) for k, v in tensors.items()})
         step, elapsed = int(meta["step"]), float(meta.get("elapsed", 0))
-        if rank == 0 and log_path.exists():  # drop log rows past the checkpoint (the killed tail)
-            rows = [r for r in log_path.read_text().splitlines() if r and json.loads(r)["step"] <= step]
-            log_path.write_text("".join(r + "\n" for r in rows))
+        if rank == 0 and log_path.exists():  # keep the rows up to the checkpoint; drop the killed tail
+            atomic_write_bytes(log_path, "".join(r + "\n" for r in _log_rows_upto(log_path, step)).encode())
     elif rank == 0 and log_path.exists():
         log_path.unlink()
 
@@ -277,7 +334,6 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
         step_loss = nn.parallel.DistributedDataParallel(
             step_loss, device_ids=[device.index] if device.type == "cuda" else None)
     n = data.images.shape[0]
-    micro = cfg.batch_size // cfg.grad_accum
     pbar = None
     if progress and rank == 0:
         from tqdm.auto import tqdm
@@ -289,7 +345,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
     while True:
         if cfg.steps is not None and step >= cfg.steps:
             break
-        if cfg.minutes is not None and time.perf_counter() - t_start >= cfg.minutes * 60:
+        if cfg.minutes is not None and _time_is_up(time.perf_counter() - t_start >= cfg.minutes * 60, world, device):
             break
         if stop_after is not None and ran >= stop_after:
             break
@@ -312,17 +368,23 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
             group["lr"] = _lr_at(cfg, step)
         # ---- forward/backward over micro-batches; this rank's share of each --------------
         opt.zero_grad(set_to_none=True)
-        total = 0.0
+        total = torch.zeros((), device=device)
         for a in range(0, cfg.batch_size, micro):
             share = torch.arange(a, a + micro)[rank::world]
             xb, sb, nb = x0[share].to(device), sigma[share], noise[share].to(device)
             cb = {k: v[share].to(device) for k, v in cond.items()}
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                loss = step_loss(xb, sb, nb, cb)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower lr (now {cfg.lr})")
-            (loss / cfg.grad_accum).backward()
-            total += loss.item() / cfg.grad_accum
+            last = a + micro >= cfg.batch_size  # DDP all-reduces the gradients after the last one
+            with step_loss.no_sync() if world > 1 and not last else contextlib.nullcontext():
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                    loss = step_loss(xb, sb, nb, cb)
+                (loss / cfg.grad_accum).backward()
+            total += loss.detach().float() / cfg.grad_accum
+        if world > 1:  # the global batch's loss, so every rank sees (and stops on) the same value
+            torch.distributed.all_reduce(total)
+            total /= world
+        total = total.item()
+        if not math.isfinite(total):
+            raise FloatingPointError(f"loss is {total} at step {step + 1}; lower lr (now {cfg.lr})")
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
@@ -358,6 +420,15 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
     if world > 1:
         torch.distributed.barrier()
     return out
+
+
+def _time_is_up(up: bool, world: int, device: torch.device) -> bool:
+    """Rank 0's clock decides for every rank (ranks that disagreed would wait on each other forever)."""
+    if world == 1:
+        return up
+    flag = torch.tensor(float(up), device=device)
+    torch.distributed.broadcast(flag, 0)
+    return bool(flag.item())
 
 
 class _LossModule(nn.Module):
