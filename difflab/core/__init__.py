@@ -12,7 +12,7 @@ from difflab.core.losses import (
 )
 from difflab.core.oracle import GaussianMixture
 from difflab.core.sampling import (
-    DEFAULT_SAMPLER, SAMPLERS, Step, ancestral_step, euler_step, invert_euler, renoise, sample,
+    DEFAULT_SAMPLER, SAMPLERS, Step, ancestral_step, default_sigmas, euler_step, invert_euler, renoise, sample,
     sample_ddim, sample_ddpm, sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_3m,
     sample_dpmpp_3m_sde, sample_euler, sample_euler_ancestral, sample_heun, sample_langevin,
     sample_unipc,

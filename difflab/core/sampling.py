@@ -18,6 +18,11 @@ and Lu et al. 2022 (DPM-Solver++): d = (x - x0_hat) / sigma, lambda = -log sigma
 DDIM is Euler on the probability-flow ODE (eta = 0) and the Euler-ancestral step with eta
 in general; with eta = 1 it is DDPM's ancestral sampler with the posterior variance
 (derivation in `ancestral_step`).
+
+The recommended call is `sample(denoiser, x, default_sigmas(schedule, n))`: n network calls of
+`DEFAULT_SAMPLER` (UniPC with varying coefficients, order by step size, trapezoidal end) on
+`sigmas_soft_logsnr`. bench/samplers.py measures it against diffusers and k-diffusion on
+Gaussian mixtures with exact probability-flow endpoints (bench/README.md).
 """
 
 from __future__ import annotations
@@ -48,6 +53,10 @@ __all__ = [
     "sample_dpmpp_2m_sde",
     "sample_dpmpp_3m_sde",
     "sample_unipc",
+    "sample_unipc_auto",
+    "final_step",
+    "sigmas_soft_logsnr",
+    "default_sigmas",
     "sample_langevin",
     "invert_euler",
     "DEFAULT_SAMPLER",
@@ -245,6 +254,31 @@ def sample_ddpm(denoiser, x, schedule: DiscreteVP, *, cond=None, callback=None, 
     return x_t
 
 
+FINAL_STEPS = ("denoise", "trapezoid")
+UNIPC_H_MAX3 = 0.5  # largest step in lambda = -log sigma that `order="auto"` takes at order 3
+
+
+def final_step(x: Tensor, x_eval: Tensor, x0_hat: Tensor, kind: str = "denoise") -> Tensor:
+    """The last step of an ODE sampler, from sigma_n > 0 to 0, with no extra network call.
+
+    x0_hat = D(x_eval, sigma_n); x is the solver's state at sigma_n (x_eval, or x_eval moved by
+    a corrector). On dx/dsigma = eps_hat with eps_hat = (x - D)/sigma:
+    - "denoise": x0_hat, the Euler step over [0, sigma_n] (what diffusers and k-diffusion do);
+      exact when the data has no spread below sigma_n (a point mass or a thin manifold).
+    - "trapezoid": x - (x_eval - x0_hat)/2, the trapezoidal rule with eps_hat(sigma = 0) = 0.
+      For data with a smooth density eps_hat = -sigma grad log p_sigma(x) vanishes at sigma = 0,
+      so this end is second order: on a Gaussian component of std s it is off by ~ s u^4 / 8
+      per unit of noise (u = sigma_n / s) where "denoise" is off by ~ s u^2 / 2. Where the data
+      is thinner than sigma_n it leaves up to sigma_n / 2 of noise (0.005 at the DDPM schedule's
+      sigma_min, in [-1, 1] units: below one 8-bit level).
+    """
+    if kind == "denoise":
+        return x0_hat
+    if kind == "trapezoid":
+        return x - 0.5 * (x_eval - x0_hat)
+    raise ValueError(f"final step must be one of {', '.join(FINAL_STEPS)}, got {kind!r}")
+
+
 # --------------------------------------------------------------------------------------------
 # Higher-order ODE / SDE solvers
 # --------------------------------------------------------------------------------------------
@@ -373,45 +407,76 @@ def sample_dpmpp_3m_sde(denoiser, x, sigmas, *, cond=None, callback=None, noise=
 
 
 def sample_unipc(denoiser, x, sigmas, *, cond=None, callback=None, noise=None, progress=False,
-                 order: int = 3, variant: str = "bh2", corrector: bool = True):
+                 order: int | str = 3, variant: str = "bh2", corrector: bool = True,
+                 final: str = "denoise", h_max3: float = UNIPC_H_MAX3):
     """UniPC (Zhao et al. 2023): UniP-p predictor + UniC corrector, data prediction, order <= 3.
 
     One network call per step: the corrector reuses the evaluation at the new point, which the
-    next predictor step needs anyway. Lower order on the first steps and on the final step.
+    next predictor step needs anyway. Lower order on the first steps (not enough history).
+    `order="auto"`: order 3 where the step h = lambda' - lambda is at most `h_max3`, else 2
+    (a third-order extrapolation over a step of h ~ 1 overshoots). `variant`: "bh1", "bh2" (the
+    reference code's B(h) choices) or "vary" (see `_unipc_update`). `final` is the step from
+    the last positive sigma to 0: "denoise" (x0_hat, Euler in sigma, as diffusers and
+    k-diffusion end) or "trapezoid" (see `final_step`).
     """
-    if order not in (1, 2, 3):
-        raise ValueError(f"UniPC order must be 1, 2 or 3, got {order}")
-    if variant not in ("bh1", "bh2"):
-        raise ValueError(f"variant must be 'bh1' or 'bh2', got {variant!r}")
+    if order not in (1, 2, 3, "auto"):
+        raise ValueError(f"UniPC order must be 1, 2, 3 or 'auto', got {order!r}")
+    if variant not in ("bh1", "bh2", "vary"):
+        raise ValueError(f"variant must be 'bh1', 'bh2' or 'vary', got {variant!r}")
+    if final not in FINAL_STEPS:
+        raise ValueError(f"final must be one of {', '.join(FINAL_STEPS)}, got {final!r}")
     sigmas = _check(x, sigmas)
     run = _Runner(denoiser, x, cond, callback)
     lam = lambda s: -math.log(s)  # noqa: E731
+    max_order = 3 if order == "auto" else order
     n = len(sigmas) - 1
     hist_x0: list[Tensor] = []  # model outputs, newest last
     hist_lam: list[float] = []
     x_prev_pred = None  # x before the last predictor step (corrector input)
     for i in _steps(n, progress, "unipc"):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        x_eval = x
         x0_hat = run(x, sigma)
         if corrector and x_prev_pred is not None:  # UniC on the last step, with the new evaluation
             x = _unipc_update(x_prev_pred, hist_x0, hist_lam, lam(sigma), x0_hat, used_order,
                               variant, sigma_from=sigma_prev, sigma_to=sigma)
         hist_x0.append(x0_hat)
         hist_lam.append(lam(sigma))
-        hist_x0, hist_lam = hist_x0[-order:], hist_lam[-order:]
+        hist_x0, hist_lam = hist_x0[-max_order:], hist_lam[-max_order:]
         if sigma_next == 0:
-            x_next = x0_hat
+            x_next = final_step(x, x_eval, x0_hat, final)
         else:
-            used_order = min(order, len(hist_x0))
+            used_order = min(max_order, len(hist_x0))
+            if order == "auto" and lam(sigma_next) - lam(sigma) > h_max3:
+                used_order = min(used_order, 2)
             x_prev_pred, sigma_prev = x, sigma
-            x_next = _unipc_update(x, hist_x0, hist_lam, lam(sigma_next), None, used_order, variant,
-                                   sigma_from=sigma, sigma_to=sigma_next)
+            x_next = _unipc_update(x, hist_x0[-used_order:], hist_lam[-used_order:], lam(sigma_next),
+                                   None, used_order, variant, sigma_from=sigma, sigma_to=sigma_next)
         x = run.after(i, x_next, sigma, sigma_next, x0_hat)
     return x
 
 
+def sample_unipc_auto(denoiser, x, sigmas, *, cond=None, callback=None, noise=None, progress=False,
+                      variant: str = "vary", h_max3: float = UNIPC_H_MAX3):
+    """difflab's default ODE sampler: UniPC_v, order 3 on steps h <= 0.5 else 2, trapezoidal end.
+
+    `sample_unipc(..., order="auto", variant="vary", final="trapezoid")`; with `default_sigmas`
+    it is the recipe that bench/samplers.py measures against diffusers and k-diffusion.
+    """
+    return sample_unipc(denoiser, x, sigmas, cond=cond, callback=callback, noise=noise, progress=progress,
+                        order="auto", variant=variant, corrector=True, final="trapezoid", h_max3=h_max3)
+
+
 def _unipc_update(x, hist_x0, hist_lam, lam_t, x0_t, order, variant, sigma_from, sigma_to):
-    """One UniP (x0_t is None) or UniC (x0_t given) update of order `order` in VE coordinates."""
+    """One UniP (x0_t is None) or UniC (x0_t given) update of order `order` in VE coordinates.
+
+    The coefficients rho solve the order conditions R rho = b, whose right side carries 1/B(h),
+    so the update B(h) R^-1 b does not depend on B(h). "bh1"/"bh2" fix rho = 1/2 where the system
+    is 1 x 1 (the order-2 predictor, the order-1 corrector), as the reference code does; "vary"
+    solves it there too: UniPC with varying coefficients (Zhao et al. 2023, UniPC_v), the exact
+    integral of the interpolating polynomial under the exponential weight.
+    """
+    fixed_half = variant != "vary"
     m0, lam_s0 = hist_x0[-1], hist_lam[-1]
     h = lam_t - lam_s0
     hh = -h  # data prediction
@@ -436,14 +501,14 @@ def _unipc_update(x, hist_x0, hist_lam, lam_t, x0_t, order, variant, sigma_from,
     if x0_t is None:  # predictor
         if not D1s:
             return x_t
-        if order == 2:
+        if order == 2 and fixed_half:
             rhos = [0.5]
         else:
             rhos = torch.linalg.solve(torch.tensor(R, dtype=torch.float64)[:-1, :-1],
                                       torch.tensor(b, dtype=torch.float64)[:-1]).tolist()
         return x_t - B_h * sum(r * d for r, d in zip(rhos, D1s))
     # corrector
-    if order == 1:
+    if order == 1 and fixed_half:
         rhos = [0.5]
     else:
         rhos = torch.linalg.solve(torch.tensor(R, dtype=torch.float64),
@@ -504,6 +569,49 @@ def invert_euler(denoiser, x, sigmas, *, cond=None, callback=None, noise=None, p
 
 
 # --------------------------------------------------------------------------------------------
+# The default grid
+# --------------------------------------------------------------------------------------------
+
+SIGMA_KNEE = 20.0  # where `sigmas_soft_logsnr` stops being logSNR-uniform (data of unit scale)
+
+
+def sigmas_soft_logsnr(n: int, sigma_min: float, sigma_max: float, sigma_knee: float = SIGMA_KNEE,
+                       append_zero: bool = True) -> Tensor:
+    """n sigmas uniform in log(sigma / sqrt(sigma^2 + knee^2)): logSNR-uniform below the knee.
+
+    Equivalently uniform in -log(1/sigma^2 + 1/knee^2) / 2, the log-SNR with an SNR floor of
+    1/knee^2. Far below the knee the steps are those of `sigmas_logsnr`; above it the step in
+    lambda = -log sigma grows like sigma^2 / knee^2, so the nearly Gaussian top of the path
+    (D barely moves there and its errors are shrunk by the rest of the flow) costs O(1) steps
+    whatever sigma_max is. The grid converges as n grows (a smooth change of variable).
+    """
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"number of steps must be a positive int, got {n!r}")
+    if not (0 < sigma_min < sigma_max) or not sigma_knee > 0:
+        raise ValueError(f"need 0 < sigma_min < sigma_max and sigma_knee > 0, got sigma_min={sigma_min}, "
+                         f"sigma_max={sigma_max}, sigma_knee={sigma_knee}")
+
+    def u(sigma: float) -> float:
+        return math.log(sigma) - 0.5 * math.log(sigma**2 + sigma_knee**2)
+
+    if n == 1:
+        sigmas = torch.tensor([sigma_max], dtype=torch.float64)
+    else:
+        us = torch.linspace(u(sigma_max), u(sigma_min), n, dtype=torch.float64)
+        sigmas = sigma_knee * us.exp() / (-torch.expm1(2 * us)).sqrt()  # inverse of u
+        sigmas[0], sigmas[-1] = sigma_max, sigma_min
+    return torch.cat([sigmas, sigmas.new_zeros(1)]) if append_zero else sigmas
+
+
+def default_sigmas(schedule, n: int) -> Tensor:
+    """The grid of difflab's default recipe: n sigmas of `sigmas_soft_logsnr` over the schedule's range, 0.
+
+    With `DEFAULT_SAMPLER` it costs n network calls: `sample(denoiser, x, default_sigmas(schedule, n))`.
+    """
+    return sigmas_soft_logsnr(n, float(schedule.sigma_min), float(schedule.sigma_max))
+
+
+# --------------------------------------------------------------------------------------------
 # Selection by name
 # --------------------------------------------------------------------------------------------
 
@@ -517,10 +625,11 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "dpmpp_2m_sde": sample_dpmpp_2m_sde,
     "dpmpp_3m_sde": sample_dpmpp_3m_sde,
     "unipc": sample_unipc,
+    "unipc_auto": sample_unipc_auto,
     "langevin": sample_langevin,
 }
 
-DEFAULT_SAMPLER = "unipc"
+DEFAULT_SAMPLER = "unipc_auto"
 
 
 def sample(denoiser, x, sigmas, method: str = DEFAULT_SAMPLER, **kw: Any) -> Tensor:

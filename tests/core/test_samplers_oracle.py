@@ -42,6 +42,21 @@ def test_ode_sampler_converges_at_its_order(name):
     assert errs[-1] < TOL[name], (name, errs)
 
 
+@pytest.mark.parametrize("kw", [dict(variant="vary"), dict(order="auto", variant="vary"), dict(variant="bh1")])
+def test_unipc_variants_converge_at_order_4(kw):
+    # "vary" (UniPC_v) and bh1 change only the low-order coefficients; order="auto" takes order 3
+    # on these small steps (h < 0.5): all keep the corrector's fourth order
+    gm = GaussianMixture.random(dim=2, k=3, seed=3, std_range=(0.2, 0.5))
+    x = _start(64, 2, seed=1)
+    ref = gm.denoiser(gm.pf_endpoint(x, SIGMA_MAX, 0.01), 0.01)
+    errs = []
+    for n in [32, 64, 128]:
+        out = sample(gm.denoiser, x, sigmas_logsnr(n, 0.01, SIGMA_MAX), method="unipc", **kw)
+        errs.append((out - ref).norm(dim=1).mean().item())
+    assert math.log2(errs[-2] / errs[-1]) > 4 - 0.35, (kw, errs)
+    assert errs[-1] < 5e-5, (kw, errs)
+
+
 def test_truncated_reference_is_close_to_full_flow():
     gm = GaussianMixture.random(dim=2, k=3, seed=3, std_range=(0.2, 0.5))
     x = _start(16, 2, seed=1)
