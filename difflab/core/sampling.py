@@ -38,6 +38,10 @@ from difflab.core.schedules import DiscreteVP
 
 __all__ = [
     "Step",
+    "StepRunner",
+    "check_grid",
+    "noise_source",
+    "progress_range",
     "SAMPLERS",
     "sample",
     "euler_step",
@@ -82,7 +86,8 @@ NoiseSource = None | torch.Generator | Callable[[int, Tensor], Tensor]
 # --------------------------------------------------------------------------------------------
 
 
-def _noise_fn(noise: NoiseSource) -> Callable[[int, Tensor], Tensor]:
+def noise_source(noise: NoiseSource) -> Callable[[int, Tensor], Tensor]:
+    """Turn a sampler's ``noise`` argument (None, a Generator or ``fn(i, like)``) into ``fn(i, like)``."""
     if noise is None:
         return lambda i, like: torch.randn_like(like)
     if isinstance(noise, torch.Generator):
@@ -93,7 +98,8 @@ def _noise_fn(noise: NoiseSource) -> Callable[[int, Tensor], Tensor]:
     raise TypeError(f"noise must be None, a torch.Generator or a callable (i, like) -> Tensor, got {type(noise).__name__}")
 
 
-def _check(x: Tensor, sigmas: Tensor, *, increasing: bool = False) -> Tensor:
+def check_grid(x: Tensor, sigmas: Tensor, *, increasing: bool = False) -> Tensor:
+    """Validate a sigma grid (1-D, finite, monotone) and a finite x; returns the grid as a tensor."""
     sigmas = torch.as_tensor(sigmas)
     if sigmas.ndim != 1 or len(sigmas) < 2:
         raise ValueError(f"sigmas must be a 1-D grid of at least 2 values, got shape {tuple(sigmas.shape)}")
@@ -110,7 +116,7 @@ def _check(x: Tensor, sigmas: Tensor, *, increasing: bool = False) -> Tensor:
     return sigmas.to(torch.float64)
 
 
-class _Runner:
+class StepRunner:
     """Calls the denoiser with a (B,) sigma and the user's cond; runs the callback."""
 
     def __init__(self, denoiser, x: Tensor, cond: dict | None, callback):
@@ -129,7 +135,8 @@ class _Runner:
         return x if new is None else new
 
 
-def _steps(n: int, progress: bool, desc: str):
+def progress_range(n: int, progress: bool, desc: str):
+    """``range(n)``, or a tqdm bar over it when ``progress`` is set."""
     if not progress:
         return range(n)
     from tqdm.auto import trange
@@ -181,10 +188,10 @@ def renoise(x: Tensor, sigma_from: float, sigma_to: float, noise: Tensor | None 
 def sample_euler(denoiser, x, sigmas, *, cond=None, callback=None, noise=None, progress=False,
                  s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
     """Euler on the probability-flow ODE = DDIM with eta = 0 (optional EDM churn)."""
-    sigmas = _check(x, sigmas)
-    run, draw = _Runner(denoiser, x, cond, callback), _noise_fn(noise)
+    sigmas = check_grid(x, sigmas)
+    run, draw = StepRunner(denoiser, x, cond, callback), noise_source(noise)
     n = len(sigmas) - 1
-    for i in _steps(n, progress, "euler"):
+    for i in progress_range(n, progress, "euler"):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         if s_churn > 0 and s_tmin <= sigma <= s_tmax:
             gamma = min(s_churn / n, 2**0.5 - 1)
@@ -200,9 +207,9 @@ def sample_euler(denoiser, x, sigmas, *, cond=None, callback=None, noise=None, p
 def sample_euler_ancestral(denoiser, x, sigmas, *, cond=None, callback=None, noise=None,
                            progress=False, eta=1.0, s_noise=1.0):
     """Euler ancestral = DDIM with eta (eta = 1: DDPM's ancestral sampler, posterior variance)."""
-    sigmas = _check(x, sigmas)
-    run, draw = _Runner(denoiser, x, cond, callback), _noise_fn(noise)
-    for i in _steps(len(sigmas) - 1, progress, "euler_ancestral"):
+    sigmas = check_grid(x, sigmas)
+    run, draw = StepRunner(denoiser, x, cond, callback), noise_source(noise)
+    for i in progress_range(len(sigmas) - 1, progress, "euler_ancestral"):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         x0_hat = run(x, sigma)
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
@@ -233,11 +240,11 @@ def sample_ddpm(denoiser, x, schedule: DiscreteVP, *, cond=None, callback=None, 
     if variance not in ("small", "large"):
         raise ValueError(f"variance must be 'small' or 'large', got {variance!r}")
     sigmas = torch.cat([schedule.sigmas.flip(0), schedule.sigmas.new_zeros(1)])
-    _check(x, sigmas)
-    run, draw = _Runner(denoiser, x, cond, callback), _noise_fn(noise)
+    check_grid(x, sigmas)
+    run, draw = StepRunner(denoiser, x, cond, callback), noise_source(noise)
     abar, betas, T = schedule.alphas_cumprod, schedule.betas, schedule.T
     x_t = x * math.sqrt(float(abar[-1]))  # VE -> VP
-    for i in _steps(T, progress, "ddpm"):
+    for i in progress_range(T, progress, "ddpm"):
         t = T - 1 - i
         ab, ab_prev = float(abar[t]), (float(abar[t - 1]) if t > 0 else 1.0)
         beta = float(betas[t])
@@ -287,10 +294,10 @@ def final_step(x: Tensor, x_eval: Tensor, x0_hat: Tensor, kind: str = "denoise")
 def sample_heun(denoiser, x, sigmas, *, cond=None, callback=None, noise=None, progress=False,
                 s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
     """EDM's stochastic Heun sampler (Karras et al. 2022, Algorithm 2); deterministic at s_churn=0."""
-    sigmas = _check(x, sigmas)
-    run, draw = _Runner(denoiser, x, cond, callback), _noise_fn(noise)
+    sigmas = check_grid(x, sigmas)
+    run, draw = StepRunner(denoiser, x, cond, callback), noise_source(noise)
     n = len(sigmas) - 1
-    for i in _steps(n, progress, "heun"):
+    for i in progress_range(n, progress, "heun"):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         gamma = min(s_churn / n, 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
         sigma_hat = sigma * (1 + gamma)
@@ -309,10 +316,10 @@ def sample_heun(denoiser, x, sigmas, *, cond=None, callback=None, noise=None, pr
 
 def sample_dpmpp_2m(denoiser, x, sigmas, *, cond=None, callback=None, noise=None, progress=False):
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), first order on the first and last step."""
-    sigmas = _check(x, sigmas)
-    run = _Runner(denoiser, x, cond, callback)
+    sigmas = check_grid(x, sigmas)
+    run = StepRunner(denoiser, x, cond, callback)
     x0_prev, h_prev = None, None
-    for i in _steps(len(sigmas) - 1, progress, "dpmpp_2m"):
+    for i in progress_range(len(sigmas) - 1, progress, "dpmpp_2m"):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         x0_hat = run(x, sigma)
         if sigma_next == 0:
@@ -342,10 +349,10 @@ def sample_dpmpp_2m_sde(denoiser, x, sigmas, *, cond=None, callback=None, noise=
     """DPM-Solver++(2M) SDE (Lu et al. 2022), data prediction, in VE coordinates."""
     if solver_type not in ("midpoint", "heun"):
         raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
-    sigmas = _check(x, sigmas)
-    run, draw = _Runner(denoiser, x, cond, callback), _noise_fn(noise)
+    sigmas = check_grid(x, sigmas)
+    run, draw = StepRunner(denoiser, x, cond, callback), noise_source(noise)
     x0_prev, h_prev = None, None
-    for i in _steps(len(sigmas) - 1, progress, "dpmpp_2m_sde"):
+    for i in progress_range(len(sigmas) - 1, progress, "dpmpp_2m_sde"):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         x0_hat = run(x, sigma)
         if sigma_next == 0:
@@ -372,10 +379,10 @@ def sample_dpmpp_2m_sde(denoiser, x, sigmas, *, cond=None, callback=None, noise=
 def sample_dpmpp_3m_sde(denoiser, x, sigmas, *, cond=None, callback=None, noise=None,
                         progress=False, eta=1.0, s_noise=1.0):
     """DPM-Solver++(3M) SDE; eta = 0 gives the deterministic 3M ODE solver."""
-    sigmas = _check(x, sigmas)
-    run, draw = _Runner(denoiser, x, cond, callback), _noise_fn(noise)
+    sigmas = check_grid(x, sigmas)
+    run, draw = StepRunner(denoiser, x, cond, callback), noise_source(noise)
     x0_1, x0_2, h_1, h_2 = None, None, None, None
-    for i in _steps(len(sigmas) - 1, progress, "dpmpp_3m_sde"):
+    for i in progress_range(len(sigmas) - 1, progress, "dpmpp_3m_sde"):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         x0_hat = run(x, sigma)
         if sigma_next == 0:
@@ -425,15 +432,15 @@ def sample_unipc(denoiser, x, sigmas, *, cond=None, callback=None, noise=None, p
         raise ValueError(f"variant must be 'bh1', 'bh2' or 'vary', got {variant!r}")
     if final not in FINAL_STEPS:
         raise ValueError(f"final must be one of {', '.join(FINAL_STEPS)}, got {final!r}")
-    sigmas = _check(x, sigmas)
-    run = _Runner(denoiser, x, cond, callback)
+    sigmas = check_grid(x, sigmas)
+    run = StepRunner(denoiser, x, cond, callback)
     lam = lambda s: -math.log(s)  # noqa: E731
     max_order = 3 if order == "auto" else order
     n = len(sigmas) - 1
     hist_x0: list[Tensor] = []  # model outputs, newest last
     hist_lam: list[float] = []
     x_prev_pred = None  # x before the last predictor step (corrector input)
-    for i in _steps(n, progress, "unipc"):
+    for i in progress_range(n, progress, "unipc"):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         x_eval = x
         x0_hat = run(x, sigma)
@@ -530,12 +537,12 @@ def sample_langevin(denoiser, x, sigmas, *, cond=None, callback=None, noise=None
     a = step_lr sigma_i^2 / sigma_L^2 and score = (D - x)/sigma^2. With `denoise`, the last
     positive level is followed by Tweedie's x0_hat = D(x, sigma_L) (grid ending in 0).
     """
-    sigmas = _check(x, sigmas)
-    run, draw = _Runner(denoiser, x, cond, callback), _noise_fn(noise)
+    sigmas = check_grid(x, sigmas)
+    run, draw = StepRunner(denoiser, x, cond, callback), noise_source(noise)
     levels = [float(s) for s in sigmas if s > 0]
     sigma_L = levels[-1]
     k = 0
-    for i in _steps(len(levels), progress, "langevin"):
+    for i in progress_range(len(levels), progress, "langevin"):
         sigma = levels[i]
         a = step_lr * (sigma / sigma_L) ** 2
         for _ in range(n_steps):
@@ -556,9 +563,9 @@ def invert_euler(denoiser, x, sigmas, *, cond=None, callback=None, noise=None, p
     If sigmas[0] == 0 (a clean image), the first derivative is taken at sigmas[1], the usual
     DDIM-inversion approximation. Returns x at sigmas[-1].
     """
-    sigmas = _check(x, sigmas, increasing=True)
-    run = _Runner(denoiser, x, cond, callback)
-    for i in _steps(len(sigmas) - 1, progress, "invert"):
+    sigmas = check_grid(x, sigmas, increasing=True)
+    run = StepRunner(denoiser, x, cond, callback)
+    for i in progress_range(len(sigmas) - 1, progress, "invert"):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         sigma_eval = sigma if sigma > 0 else sigma_next
         x0_hat = run(x, sigma_eval)

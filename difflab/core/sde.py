@@ -50,7 +50,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from difflab.core.sampling import _check, _noise_fn, _Runner, _steps
+from difflab.core.sampling import check_grid, noise_source, StepRunner, progress_range
 from difflab.core.schedules import VE, ContinuousVP, _as64, sigmas_logsnr
 
 __all__ = ["SDE", "VESDE", "VPSDE", "SubVPSDE", "sample_reverse_sde", "sample_pc", "ncsn_sigmas",
@@ -232,11 +232,11 @@ def sample_pc(denoiser, x, sigmas, *, sde: SDE, predictor: str | None = "euler_m
         raise ValueError(f"corrector must be 'langevin' or None, got {corrector!r}")
     if not isinstance(sde, SDE):
         raise TypeError(f"sde must be a VESDE, VPSDE or SubVPSDE, got {type(sde).__name__}")
-    sigmas = _check(x, sigmas)
-    run, draw = _Runner(denoiser, x, cond, callback), _noise_fn(noise)
+    sigmas = check_grid(x, sigmas)
+    run, draw = StepRunner(denoiser, x, cond, callback), noise_source(noise)
     ts = _t_of(sde, sigmas)
     k = 0  # noise counter: one draw per stochastic update
-    for i in _steps(len(sigmas) - 1, progress, "pc"):
+    for i in progress_range(len(sigmas) - 1, progress, "pc"):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         if corrector == "langevin":
             for _ in range(n_corrector):

@@ -32,7 +32,7 @@ from torch import Tensor
 from difflab.core.denoiser import Preconditioned
 from difflab.core.guidance import classifier_guidance
 from difflab.core.losses import lognormal
-from difflab.core.sampling import _check, _noise_fn, _Runner, _steps, ancestral_step, euler_step
+from difflab.core.sampling import check_grid, noise_source, StepRunner, progress_range, ancestral_step, euler_step
 from difflab.data import ImageData, batch_indices
 from difflab.data._hash import seed_from
 from difflab.nn.classifier import ClassifierConfig, NoisyClassifier
@@ -59,10 +59,10 @@ def classifier_log_prob(classifier: NoisyClassifier, denoiser: Preconditioned, l
 def sample_ancestral_guided(denoiser, x, sigmas, log_prob_fn, scale: float, *, cond=None, callback=None,
                             noise=None, progress=False):
     """ADM Algorithm 1 (classifier-guided ancestral sampling), eta = 1, in VE coordinates."""
-    sigmas = _check(x, sigmas)
-    run, draw = _Runner(denoiser, x, cond, callback), _noise_fn(noise)
+    sigmas = check_grid(x, sigmas)
+    run, draw = StepRunner(denoiser, x, cond, callback), noise_source(noise)
     cond = cond or {}
-    for i in _steps(len(sigmas) - 1, progress, "adm"):
+    for i in progress_range(len(sigmas) - 1, progress, "adm"):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         x0_hat = run(x, sigma)
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, 1.0)
@@ -95,7 +95,7 @@ def train_classifier(data: ImageData, denoiser: Preconditioned, *, steps: int = 
     opt = torch.optim.AdamW(clf.parameters(), lr=lr, weight_decay=0.05)
     smin, smax = denoiser.schedule.sigma_min, denoiser.schedule.sigma_max
     low = lognormal(p_mean, p_std)
-    it = _steps(steps, progress, "train-classifier")
+    it = progress_range(steps, progress, "train-classifier")
     t0, n, losses = time.perf_counter(), len(data.images), []
     for step in it:
         g = torch.Generator().manual_seed(seed_from(seed, step, 7))

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from difflab.core.guidance import classifier_guidance
-from difflab.core.sampling import Step, _noise_fn, renoise, sample
+from difflab.core.sampling import Step, noise_source, renoise, sample
 from difflab.methods.sdedit import _check_mask, slice_sigmas
 
 __all__ = ["augment", "clip_loss", "range_loss", "blended_diffusion"]
@@ -71,7 +71,7 @@ def blended_diffusion(denoiser, clip, image: Tensor, edit_mask: Tensor, prompt: 
     m = _check_mask(edit_mask, image, "edit_mask")
     with torch.no_grad():
         text = clip.encode_text([prompt])
-    draw = _noise_fn(noise)
+    draw = noise_source(noise)
     K = n_candidates
     src = image.expand(K, *image.shape[1:])
 

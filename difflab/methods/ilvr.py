@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from difflab.core.sampling import Step, _noise_fn, renoise
+from difflab.core.sampling import Step, noise_source, renoise
 
 __all__ = ["low_pass", "ilvr_callback"]
 
@@ -52,7 +52,7 @@ def ilvr_callback(reference: Tensor, factor: int, sigma_stop: float = 0.0, *, fi
     if not torch.isfinite(reference).all():
         raise ValueError("reference image contains NaN/inf values")
     low_pass(reference, factor, filter)  # validate factor/filter now, not mid-sampling
-    draw = _noise_fn(noise)
+    draw = noise_source(noise)
 
     def refine(step: Step):
         if step.sigma_next < sigma_stop:

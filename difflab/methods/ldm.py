@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from difflab.core.sampling import _steps
+from difflab.core.sampling import progress_range
 from difflab.data import batch_indices
 from difflab.data._hash import seed_from
 from difflab.nn.autoencoder import AutoencoderConfig, AutoencoderKL, scale_factor
@@ -72,7 +72,7 @@ def train_autoencoder(images: Tensor, config: AutoencoderConfig, *, steps: int =
     ae = AutoencoderKL(config)
     opt = torch.optim.AdamW(ae.parameters(), lr=lr)
     t0, parts = time.perf_counter(), {}
-    for step in _steps(steps, progress, "train-autoencoder"):
+    for step in progress_range(steps, progress, "train-autoencoder"):
         g = torch.Generator().manual_seed(seed_from(seed, step, 5))
         x = images[batch_indices(len(images), batch_size, seed, step)]
         for group in opt.param_groups:  # short warm-up, then cosine decay to 10%

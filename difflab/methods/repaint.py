@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from difflab.core.sampling import _noise_fn, ancestral_step, euler_step, renoise
+from difflab.core.sampling import noise_source, ancestral_step, euler_step, renoise
 from difflab.methods.sdedit import _check_mask
 
 __all__ = ["repaint", "jump_schedule"]
@@ -62,7 +62,7 @@ def repaint(denoiser, known: Tensor, keep_mask: Tensor, sigmas: Tensor, *, jump_
     if not torch.isfinite(known).all():
         raise ValueError("known image contains NaN/inf values")
     m = _check_mask(keep_mask, known, "keep_mask")
-    draw = _noise_fn(noise)
+    draw = noise_source(noise)
     T = len(sigmas) - 1
     level_sigma = sigmas.flip(0)  # level l has noise sigma level_sigma[l]; level 0 is clean
     path = jump_schedule(T, jump_length, jump_n_sample)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from difflab.core.sampling import Step, _noise_fn, renoise, sample
+from difflab.core.sampling import Step, noise_source, renoise, sample
 
 __all__ = ["sdedit", "slice_sigmas"]
 
@@ -54,7 +54,7 @@ def sdedit(denoiser, guide: Tensor, sigmas: Tensor, *, strength: float = 0.5, ed
     if not torch.isfinite(guide).all():
         raise ValueError("guide image contains NaN/inf values")
     tail = slice_sigmas(torch.as_tensor(sigmas, dtype=torch.float64), strength)
-    draw = _noise_fn(noise)
+    draw = noise_source(noise)
     x = renoise(guide, 0.0, float(tail[0]), draw(-1, guide))  # x(t0) = x^(g) + sigma(t0) z
     user_cb = callback
     if edit_mask is not None:

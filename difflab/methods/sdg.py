@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from difflab.core.guidance import classifier_guidance
-from difflab.core.sampling import _steps
+from difflab.core.sampling import progress_range
 from difflab.data import ImageData, batch_indices
 from difflab.data._hash import seed_from
 from difflab.nn.clip import SmallCLIP, SmallCLIPConfig
@@ -67,7 +67,7 @@ def train_clip(data: ImageData, *, steps: int = 2000, batch_size: int = 128, lr:
     torch.manual_seed(seed)
     model = SmallCLIP(config)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    for step in _steps(steps, progress, "train-clip"):
+    for step in progress_range(steps, progress, "train-clip"):
         idx = batch_indices(len(data.images), batch_size, seed, step)
         loss = model.contrastive_loss(data.images[idx], [data.captions[i] for i in idx.tolist()])
         opt.zero_grad(set_to_none=True)
@@ -84,7 +84,7 @@ def finetune_noise_aware(clip: SmallCLIP, data: ImageData, *, steps: int = 1000,
     student = copy.deepcopy(clip).train()
     params = [p for n, p in student.named_parameters() if not n.startswith(("text", "text_proj"))]
     opt = torch.optim.AdamW(params, lr=lr)
-    for step in _steps(steps, progress, "finetune-noise-aware"):
+    for step in progress_range(steps, progress, "finetune-noise-aware"):
         g = torch.Generator().manual_seed(seed_from(seed, step, 11))
         x0 = data.images[batch_indices(len(data.images), batch_size, seed, step)]
         u = torch.rand(len(x0), generator=g, dtype=torch.float64)

@@ -1,1 +1,1 @@
-from tests.train.conftest import _one_thread, tiny_run  # noqa: F401  (shared fixtures)
+from tests.train.conftest import tiny_run  # noqa: F401  (shared fixture)

@@ -19,11 +19,6 @@ def randomize():
 
 
 @pytest.fixture(autouse=True)
-def _seed_and_one_thread():
-    """Seed, and run single-threaded: these tiny models gain nothing from a second thread, and
-    on a shared 2-core machine a busy core stalls every OpenMP barrier (10x slowdowns seen)."""
+def _seed():
+    """Seed every network test (tests/conftest.py already makes them single-threaded)."""
     torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
