@@ -44,8 +44,9 @@ def ours(name: str, size: int, channels_in: int) -> torch.nn.Module:
     return create_model(name, image_size=size, in_channels=channels_in)
 
 
-def diffusers_twin(name: str, size: int, channels_in: int) -> torch.nn.Module:
-    """UNet2DModel built to the blueprint of our registry model `name` (same widths, blocks, attention)."""
+def diffusers_twin(name: str, size: int, channels_in: int, **extra) -> torch.nn.Module:
+    """UNet2DModel built to the blueprint of our registry model `name` (same widths, blocks, attention);
+    `extra` goes to UNet2DModel (e.g. num_class_embeds)."""
     from diffusers import UNet2DModel
 
     cfg = model_config(name, image_size=size, in_channels=channels_in)
@@ -68,7 +69,7 @@ def diffusers_twin(name: str, size: int, channels_in: int) -> torch.nn.Module:
         upsample_type="resnet" if cfg.resblock_updown else "conv",
         resnet_time_scale_shift="scale_shift" if cfg.use_scale_shift_norm else "default",
         attention_head_dim=cfg.head_channels, add_attention=cfg.mid_attention,
-        norm_num_groups=min(32, cfg.channels), time_embedding_type="positional",
+        norm_num_groups=min(32, cfg.channels), time_embedding_type="positional", **extra,
     )
 
 

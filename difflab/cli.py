@@ -29,7 +29,7 @@ def _train_config(args: argparse.Namespace):
         values = values.get("train", values)  # accept a run's config.json too
     flags = {"data": args.data, "model": args.model, "steps": args.steps, "minutes": args.minutes,
              "batch_size": args.batch_size, "seed": args.seed, "save_every": args.save_every,
-             "lr": args.lr, "bf16": args.bf16 or None}
+             "lr": args.lr, "bf16": args.bf16 or None, "clock": args.clock}
     if args.unconditional:
         flags["class_conditional"] = False
     values.update({k: v for k, v in flags.items() if v is not None})
@@ -112,7 +112,8 @@ def _cmd_demo_toy(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from difflab.demo import run_demo
 
-    run_demo(out=args.out, minutes=args.minutes, steps=args.steps, seed=args.seed, data=args.data)
+    run_demo(out=args.out, minutes=args.minutes, steps=args.steps, seed=args.seed, data=args.data,
+             n_eval=args.n_eval)
     return 0
 
 
@@ -160,7 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model", help="unet-xs | unet-s | unet-m | DiT-T/2 ... (default unet-s)")
     t.add_argument("--out", required=True, help="run folder to write (or to resume)")
     t.add_argument("--steps", type=int, help="budget in optimizer steps (default 2000)")
-    t.add_argument("--minutes", type=float, help="budget in minutes of wall time instead of steps")
+    t.add_argument("--minutes", type=float, help="budget in minutes instead of steps (see --clock)")
+    t.add_argument("--clock", choices=("wall", "cpu"),
+                   help="what --minutes counts: wall time (default) or this process's CPU time, a fair "
+                        "budget on a shared machine (20 CPU-minutes = 10 minutes of 2 cores)")
     t.add_argument("--batch-size", type=int)
     t.add_argument("--lr", type=float)
     t.add_argument("--seed", type=int)
@@ -215,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the main job: train on Fashion-MNIST, sample, write report.html")
     d.add_argument("--out", default="demo_out", help="folder for the run and report.html")
-    d.add_argument("--minutes", type=float, default=5.0, help="training budget (default 5)")
+    d.add_argument("--minutes", type=float, default=4.0, help="training budget in minutes (default 4)")
+    d.add_argument("--n-eval", type=int, default=300, help="samples scored per sampler (default 300)")
     d.add_argument("--steps", type=int, help="training budget in steps instead of minutes")
     d.add_argument("--data", default=None, help="fashion_mnist (default; digits if not installed) or digits")
     d.add_argument("--seed", type=int, default=0)

@@ -18,7 +18,7 @@ from difflab.metrics.bpd import discrete_log_prob, ode_bits_per_dim, quantize, v
 from difflab.metrics.classifiers import (
     CLASSIFIERS, FeatureNet, FeatureNetConfig, attribute_accuracy, load_classifier,
 )
-from difflab.metrics.evaluate import evaluate_run, format_report
+from difflab.metrics.evaluate import evaluate_run, format_report, score_samples
 from difflab.metrics.features import (
     EXTRACTORS, FeatureExtractor, ReferenceStats, default_extractor, extract, feature_extractor,
     reference_stats, stats_cache_dir,

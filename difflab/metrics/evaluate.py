@@ -31,7 +31,7 @@ from difflab.metrics.frechet import frechet_distance, mean_cov
 from difflab.metrics.inception_score import inception_score
 from difflab.metrics.precision_recall import precision_recall
 
-__all__ = ["evaluate_run", "format_report", "BPD_METHODS"]
+__all__ = ["evaluate_run", "score_samples", "format_report", "BPD_METHODS"]
 
 BPD_METHODS = ("vlb", "ode", "none")
 
@@ -104,20 +104,10 @@ def evaluate_run(run: str | os.PathLike, *, sampler: str | None = None, steps: i
 
     # (3) sample metrics
     t0 = time.perf_counter()
-    feats, probs = extract(ext, samples, batch_size, progress, desc=f"features ({ext_name})")
-    mu, cov = mean_cov(feats)
-    fd = frechet_distance(mu, cov, ref.mu, ref.cov)
-    m = min(n, len(ref.features))
-    pr = precision_recall(ref.features[:m], feats[:m], k=pr_k)
-    domain = ext if isinstance(ext, ClassifierExtractor) else None
-    if domain is None and dataset in ("fashion_mnist", "digits", "shapes"):
-        domain = feature_extractor(default_extractor(dataset), device=device)
-    if domain is not None and probs is None:
-        probs = extract(domain, samples, batch_size)[1]
-    is_score = inception_score(probs) if probs is not None else None
-    class_acc = None
-    if domain is not None and labels is not None and probs is not None and probs.shape[1] == pipe.num_classes:
-        class_acc = (probs.argmax(1) == labels).double().mean().item()
+    scores = score_samples(samples, ext, ref, dataset, labels=labels, num_classes=pipe.num_classes,
+                           pr_k=pr_k, batch_size=batch_size, progress=progress, device=device)
+    fd, is_score, class_acc = scores["fd"], scores["inception_score"], scores["class_accuracy"]
+    pr, m, domain = scores, scores["pr_n"], scores["domain"]
     timings["metrics"] = time.perf_counter() - t0
 
     # (4) bits/dim on test images
@@ -148,12 +138,38 @@ def evaluate_run(run: str | os.PathLike, *, sampler: str | None = None, steps: i
         "pr_k": pr_k,
         "pr_n": m,
         "inception_score": is_score,
-        "is_classifier": None if domain is None else domain.name,
+        "is_classifier": domain,
         "class_accuracy": class_acc,
         "bits_per_dim": None if bpd_report is None else bpd_report["value"],
         "bpd": bpd_report,
         "seconds": {k: round(v, 2) for k, v in timings.items()},
     }
+
+
+def score_samples(samples: torch.Tensor, ext, ref, dataset: str, *, labels: torch.Tensor | None = None,
+                  num_classes: int | None = None, pr_k: int = 3, batch_size: int = 256,
+                  progress: bool = False, device=None) -> dict:
+    """FD, precision/recall, IS analogue and (with `labels`) class accuracy of `samples` against the
+    reference statistics `ref` of `dataset` under the extractor `ext` (see `reference_stats`).
+
+    Precision/recall use as many reference features as samples (k = `pr_k`)."""
+    feats, probs = extract(ext, samples, batch_size, progress, desc=f"features ({ext.name})")
+    mu, cov = mean_cov(feats)
+    fd = frechet_distance(mu, cov, ref.mu, ref.cov)
+    m = min(len(samples), len(ref.features))
+    pr = precision_recall(ref.features[:m], feats[:m], k=pr_k)
+    domain = ext if isinstance(ext, ClassifierExtractor) else None
+    if domain is None and dataset in ("fashion_mnist", "digits", "shapes"):
+        domain = feature_extractor(default_extractor(dataset), device=device)
+    if domain is not None and probs is None:
+        probs = extract(domain, samples, batch_size)[1]
+    is_score = inception_score(probs) if probs is not None else None
+    class_acc = None
+    if domain is not None and labels is not None and probs is not None and probs.shape[1] == num_classes:
+        class_acc = (probs.argmax(1) == labels).double().mean().item()
+    return {"fd": fd, "precision": pr["precision"], "recall": pr["recall"], "pr_n": m,
+            "inception_score": is_score, "class_accuracy": class_acc,
+            "domain": None if domain is None else domain.name}
 
 
 def _bits_per_dim(pipe, config: dict, method: str, bpd_n: int, timesteps: int | None, hutchinson: int,

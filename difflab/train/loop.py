@@ -4,9 +4,15 @@
     train(cfg, "runs/fmnist")                 # writes config.json, model.safetensors, checkpoint
     train(cfg, "runs/fmnist", resume=True)    # continues exactly where it stopped
 
-Exact resume: every source of randomness in step s (the batch, sigma, noise, dropout, label
-dropout) is drawn from generators seeded by hash(seed, s), never from a stream that depends on
-how many steps ran before; the optimizer, EMA and step counter are in the checkpoint. A run
+Text-to-image and latent diffusion use the same loop (see train/conditioning.py):
+
+    cfg = TrainConfig(data="shapes", conditioning="text", text_encoder="minilm", caption_dropout=0.1,
+                      autoencoder="runs/ae")     # a folder from `difflab train-autoencoder`
+    train(cfg, "runs/shapes_ldm")             # + runs/shapes_ldm/autoencoder, the copy sampling decodes with
+
+Exact resume: every source of randomness in step s (the batch, sigma, noise, dropout, label and
+caption dropout) is drawn from generators seeded by hash(seed, s), never from a stream that
+depends on how many steps ran before; the optimizer, EMA and step counter are in the checkpoint. A run
 killed (even by SIGKILL) and resumed ends with the same weights, bit for bit, as one that was
 never interrupted.
 
@@ -38,6 +44,11 @@ from difflab.core.schedules import EDM, Schedule, schedule_from_config
 from difflab.data import ImageData, batch_indices, load_dataset
 from difflab.data._hash import seed_from
 from difflab.nn import create_model, create_model_from_config
+from difflab.nn.text import TEXT_ENCODERS
+from difflab.train.conditioning import (
+    AUTOENCODER_FOLDER, CONDITIONINGS, TRAINABLE_PREFIX, CaptionTable, build_text_encoder, encode_latents,
+    open_autoencoder,
+)
 from difflab.train.checkpoint import (
     CHECKPOINT_FORMAT, atomic_save_safetensors, atomic_write_bytes, read_json, read_safetensors, remove_stale_temps,
     write_json,
@@ -53,8 +64,19 @@ class TrainConfig:
     data: str = "fashion_mnist"
     model: str = "unet-s"
     model_overrides: dict[str, Any] = field(default_factory=dict)
-    class_conditional: bool = True
+    # what the network is conditioned on: "class" (labels), "text" (captions through cross-attention)
+    # or "none"; None: from class_conditional, the older switch (True or None: "class", False: "none")
+    conditioning: str | None = None
+    class_conditional: bool | None = None
     label_dropout: float = 0.1  # classifier-free guidance: labels dropped to the null class
+    # text: "minilm" (frozen pretrained MiniLM, token states + mask, cached per caption) or "word" (a
+    # small encoder trained jointly); kwargs e.g. {"dim": 64, "depth": 1} for "word"
+    text_encoder: str = "minilm"
+    text_encoder_kwargs: dict[str, Any] = field(default_factory=dict)
+    caption_dropout: float = 0.1  # classifier-free guidance: captions dropped to the empty prompt ""
+    # latent diffusion: an autoencoder folder (`difflab train-autoencoder`); the loop trains on its
+    # scaled latents, copies it into the run folder, and the Pipeline decodes with it
+    autoencoder: str | None = None
     # the denoiser: prediction + schedule (EDM preconditioning by default: best per CPU-minute)
     prediction: str = "edm"
     schedule: dict[str, Any] = field(default_factory=lambda: EDM().to_config())
@@ -62,6 +84,7 @@ class TrainConfig:
     p_mean: float = -1.2
     p_std: float = 1.2
     weighting: str = "simple"
+    sigma_data: float | None = None  # EDM's sigma_data; None: 0.5 for images in [-1, 1], 1.0 for latents
     # optimisation
     batch_size: int = 64
     grad_accum: int = 1
@@ -74,6 +97,9 @@ class TrainConfig:
     # budget and bookkeeping
     steps: int | None = 2000
     minutes: float | None = None
+    # what `minutes` counts: "wall" clock, or "cpu" time of this process (all its threads) -- a fair
+    # budget on a shared machine, e.g. 20 CPU-minutes = 10 minutes of 2 cores
+    clock: str = "wall"
     seed: int = 0
     save_every: int = 500
     log_every: int = 25
@@ -88,6 +114,14 @@ class TrainConfig:
             raise ValueError(f"unknown TrainConfig field(s) {unknown}; known: {sorted(known)}")
         return cls(**values)
 
+    def __post_init__(self) -> None:
+        legacy = self.class_conditional
+        if self.conditioning is None:
+            self.conditioning = "none" if legacy is not None and not legacy else "class"
+        elif legacy is not None and bool(legacy) != (self.conditioning == "class"):
+            raise ValueError(f"class_conditional={legacy} contradicts conditioning={self.conditioning!r}; "
+                             "give conditioning alone")
+
     def validate(self) -> None:
         if self.steps is None and self.minutes is None:
             raise ValueError("give a budget: steps or minutes")
@@ -98,8 +132,21 @@ class TrainConfig:
             raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.clock not in ("wall", "cpu"):
+            raise ValueError(f"clock must be 'wall' or 'cpu', got {self.clock!r}")
         if self.sigma_sampler not in ("lognormal", "discrete_uniform"):
             raise ValueError(f"sigma_sampler must be 'lognormal' or 'discrete_uniform', got {self.sigma_sampler!r}")
+        if self.conditioning not in CONDITIONINGS:
+            raise ValueError(f"conditioning must be one of {', '.join(CONDITIONINGS)}, got {self.conditioning!r}")
+        if self.text_encoder not in TEXT_ENCODERS:
+            raise ValueError(f"unknown text_encoder {self.text_encoder!r}; known: {', '.join(TEXT_ENCODERS)}")
+        for name in ("label_dropout", "caption_dropout"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.flip and self.conditioning == "text":
+            raise ValueError("flip=True would contradict captions that name positions (left, right)")
+        if self.flip and self.autoencoder:
+            raise ValueError("flip=True is not supported with an autoencoder (the latents are encoded once)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -120,15 +167,82 @@ def build_denoiser(model_config: dict, schedule: dict, prediction: str, sigma_da
     return Preconditioned(net, schedule_from_config(schedule), prediction, sigma_data=sigma_data)
 
 
-def _new_denoiser(cfg: TrainConfig, data: ImageData) -> Preconditioned:
+def _new_denoiser(cfg: TrainConfig, data: ImageData, context_dim: int | None = None) -> Preconditioned:
     overrides = dict(in_channels=data.images.shape[1], image_size=data.images.shape[-1])
-    if cfg.class_conditional:
+    if cfg.conditioning == "class":
         if data.labels is None:
-            raise ValueError(f"dataset {cfg.data!r} has no labels; use class_conditional=False")
+            raise ValueError(f"dataset {cfg.data!r} has no labels; use conditioning='none' (class_conditional=False)")
         overrides["num_classes"] = len(data.class_names) or int(data.labels.max()) + 1
+    if context_dim is not None:
+        overrides["context_dim"] = context_dim
     overrides.update(cfg.model_overrides)
     net = create_model(cfg.model, **overrides)
-    return Preconditioned(net, schedule_from_config(cfg.schedule), cfg.prediction)
+    sigma_data = cfg.sigma_data if cfg.sigma_data is not None else (1.0 if cfg.autoencoder else None)
+    return Preconditioned(net, schedule_from_config(cfg.schedule), cfg.prediction, sigma_data=sigma_data)
+
+
+@dataclasses.dataclass
+class _RunInputs:
+    """What the network is trained on, and what config.json records about it besides the model."""
+
+    data: ImageData  # images, or their latents
+    extras: dict[str, Any]  # config.json sections: "data" (the images), "text_encoder", "autoencoder"
+    captions: CaptionTable | None = None
+    text_encoder: nn.Module | None = None  # trained jointly with the network (else None)
+    context_dim: int | None = None
+
+
+def _run_inputs(cfg: TrainConfig, data: ImageData, out: Path, resume: bool, rank: int) -> _RunInputs:
+    """Encode captions (text) and images (latent diffusion) once, before the first step."""
+    inputs = _RunInputs(data, {"data": {"name": data.name, "channels": data.images.shape[1],
+                                        "size": data.images.shape[-1], "class_names": list(data.class_names)}})
+    if cfg.conditioning == "text":
+        if data.captions is None:
+            raise ValueError(f"conditioning='text' needs captions, and dataset {cfg.data!r} has none "
+                             "(shapes has them)")
+        torch.manual_seed(seed_from(cfg.seed, 0x7E47))  # a jointly trained encoder's initial weights
+        encoder = build_text_encoder(cfg.text_encoder, data.captions, cfg.text_encoder_kwargs)
+        inputs.captions = CaptionTable(encoder, data.captions)
+        inputs.context_dim = encoder.dim
+        inputs.text_encoder = encoder if encoder.trainable else None
+        inputs.extras["text_encoder"] = encoder.config_dict()
+    if cfg.autoencoder:
+        from difflab.methods.ldm import save_latent_space
+
+        copy = out / AUTOENCODER_FOLDER  # a resumed run encodes with the copy it started with
+        space = open_autoencoder(copy if resume else cfg.autoencoder, data)
+        if rank == 0 and not resume:
+            save_latent_space(space, copy, source=str(cfg.autoencoder))
+        inputs.data = encode_latents(space, data)
+        inputs.extras["autoencoder"] = {"folder": AUTOENCODER_FOLDER, "source": str(cfg.autoencoder),
+                                        "scale_factor": space.scale, "latent_shape": list(space.latent_shape)}
+    return inputs
+
+
+def _model_state(denoiser: Preconditioned, text_encoder: nn.Module | None = None) -> dict[str, Tensor]:
+    """The trained tensors: the network's, and a jointly trained text encoder's as "text_encoder.*"."""
+    state = dict(denoiser.net.state_dict())
+    if text_encoder is not None:
+        state.update({TRAINABLE_PREFIX + k: v for k, v in text_encoder.state_dict().items()})
+    return state
+
+
+def _load_model_state(denoiser: Preconditioned, text_encoder: nn.Module | None, state: dict[str, Tensor],
+                      path: Path) -> None:
+    if text_encoder is None:
+        _load_weights(denoiser.net, state, path)
+        return
+    n = len(TRAINABLE_PREFIX)
+    _load_weights(denoiser.net, {k: v for k, v in state.items() if not k.startswith(TRAINABLE_PREFIX)}, path)
+    _load_weights(text_encoder, {k[n:]: v for k, v in state.items() if k.startswith(TRAINABLE_PREFIX)}, path)
+
+
+def _normalised(saved: dict) -> dict:
+    """A checkpoint's TrainConfig with today's defaults filled in (older runs lack newer fields)."""
+    try:
+        return dataclasses.asdict(TrainConfig.from_dict(saved))
+    except (TypeError, ValueError):
+        return saved
 
 
 def _lr_at(cfg: TrainConfig, step: int) -> float:
@@ -161,29 +275,28 @@ def _load_optimizer(opt: torch.optim.Optimizer, params: list[nn.Parameter], tens
 # --------------------------------------------------------------------------------------------
 
 
-def _run_config(cfg: TrainConfig, denoiser: Preconditioned, data: ImageData) -> dict:
+def _run_config(cfg: TrainConfig, denoiser: Preconditioned, inputs: _RunInputs) -> dict:
     return {
         "format": CHECKPOINT_FORMAT,
         "model": denoiser.net.config_dict(),
         "schedule": denoiser.schedule.to_config(),
         "prediction": denoiser.prediction,
         "sigma_data": denoiser.sigma_data,
-        "data": {"name": data.name, "channels": data.images.shape[1], "size": data.images.shape[-1],
-                 "class_names": list(data.class_names)},
+        **inputs.extras,  # "data" (the images, also of a latent run), "text_encoder", "autoencoder"
         "train": dataclasses.asdict(cfg),
     }
 
 
 def _save(out: Path, cfg: TrainConfig, denoiser, ema: dict[str, Tensor], opt, params, step: int,
-          elapsed: float, data: ImageData) -> None:
-    raw = {f"model.{k}": v for k, v in denoiser.net.state_dict().items()}
+          elapsed: float, inputs: _RunInputs) -> None:
+    raw = {f"model.{k}": v for k, v in _model_state(denoiser, inputs.text_encoder).items()}
     ema_t = {f"ema.{k}": v for k, v in ema.items()}
     meta = {"format": CHECKPOINT_FORMAT, "step": str(step), "elapsed": f"{elapsed:.3f}",
             "config": json.dumps(dataclasses.asdict(cfg))}
     atomic_save_safetensors({**raw, **ema_t, **_optimizer_tensors(opt, params)},
                             out / "checkpoint.safetensors", metadata=meta)
     atomic_save_safetensors(ema, out / "model.safetensors", metadata={"format": CHECKPOINT_FORMAT, "step": str(step)})
-    write_json(out / "config.json", _run_config(cfg, denoiser, data))
+    write_json(out / "config.json", _run_config(cfg, denoiser, inputs))
 
 
 def _log_rows_upto(log_path: Path, step: int) -> list[str]:
@@ -208,6 +321,8 @@ def load_run(run: str | os.PathLike, weights: str = "ema") -> tuple[Precondition
         raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
     config_path = run / "config.json"
     config = read_json(config_path)
+    if isinstance(config, dict) and config.get("kind") in ("autoencoder", "classifier"):
+        raise ValueError(f"{run} holds a {config['kind']}, not a diffusion model (a run folder of `difflab train`)")
     if not isinstance(config, dict) or config.get("format") != CHECKPOINT_FORMAT or "model" not in config:
         found = config.get("format") if isinstance(config, dict) else type(config).__name__
         raise ValueError(f"{config_path} is not a difflab run config (format {found!r})")
@@ -222,6 +337,8 @@ def load_run(run: str | os.PathLike, weights: str = "ema") -> tuple[Precondition
         path = run / "checkpoint.safetensors"
         tensors, _ = read_safetensors(path)
         state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    if (config.get("text_encoder") or {}).get("kind") == "word":  # its weights: Pipeline.from_pretrained
+        state = {k: v for k, v in state.items() if not k.startswith(TRAINABLE_PREFIX)}
     _load_weights(denoiser.net, state, path)
     return denoiser.eval().requires_grad_(False), config
 
@@ -292,11 +409,16 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
         out.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(out)  # left by a run killed mid-write
 
+    inputs = _run_inputs(cfg, data, out, resume, rank)
+    data, text_encoder = inputs.data, inputs.text_encoder
     torch.manual_seed(cfg.seed)
-    denoiser = _new_denoiser(cfg, data).to(device)
+    denoiser = _new_denoiser(cfg, data, inputs.context_dim).to(device)
     params = [p for p in denoiser.net.parameters() if p.requires_grad]
+    if text_encoder is not None:
+        text_encoder.to(device)
+        params += [p for p in text_encoder.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    ema = {k: v.detach().clone() for k, v in denoiser.net.state_dict().items()}
+    ema = {k: v.detach().clone() for k, v in _model_state(denoiser, text_encoder).items()}
     step, elapsed = 0, 0.0
     log_path = out / "log.jsonl"
 
@@ -307,15 +429,16 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
         tensors, meta = read_safetensors(ckpt)
         if meta.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{ckpt} is not a difflab checkpoint (format {meta.get('format')!r})")
-        saved_cfg = json.loads(meta["config"])
-        for key in ("model", "model_overrides", "prediction", "schedule", "data", "data_kwargs", "class_conditional",
-                    "batch_size", "seed"):
+        saved_cfg = _normalised(json.loads(meta["config"]))
+        for key in ("model", "model_overrides", "prediction", "schedule", "sigma_data", "data", "data_kwargs",
+                    "conditioning", "text_encoder", "text_encoder_kwargs", "autoencoder", "batch_size", "seed"):
             if saved_cfg.get(key) != dataclasses.asdict(cfg).get(key):
                 raise ValueError(f"--resume: {key} differs from the checkpoint's "
                                  f"({saved_cfg.get(key)!r} there, {dataclasses.asdict(cfg).get(key)!r} now)")
-        _load_weights(denoiser.net, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, ckpt)
+        _load_model_state(denoiser, text_encoder, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")},
+                          ckpt)
         ema = {k[4:]: v.to(device) for k, v in tensors.items() if k.startswith("ema.")}
-        if set(ema) != set(ema_keys := denoiser.net.state_dict()):
+        if set(ema) != set(ema_keys := _model_state(denoiser, text_encoder)):
             raise ValueError(f"{ckpt} has EMA tensors that do not fit this network "
                              f"({len(set(ema_keys) - set(ema))} missing, {len(set(ema) - set(ema_keys))} unexpected)")
         _load_optimizer(opt, params, {k: v.to(device) for k, v in tensors.items()})
@@ -329,7 +452,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
         lognormal(cfg.p_mean, cfg.p_std) if cfg.sigma_sampler == "lognormal" else discrete_uniform(denoiser.schedule),
         cfg.weighting,
     )
-    step_loss = _LossModule(denoiser, loss_fn)
+    step_loss = _LossModule(denoiser, loss_fn, text_encoder)
     if world > 1:
         step_loss = nn.parallel.DistributedDataParallel(
             step_loss, device_ids=[device.index] if device.type == "cuda" else None)
@@ -339,13 +462,14 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
         from tqdm.auto import tqdm
 
         pbar = tqdm(total=cfg.steps, initial=step, desc="train", dynamic_ncols=True)
-    t_start = time.perf_counter() - elapsed
+    clock = time.process_time if cfg.clock == "cpu" else time.perf_counter
+    t_start = clock() - elapsed
     ran, window_t, window_n, losses = 0, time.perf_counter(), 0, []
     denoiser.train()
     while True:
         if cfg.steps is not None and step >= cfg.steps:
             break
-        if cfg.minutes is not None and _time_is_up(time.perf_counter() - t_start >= cfg.minutes * 60, world, device):
+        if cfg.minutes is not None and _time_is_up(clock() - t_start >= cfg.minutes * 60, world, device):
             break
         if stop_after is not None and ran >= stop_after:
             break
@@ -360,10 +484,13 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
         sigma = loss_fn.sigma_sampler(cfg.batch_size, g)
         noise = torch.randn(x0.shape, generator=g)
         cond = {}
-        if cfg.class_conditional:
+        if cfg.conditioning == "class":
             labels = data.labels[idx].clone()
             drop = torch.rand(cfg.batch_size, generator=g) < cfg.label_dropout
             cond["class_labels"] = labels.masked_fill(drop, -1)
+        elif cfg.conditioning == "text":  # dropped captions become the empty prompt
+            drop = torch.rand(cfg.batch_size, generator=g) < cfg.caption_dropout
+            cond.update(inputs.captions.batch(idx, drop))
         for group in opt.param_groups:
             group["lr"] = _lr_at(cfg, step)
         # ---- forward/backward over micro-batches; this rank's share of each --------------
@@ -390,7 +517,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
         opt.step()
         decay = _ema_decay_at(cfg, step)
         with torch.no_grad():
-            for k, v in denoiser.net.state_dict().items():
+            for k, v in _model_state(denoiser, text_encoder).items():
                 if v.dtype.is_floating_point:
                     ema[k].lerp_(v, 1 - decay)
                 else:
@@ -402,7 +529,9 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
         if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps):
             now = time.perf_counter()
             row = {"step": step, "loss": sum(losses) / len(losses), "lr": _lr_at(cfg, step - 1),
-                   "img_per_s": window_n / max(now - window_t, 1e-9), "time": now - t_start}
+                   "img_per_s": window_n / max(now - window_t, 1e-9), "time": clock() - t_start}
+            if cfg.clock == "cpu":
+                row["clock"] = "cpu"
             with open(log_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
             if pbar is not None:
@@ -411,11 +540,11 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
         if pbar is not None:
             pbar.update(1)
         if rank == 0 and cfg.save_every and step % cfg.save_every == 0:
-            _save(out, cfg, denoiser, ema, opt, params, step, time.perf_counter() - t_start, data)
+            _save(out, cfg, denoiser, ema, opt, params, step, clock() - t_start, inputs)
     if pbar is not None:
         pbar.close()
     if rank == 0:
-        _save(out, cfg, denoiser, ema, opt, params, step, time.perf_counter() - t_start, data)
+        _save(out, cfg, denoiser, ema, opt, params, step, clock() - t_start, inputs)
         plot_loss(out)
     if world > 1:
         torch.distributed.barrier()
@@ -434,12 +563,16 @@ def _time_is_up(up: bool, world: int, device: torch.device) -> bool:
 class _LossModule(nn.Module):
     """The loss as a module, so DistributedDataParallel can wrap it and all-reduce gradients."""
 
-    def __init__(self, denoiser: Preconditioned, loss_fn: DenoisingLoss):
+    def __init__(self, denoiser: Preconditioned, loss_fn: DenoisingLoss, text_encoder: nn.Module | None = None):
         super().__init__()
         self.denoiser = denoiser
         self.loss_fn = loss_fn
+        self.text_encoder = text_encoder  # trained jointly: its gradients flow (and DDP averages them)
 
     def forward(self, x0: Tensor, sigma: Tensor, noise: Tensor, cond: dict) -> Tensor:
+        if "token_ids" in cond:  # token ids -> token states, inside the graph
+            cond = dict(cond)
+            cond["context"] = self.text_encoder.encode(cond.pop("token_ids"), cond["context_mask"])
         return self.loss_fn(self.denoiser, x0, sigma=sigma, noise=noise, **cond)
 
 
