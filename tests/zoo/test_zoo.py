@@ -1,0 +1,45 @@
+"""The model zoo: every committed checkpoint still produces the quality recorded beside it, and
+publishing writes a complete entry (or nothing)."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from difflab import zoo
+
+
+@pytest.mark.parametrize("name", zoo.names())
+def test_committed_zoo_model_meets_its_recorded_quality(name):
+    want, got = zoo.check(name)  # raises with the numbers when a metric drifts beyond tolerance
+    assert got["n"] == want["n"] and got["fd"] > 0
+
+
+def test_publish_records_metrics_and_check_catches_a_damaged_model(tiny_run, tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFLAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(zoo, "ZOO_DIR", tmp_path / "zoo")
+    monkeypatch.setattr(zoo, "CHECK", {"n": 60, "steps": 3, "seed": 0})
+    out = zoo.publish(tiny_run, "tiny", "difflab train --steps 3 ...", n=60, steps=3, progress=False)
+    record = json.loads((out / "zoo.json").read_text())
+    assert record["train"]["steps"] == 3 and record["eval"]["n"] == 60
+    assert set(record["check"]) >= {"fd", "precision", "recall", "class_accuracy"}
+    assert zoo.names() == ["tiny"] and "`tiny`" in zoo.table()
+    want, got = zoo.check("tiny")
+    assert got["fd"] == pytest.approx(want["fd"], rel=1e-4)  # same machine, same seed: same samples
+
+    # damage the weights: the recorded quality no longer holds and check() says which numbers moved
+    weights = load_file(out / "model.safetensors")
+    save_file({k: torch.randn_like(v) if v.is_floating_point() else v for k, v in weights.items()},
+              out / "model.safetensors")
+    with pytest.raises(AssertionError, match="FD .* vs recorded"):
+        zoo.check("tiny")
+
+
+def test_unknown_zoo_model_names_the_known_ones(tmp_path, monkeypatch):
+    monkeypatch.setattr(zoo, "ZOO_DIR", tmp_path)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "zoo.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="no zoo model 'b' \\(known: a\\)"):
+        zoo.load("b")
