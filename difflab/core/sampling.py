@@ -40,6 +40,7 @@ __all__ = [
     "Step",
     "StepRunner",
     "check_grid",
+    "expand_cond",
     "noise_source",
     "progress_range",
     "SAMPLERS",
@@ -91,8 +92,9 @@ def noise_source(noise: NoiseSource) -> Callable[[int, Tensor], Tensor]:
     if noise is None:
         return lambda i, like: torch.randn_like(like)
     if isinstance(noise, torch.Generator):
+        # drawn on the generator's device (a CPU generator gives the same numbers for a CUDA x)
         return lambda i, like: torch.randn(like.shape, generator=noise, dtype=like.dtype,
-                                           device=like.device)
+                                           device=noise.device).to(like.device)
     if callable(noise):
         return noise
     raise TypeError(f"noise must be None, a torch.Generator or a callable (i, like) -> Tensor, got {type(noise).__name__}")
@@ -114,6 +116,16 @@ def check_grid(x: Tensor, sigmas: Tensor, *, increasing: bool = False) -> Tensor
         bad = (~torch.isfinite(x)).sum().item()
         raise ValueError(f"x contains {bad} NaN/inf values; the sampler's starting point must be finite")
     return sigmas.to(torch.float64)
+
+
+def expand_cond(cond: dict | None, n: int) -> dict:
+    """A cond dict for a batch of n: tensors of batch 1 are expanded to n, the rest kept as given."""
+    out = {}
+    for k, v in (cond or {}).items():
+        if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == 1 and n > 1:
+            v = v.expand(n, *v.shape[1:])
+        out[k] = v
+    return out
 
 
 class StepRunner:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from difflab.core.guidance import classifier_guidance
-from difflab.core.sampling import Step, noise_source, renoise, sample
+from difflab.core.sampling import Step, expand_cond, noise_source, renoise, sample
 from difflab.methods.sdedit import _check_mask, slice_sigmas
 
 __all__ = ["augment", "clip_loss", "range_loss", "blended_diffusion"]
@@ -58,12 +58,17 @@ def range_loss(x: Tensor) -> Tensor:
     return ((x - x.clamp(-1, 1)) ** 2).flatten(1).sum(1)
 
 
+@torch.no_grad()  # the guidance gradient is taken inside classifier_guidance (enable_grad)
 def blended_diffusion(denoiser, clip, image: Tensor, edit_mask: Tensor, prompt: str, sigmas: Tensor, *,
                       scale: float = 100.0, lambda_range: float = 50.0, n_aug: int = 8, strength: float = 0.75,
                       n_candidates: int = 4, noise=None, method: str = "euler_ancestral",
-                      aug_generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+                      aug_generator: torch.Generator | None = None, cond: dict | None = None
+                      ) -> tuple[Tensor, Tensor]:
     """Blended Diffusion (Avrahami et al. 2022, Algorithm 1 + ranking). Returns (candidates
-    sorted best first (K, C, H, W), their CLIP similarity scores (K,)) for one image (1, C, H, W)."""
+    sorted best first (K, C, H, W), their CLIP similarity scores (K,)) for one image (1, C, H, W).
+
+    `cond` is the denoiser's own conditioning (batch 1 or K), for backbones that need one: the
+    null class of a class-conditional model, the empty prompt's tokens of a text-to-image UNet."""
     if image.ndim != 4 or image.shape[0] != 1:
         raise ValueError(f"blended_diffusion edits one image of shape (1, C, H, W), got {tuple(image.shape)}")
     if not prompt or not prompt.strip():
@@ -88,7 +93,7 @@ def blended_diffusion(denoiser, clip, image: Tensor, edit_mask: Tensor, prompt: 
         background = renoise(src, 0.0, step.sigma_next, draw(100_000 + step.i, src))
         return m * step.x + (1 - m) * background
 
-    out = sample(guided, x, tail, method=method, callback=blend, noise=noise)
+    out = sample(guided, x, tail, method=method, cond=expand_cond(cond, K), callback=blend, noise=noise)
     out = m * out + (1 - m) * src  # final background paste: unmasked pixels are the input's exactly
     with torch.no_grad():
         sims = (clip.encode_image(out) @ text.reshape(-1))

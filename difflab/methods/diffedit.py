@@ -24,19 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from difflab.core.sampling import Step, invert_euler, sample_euler
+from difflab.core.sampling import Step, expand_cond, invert_euler, sample_euler
 from difflab.methods.sdedit import slice_sigmas
 
 __all__ = ["diffedit_mask", "diffedit"]
-
-
-def _expand_cond(cond: dict, n: int) -> dict:
-    out = {}
-    for k, v in cond.items():
-        if isinstance(v, Tensor) and v.shape[0] == 1 and n > 1:
-            v = v.expand(n, *v.shape[1:])
-        out[k] = v
-    return out
 
 
 @torch.no_grad()
@@ -51,7 +42,7 @@ def diffedit_mask(denoiser, image: Tensor, query_cond: dict, ref_cond: dict, *, 
     B = image.shape[0]
     s = image.new_full((B,), float(sigma))
     diff = torch.zeros_like(image[:, :1])
-    qc, rc = _expand_cond(query_cond, B), _expand_cond(ref_cond, B)
+    qc, rc = expand_cond(query_cond, B), expand_cond(ref_cond, B)
     for _ in range(n_draws):
         x = image + sigma * torch.randn(image.shape, generator=generator, dtype=image.dtype).to(image.device)
         d = denoiser(x, s, **qc) - denoiser(x, s, **rc)
@@ -75,8 +66,8 @@ def diffedit(denoiser, image: Tensor, mask: Tensor, sigmas: Tensor, query_cond: 
     tail = slice_sigmas(torch.as_tensor(sigmas, dtype=torch.float64), strength)  # decreasing, ends in 0
     up = tail.flip(0)  # 0 -> sigma_r
     B = image.shape[0]
-    qc = _expand_cond(query_cond, B)
-    rc = _expand_cond(ref_cond if ref_cond is not None else query_cond, B)
+    qc = expand_cond(query_cond, B)
+    rc = expand_cond(ref_cond if ref_cond is not None else query_cond, B)
     inverted = {0.0: image}
 
     def store(step: Step):

@@ -16,11 +16,13 @@ Notation (paper -> difflab):
     self-attention injection for t < tau_s, layers <= 16x16      (`self_replace`, `self_max_pixels`)
     local blend (threshold 0.3 on averaged 16x16 maps of words)  (`blend_words`, `blend_threshold`)
 
+A real image is edited by inverting it first (DDIM inversion under the source prompt, as the
+paper's real-image section does) and starting both prompts from the inverted latent.
+
 Usage::
 
     ctl = P2PController(n_prompts=2, num_steps=len(sigmas) - 1, cross_replace=0.8, self_replace=0.4)
-    with attention_hooks(unet, ctl):
-        x = sample(denoiser, noise.expand(2, ...), sigmas, cond=text_cond, callback=ctl.callback)
+    out = prompt_to_prompt(denoiser, unet, x_T, sigmas, text_cond, ctl)   # [source, edit]
     maps = ctl.token_maps(res=8)      # (n_prompts, tokens, 8, 8) averaged cross-attention
 """
 
@@ -31,12 +33,12 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-from difflab.core.attention import AttentionHook, AttnContext
-from difflab.core.sampling import Step
+from difflab.core.attention import AttentionHook, AttnContext, attention_hooks
+from difflab.core.sampling import Step, expand_cond, noise_source, sample
 
-__all__ = ["P2PController", "word_swap_mapper", "refine_mapper"]
+__all__ = ["P2PController", "prompt_to_prompt", "word_swap_mapper", "refine_mapper"]
 
 
 def word_swap_mapper(source_tokens: list, edit_tokens: list) -> Tensor:
@@ -157,3 +159,28 @@ class P2PController(AttentionHook):
             raise ValueError("no cross-attention maps stored (was the controller installed with store=True?)")
         hw = min(self.maps, key=lambda k: abs(k[0] - (res or 16)))
         return self.maps[hw] / self.counts[hw]
+
+
+@torch.no_grad()
+def prompt_to_prompt(denoiser, model: nn.Module, x: Tensor, sigmas: Tensor, cond: dict, controller: P2PController, *,
+                     method: str = "euler", noise=None, progress: bool = False, **sampler_kw) -> Tensor:
+    """Generate [source, edit_1, ..., edit_k] from one start under the controller (the paper's Algorithm 1).
+
+    x (1 or n, C, H, W) at sigmas[0]; `cond` holds the n prompts' conditions in that order (batch-1
+    entries are shared); `model` is the module whose attention layers are hooked (the backbone, or
+    the denoiser when it is an nn.Module). Stochastic samplers draw one noise for all prompts.
+    """
+    n = controller.n
+    if controller.num_steps != len(sigmas) - 1:
+        raise ValueError(f"controller counts {controller.num_steps} steps, the grid has {len(sigmas) - 1}")
+    if x.shape[0] not in (1, n):
+        raise ValueError(f"start x has batch {x.shape[0]}; expected 1 or n_prompts = {n}")
+    x = x.expand(n, *x.shape[1:]) if x.shape[0] == 1 else x
+    draw = noise_source(noise)
+
+    def shared(i: int, like: Tensor) -> Tensor:  # the same noise for every prompt of the batch
+        return draw(i, like[:1]).expand_as(like)
+
+    with attention_hooks(model, controller):
+        return sample(denoiser, x, sigmas, method=method, cond=expand_cond(cond, n), callback=controller.callback,
+                      noise=shared, progress=progress, **sampler_kw)
