@@ -1,4 +1,5 @@
-"""The `difflab` command (also `python -m difflab`): train, sample, demo, demo-toy."""
+"""The `difflab` command (also `python -m difflab`): train, sample, eval, demo, demo-toy,
+train-autoencoder, train-classifier."""
 
 from __future__ import annotations
 
@@ -29,10 +30,20 @@ def _train_config(args: argparse.Namespace):
         values = values.get("train", values)  # accept a run's config.json too
     flags = {"data": args.data, "model": args.model, "steps": args.steps, "minutes": args.minutes,
              "batch_size": args.batch_size, "seed": args.seed, "save_every": args.save_every,
-             "lr": args.lr, "bf16": args.bf16 or None, "clock": args.clock}
+             "lr": args.lr, "bf16": args.bf16 or None, "clock": args.clock,
+             "text_encoder": args.text_encoder, "caption_dropout": args.caption_dropout, "autoencoder": args.autoencoder}
+    conditioning = args.conditioning
     if args.unconditional:
-        flags["class_conditional"] = False
+        if conditioning not in (None, "none"):
+            raise SystemExit(f"difflab train: --unconditional contradicts --conditioning {conditioning}")
+        conditioning = "none"
+    if conditioning is not None:  # replaces the older class_conditional of a loaded config
+        values.pop("class_conditional", None)
+        flags["conditioning"] = conditioning
     values.update({k: v for k, v in flags.items() if v is not None})
+    for flag, value in (("--text-encoder", args.text_encoder), ("--caption-dropout", args.caption_dropout)):
+        if value is not None and values.get("conditioning") != "text":
+            raise SystemExit(f"difflab train: {flag} needs --conditioning text")
     if args.minutes is not None and args.steps is None:
         values["steps"] = None
     try:
@@ -59,14 +70,21 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from difflab.data import save_image_grid
     from difflab.pipeline import Pipeline
 
+    if (args.classifier is None) != (args.classifier_guidance is None):
+        raise ValueError("--classifier-guidance SCALE and --classifier FOLDER go together")
     pipe = Pipeline.from_pretrained(args.run)
+    clf = None if args.classifier is None else pipe.load_classifier(args.classifier)
+    k = pipe.num_classes if clf is None else clf.config.num_classes
     labels = args.label
-    if labels is None and pipe.num_classes is not None:
-        labels = [i % pipe.num_classes for i in range(args.n)]
-    images = pipe(args.n, class_labels=labels, guidance_scale=args.guidance_scale, sampler=args.sampler,
+    if labels is None and k is not None and pipe.conditioning != "text":
+        labels = [i % k for i in range(args.n)]
+    prompts = None if args.prompt is None else [args.prompt[i % len(args.prompt)] for i in range(args.n)]
+    images = pipe(args.n, prompt=prompts, negative_prompt=args.negative_prompt, class_labels=labels,
+                  guidance_scale=args.guidance_scale, guidance_rescale=args.guidance_rescale, classifier=clf,
+                  classifier_scale=args.classifier_guidance or 0.0, truncate=args.truncate, sampler=args.sampler,
                   steps=args.steps, seed=args.seed, progress=True)
     names = pipe.class_names
-    captions = None
+    captions = prompts
     if labels is not None and names:
         lab = labels if isinstance(labels, list) else [labels] * args.n
         captions = [names[i] for i in lab]
@@ -170,7 +188,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int)
     t.add_argument("--save-every", type=int, help="steps between checkpoints")
     t.add_argument("--bf16", action="store_true", help="bf16 autocast (CPU or GPU)")
-    t.add_argument("--unconditional", action="store_true", help="ignore class labels")
+    t.add_argument("--unconditional", action="store_true", help="ignore class labels (= --conditioning none)")
+    t.add_argument("--conditioning", choices=("class", "text", "none"),
+                   help="class labels (default), captions through cross-attention (text), or none")
+    t.add_argument("--text-encoder", choices=("minilm", "word"),
+                   help="text: frozen pretrained MiniLM (default; token states cached per caption) or a small "
+                        "word-level encoder trained jointly")
+    t.add_argument("--caption-dropout", type=float,
+                   help="text: probability of replacing a caption by the empty prompt, for classifier-free "
+                        "guidance (default 0.1)")
+    t.add_argument("--autoencoder", metavar="FOLDER",
+                   help="latent diffusion: train on the scaled latents of this autoencoder folder "
+                        "(difflab train-autoencoder); sampling decodes with its copy in the run folder")
     t.add_argument("--config", help="JSON config file (TrainConfig fields)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
     t.add_argument("--no-progress", action="store_true")
@@ -183,8 +212,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=int, default=64)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--label", type=int, help="class label for every image (default: cycle through classes)")
-    s.add_argument("--guidance-scale", type=float, default=1.0,
-                   help="classifier-free guidance s (1 = none; the paper's w = s - 1)")
+    s.add_argument("--prompt", action="append",
+                   help="text models: the prompt (repeat the flag to cycle through several); none = the empty prompt")
+    s.add_argument("--negative-prompt", help="text models: the unconditional branch of guidance instead of \"\"")
+    s.add_argument("--truncate", action="store_true",
+                   help="cut prompts longer than the text encoder takes (default: an error)")
+    s.add_argument("--guidance-scale", "--guidance", dest="guidance_scale", type=float, default=1.0, metavar="S",
+                   help="classifier-free guidance in the library convention D_u + S (D_c - D_u): S = 1 + w, where "
+                        "w is Ho & Salimans' paper weight in (1 + w) eps_c - w eps_u; S = 1 (w = 0) is no guidance")
+    s.add_argument("--guidance-rescale", type=float, default=0.0, metavar="PHI",
+                   help="guidance rescale phi in [0, 1] (Lin et al. 2024): match the guided x0's std to the "
+                        "conditional one's; acts only with S != 1 (default 0)")
+    s.add_argument("--classifier-guidance", type=float, metavar="SCALE",
+                   help="ADM classifier guidance: D + SCALE sigma^2 grad log p(y | x) with --classifier "
+                        "(class-conditional or unconditional pixel models; labels from --label or cycled)")
+    s.add_argument("--classifier", metavar="FOLDER", help="noise-aware classifier folder (difflab train-classifier)")
     s.add_argument("--out", default="samples.png")
     s.set_defaults(func=_cmd_sample)
 
@@ -230,6 +272,14 @@ def build_parser() -> argparse.ArgumentParser:
     dt.add_argument("--out", default="toy_samplers.png")
     dt.add_argument("--seed", type=int, default=0)
     dt.set_defaults(func=_cmd_demo_toy)
+
+    from difflab.train.components import add_commands as add_component_commands
+
+    add_component_commands(sub)  # train-autoencoder, train-classifier
+
+    from difflab.edit import add_edit_parser
+
+    add_edit_parser(sub)
     return p
 
 

@@ -4,12 +4,24 @@
     images = pipe(16, class_labels=3, guidance_scale=2.0, sampler="dpmpp_2m", steps=20, seed=0)
     pipe.save_pretrained("my_model")         # config.json + model.safetensors
 
-`guidance_scale` is the library convention s of classifier-free guidance (s = 1: no guidance;
-the paper's w is s - 1); it needs a class-conditional model trained with label dropout.
+    pipe = Pipeline.from_pretrained("runs/shapes_text")      # text-conditional, pixels or latents
+    images = pipe(8, prompt="a red circle on the left", negative_prompt="a blue square",
+                  guidance_scale=3.0, guidance_rescale=0.7)
+    images = Pipeline.from_pretrained("runs/fmnist")(8, class_labels=3, classifier="runs/clf",
+                                                     classifier_scale=2.0)      # ADM classifier guidance
+
+Classifier-free guidance, Ho & Salimans 2022: `guidance_scale` is the library's s in
+D_u + s (D_c - D_u); the paper writes (1 + w) eps_c - w eps_u, so s = 1 + w. s = 1 (w = 0) is the
+plain conditional model, s = 0 the unconditional one. The unconditional branch is the null class
+(class models) or the empty prompt "" -- or `negative_prompt` -- (text models): the conditions
+the model was trained to see when labels/captions were dropped. `guidance_rescale` (phi in
+[0, 1], Lin et al. 2024) matches the guided x0's std to the conditional one's; it acts only with
+s != 1. A latent-diffusion run samples latents and decodes them with its autoencoder.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -17,10 +29,12 @@ import torch
 from torch import Tensor
 
 from difflab.core import cfg as cfg_guidance
+from difflab.core.guidance import classifier_guidance
 from difflab.core import sample, sigmas_karras
 from difflab.core.sampling import DEFAULT_SAMPLER, SAMPLERS
 from difflab.core.schedules import DiscreteVP, sigmas_spaced
-from difflab.train.checkpoint import CHECKPOINT_FORMAT, atomic_save_safetensors, write_json
+from difflab.train.checkpoint import CHECKPOINT_FORMAT, atomic_save_safetensors, read_json, write_json
+from difflab.train.conditioning import TRAINABLE_PREFIX, load_run_latent_space, load_text_encoder
 from difflab.train.loop import load_run
 
 __all__ = ["Pipeline", "grid_for"]
@@ -40,22 +54,34 @@ def grid_for(schedule, steps: int) -> Tensor:
 
 
 class Pipeline:
-    """A denoiser plus its run config; `__call__` samples images in [-1, 1]."""
+    """A denoiser plus its run config (and text encoder, autoencoder); `__call__` samples images in [-1, 1]."""
 
-    def __init__(self, denoiser, config: dict):
+    def __init__(self, denoiser, config: dict, text_encoder: torch.nn.Module | None = None, latent_space=None):
         self.denoiser = denoiser
         self.config = config
+        self.text_encoder = text_encoder
+        self.latent_space = latent_space
+        if config.get("text_encoder") and text_encoder is None:
+            raise ValueError("this run is text-conditional: give its text encoder (Pipeline.from_pretrained does)")
+        if config.get("autoencoder") and latent_space is None:
+            raise ValueError("this run samples latents: give its LatentSpace (Pipeline.from_pretrained does)")
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, weights: str = "ema") -> "Pipeline":
         denoiser, config = load_run(path, weights=weights)
-        return cls(denoiser, config)
+        return cls(denoiser, config, load_text_encoder(path, config, weights), load_run_latent_space(path, config))
 
     def save_pretrained(self, path: str | os.PathLike) -> Path:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        atomic_save_safetensors(self.denoiser.net.state_dict(), path / "model.safetensors",
-                                metadata={"format": CHECKPOINT_FORMAT})
+        state = dict(self.denoiser.net.state_dict())
+        if getattr(self.text_encoder, "trainable", False):
+            state.update({TRAINABLE_PREFIX + k: v for k, v in self.text_encoder.state_dict().items()})
+        atomic_save_safetensors(state, path / "model.safetensors", metadata={"format": CHECKPOINT_FORMAT})
+        if self.latent_space is not None:
+            from difflab.methods.ldm import save_latent_space
+
+            save_latent_space(self.latent_space, path / self.config["autoencoder"].get("folder", "autoencoder"))
         write_json(path / "config.json", self.config)
         return path
 
@@ -67,12 +93,27 @@ class Pipeline:
     def class_names(self) -> list[str]:
         return self.config.get("data", {}).get("class_names", [])
 
+    @property
+    def conditioning(self) -> str:
+        """"text", "class" or "none"."""
+        return "text" if self.text_encoder is not None else "class" if self.num_classes is not None else "none"
+
     def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images this pipeline returns."""
         d = self.config["data"]
         return (d["channels"], d["size"], d["size"])
 
-    def _labels(self, n: int, class_labels) -> Tensor | None:
-        k = self.num_classes
+    def sample_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of what the diffusion model samples: the latents of a latent-diffusion run, else images."""
+        return tuple(self.latent_space.latent_shape) if self.latent_space is not None else self.image_shape()
+
+    def _labels(self, n: int, class_labels, k: int | None = None) -> Tensor | None:
+        """Labels for the network (k: its classes) or for a guiding classifier (k: the classifier's)."""
+        if self.conditioning == "text":
+            if class_labels is not None:
+                raise ValueError("class_labels given, but this model is text-conditional: pass prompt=... (--prompt) instead")
+            return None
+        k = self.num_classes if k is None else k
         if class_labels is None:
             return None if k is None else torch.arange(n) % k
         if k is None:
@@ -87,24 +128,109 @@ class Pipeline:
             raise ValueError(f"class label {bad[0].item()} out of range [0, {k}) for this model")
         return labels.clone()
 
+    @staticmethod
+    def _prompts(n: int, prompt, what: str = "prompt") -> list[str]:
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if len(prompts) == 1:
+            prompts = prompts * n
+        if len(prompts) != n:
+            raise ValueError(f"{what} has {len(prompts)} entries for n={n} images")
+        return prompts
+
+    def encode_prompts(self, prompts, truncate: bool = False) -> tuple[Tensor, Tensor]:
+        """(token states (B, T, dim), key mask (B, T)) of prompts, on the denoiser's device.
+
+        A prompt longer than the encoder takes is a ValueError naming its length and the limit,
+        unless `truncate`; a word-level encoder refuses words outside its vocabulary."""
+        if self.text_encoder is None:
+            raise self._not_text()
+        if getattr(self.text_encoder, "trainable", False):
+            unknown = self.text_encoder.unknown_words(prompts)
+            if unknown:
+                raise ValueError(f"words {unknown} are not in this model's vocabulary of "
+                                 f"{len(self.text_encoder.vocab) - 2} words (it would read them as <unk>)")
+        states, mask = self.text_encoder(prompts, truncate)
+        device = next(self.denoiser.parameters()).device
+        return states.to(device), mask.to(device)
+
+    def _not_text(self) -> ValueError:
+        hint = ": pass class_labels=... (--label) instead" if self.conditioning == "class" else ""
+        return ValueError(f"prompt given, but this model is {self.conditioning}-conditional{hint}")
+
+    def load_classifier(self, folder: str | os.PathLike):
+        """A noise-aware classifier folder (`difflab train-classifier`), checked against this model:
+        same preconditioning (the classifier sees c_in x and c_noise), image shape and classes."""
+        from difflab.methods.adm import classifier_files, load_classifier, preconditioning_of
+
+        if self.latent_space is not None:
+            raise ValueError("classifier guidance works on pixel-space runs; this run samples latents")
+        config_path, _ = classifier_files(folder)
+        meta = read_json(config_path)
+        clf = load_classifier(folder)
+        c = clf.config
+        if (c.in_channels, c.image_size, c.image_size) != self.image_shape():
+            raise ValueError(f"classifier {folder} takes {(c.in_channels, c.image_size, c.image_size)} images; "
+                             f"this model makes {self.image_shape()}")
+        theirs = meta.get("preconditioning") or meta.get("info", {}).get("preconditioning")
+        mine = preconditioning_of(self.denoiser)
+        if theirs is not None and json.dumps(theirs, sort_keys=True) != json.dumps(mine, sort_keys=True):
+            raise ValueError(f"classifier {folder} was trained on the inputs of prediction={theirs.get('prediction')!r}, "
+                             f"schedule {theirs.get('schedule', {}).get('kind', theirs.get('schedule'))!r}, "
+                             f"sigma_data={theirs.get('sigma_data')}; this model has prediction={mine['prediction']!r}, "
+                             f"schedule {mine['schedule'].get('kind', mine['schedule'])!r}, "
+                             f"sigma_data={mine['sigma_data']}: train it with `difflab train-classifier --run RUN`")
+        if self.num_classes is not None and self.num_classes != c.num_classes:
+            raise ValueError(f"classifier {folder} has {c.num_classes} classes, this model {self.num_classes}")
+        return clf.to(next(self.denoiser.parameters()).device)
+
     @torch.no_grad()
-    def __call__(self, n: int = 16, *, class_labels=None, guidance_scale: float = 1.0,
+    def __call__(self, n: int = 16, *, prompt=None, negative_prompt=None, class_labels=None,
+                 guidance_scale: float = 1.0, guidance_rescale: float = 0.0, classifier=None,
+                 classifier_scale: float = 0.0, truncate: bool = False,
                  sampler: str = DEFAULT_SAMPLER, steps: int = 20, seed: int = 0,
                  batch_size: int = 256, progress: bool = False, sigmas: Tensor | None = None,
                  **sampler_kw) -> Tensor:
-        """Generate n images (n, C, H, W) in [-1, 1]."""
+        """Generate n images (n, C, H, W) in [-1, 1].
+
+        prompt / negative_prompt: a string or one per image (text models; no prompt samples the
+        empty prompt "", unconditionally). class_labels: an int or one per image (class models;
+        default cycles through the classes). guidance_scale: classifier-free guidance s = 1 + w
+        (paper's w; s = 1 is none). guidance_rescale: phi in [0, 1]. classifier: a classifier
+        folder (or a NoisyClassifier) for ADM classifier guidance with scale `classifier_scale`,
+        on a class-conditional or unconditional pixel model. truncate: cut prompts longer than
+        the text encoder takes instead of raising.
+        """
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; known: {', '.join(sorted(SAMPLERS))}")
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
-        labels = self._labels(n, class_labels)
-        D = self.denoiser
-        if guidance_scale != 1.0:
-            if labels is None:
-                raise ValueError("guidance_scale needs a class-conditional model")
-            D = cfg_guidance(guidance_scale, {"class_labels": torch.tensor([-1])})(D)
+        if not 0.0 <= guidance_rescale <= 1.0:
+            raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
+        text = self.conditioning == "text"
+        if not text and (prompt is not None or negative_prompt is not None):
+            raise self._not_text()
+        guided = guidance_scale != 1.0
+        clf = None
+        if classifier is not None and classifier_scale != 0:
+            if text:
+                raise ValueError("classifier guidance needs class labels; this model is text-conditional")
+            clf = self.load_classifier(classifier) if isinstance(classifier, (str, os.PathLike)) else classifier
+        elif classifier_scale != 0:
+            raise ValueError("classifier_scale given without a classifier")
+        if text:
+            if prompt is None and negative_prompt is None and guided:
+                raise ValueError("guidance_scale needs a prompt (or a negative_prompt)")
+            prompts = self._prompts(n, "" if prompt is None else prompt)
+            negatives = self._prompts(n, "" if negative_prompt is None else negative_prompt, "negative_prompt")
+            labels = self._labels(n, class_labels)
+        else:
+            labels = self._labels(n, class_labels, k=None if clf is None else clf.config.num_classes)
+            if guided and self.num_classes is None:
+                raise ValueError("guidance_scale needs a class- or text-conditional model")
         sig = grid_for(self.denoiser.schedule, steps) if sigmas is None else sigmas
         device = next(self.denoiser.parameters()).device
+        if self.latent_space is not None:
+            self.latent_space.autoencoder.to(device)
         g = torch.Generator().manual_seed(seed)
         noise_g = torch.Generator().manual_seed(seed + 1)
         out = []
@@ -115,7 +241,30 @@ class Pipeline:
             chunks = tqdm(chunks, desc=f"sample {sampler}", leave=False)
         for a in chunks:
             b = min(n, a + batch_size)
-            x = torch.randn((b - a, *self.image_shape()), generator=g).to(device) * float(sig[0])
-            cond = {} if labels is None else {"class_labels": labels[a:b].to(device)}
-            out.append(sample(D, x, sig, method=sampler, cond=cond, noise=noise_g, **sampler_kw).cpu())
+            D, cond = self.denoiser, {}
+            if text:
+                states, mask = self.encode_prompts(prompts[a:b], truncate)
+                cond = {"context": states, "context_mask": mask}
+                if guided:
+                    u_states, u_mask = self.encode_prompts(negatives[a:b], truncate)
+                    D = cfg_guidance(guidance_scale, {"context": u_states, "context_mask": u_mask}, guidance_rescale)(D)
+            elif labels is not None:
+                cond = {"class_labels": labels[a:b].to(device)}
+                if guided:
+                    D = cfg_guidance(guidance_scale, {"class_labels": torch.tensor([-1])}, guidance_rescale)(D)
+            if clf is not None:
+                from difflab.methods.adm import classifier_log_prob
+
+                D = classifier_guidance(classifier_log_prob(clf, self.denoiser), classifier_scale)(
+                    D if self.num_classes is not None else _without_labels(D))
+            x = torch.randn((b - a, *self.sample_shape()), generator=g).to(device) * float(sig[0])
+            x = sample(D, x, sig, method=sampler, cond=cond, noise=noise_g, **sampler_kw)
+            if self.latent_space is not None:
+                x = self.latent_space.decode(x)
+            out.append(x.cpu())
         return torch.cat(out).clamp(-1, 1)
+
+
+def _without_labels(denoiser):
+    """An unconditional denoiser that ignores the labels meant for a guiding classifier."""
+    return lambda x, sigma, class_labels=None, **cond: denoiser(x, sigma, **cond)

@@ -80,20 +80,30 @@ def measure(pipe, *, n: int, steps: int, seed: int = 0, sampler: str | None = No
 
 
 def publish(run: str | os.PathLike, name: str, command: str, *, n: int = 2000, steps: int = 20,
-            machine: str | None = None, progress: bool = True) -> Path:
-    """Copy a run's EMA model into checkpoints/zoo/<name>/ and record its training and quality."""
+            machine: str | None = None, progress: bool = True, device: str = "cpu") -> Path:
+    """Copy a run's EMA model into checkpoints/zoo/<name>/ and record its training and quality
+    (sampled on `device`; on CUDA with TF32 off, so that CI's CPU re-check sees the same numbers)."""
     from difflab.pipeline import Pipeline
     from difflab.train.checkpoint import read_safetensors, write_json
 
     run = Path(run)
     pipe = Pipeline.from_pretrained(run)
-    _, meta = read_safetensors(run / "checkpoint.safetensors")
+    if device != "cpu":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        pipe.denoiser.to(device)
     log = [json.loads(r) for r in (run / "log.jsonl").read_text().splitlines() if r.strip()]
+    if (run / "checkpoint.safetensors").exists():
+        _, meta = read_safetensors(run / "checkpoint.safetensors")
+    else:  # a run folder without its optimizer state: the log's last row
+        meta = {"step": log[-1]["step"], "elapsed": log[-1]["time"]}
     train_cfg = pipe.config.get("train", {})
     out = ZOO_DIR / name
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    pipe.denoiser.to("cpu")
     pipe.save_pretrained(tmp)
+    pipe.denoiser.to(device)
     if (run / "loss.png").exists():
         shutil.copy(run / "loss.png", tmp / "loss.png")
     size_mb = (tmp / "model.safetensors").stat().st_size / 2**20
@@ -105,8 +115,7 @@ def publish(run: str | os.PathLike, name: str, command: str, *, n: int = 2000, s
         "train": {"steps": int(meta["step"]), "elapsed_s": float(meta.get("elapsed", 0)),
                   "clock": train_cfg.get("clock", "wall"), "final_loss": log[-1]["loss"] if log else None,
                   "config": train_cfg},
-        "machine": machine or f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                              f"torch {torch.__version__}",
+        "machine": machine or _machine(pipe),
         "size_mb": round(size_mb, 2),
         "eval": measure(pipe, n=n, steps=steps, progress=progress),
         "check": measure(pipe, **CHECK),
@@ -118,6 +127,13 @@ def publish(run: str | os.PathLike, name: str, command: str, *, n: int = 2000, s
         shutil.rmtree(out)
     tmp.rename(out)
     return out
+
+
+def _machine(pipe) -> str:
+    device = next(pipe.denoiser.parameters()).device
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
+    return f"{where}, torch {torch.__version__}"
 
 
 def check(name: str) -> tuple[dict, dict]:
@@ -162,12 +178,14 @@ def main(argv: list[str] | None = None) -> int:
     pub.add_argument("--n", type=int, default=2000)
     pub.add_argument("--steps", type=int, default=20)
     pub.add_argument("--machine")
+    pub.add_argument("--device", default="cpu")
     c = sub.add_parser("check", help="recompute a model's recorded check")
     c.add_argument("name", nargs="?")
     sub.add_parser("table", help="print the zoo table (Markdown)")
     args = p.parse_args(argv)
     if args.cmd == "publish":
-        print(publish(args.run, args.name, args.command, n=args.n, steps=args.steps, machine=args.machine))
+        print(publish(args.run, args.name, args.command, n=args.n, steps=args.steps, machine=args.machine,
+                      device=args.device))
     elif args.cmd == "check":
         for name in [args.name] if args.name else names():
             want, got = check(name)

@@ -13,6 +13,7 @@ Notation (paper -> difflab, VE coordinates x = x0 + sigma n):
 Usage::
 
     clf, info = train_classifier(data, denoiser, steps=2000)            # on noised images
+    save_classifier(clf, "runs/clf", info)      # config.json + model.safetensors (`difflab train-classifier`)
     log_p = classifier_log_prob(clf, denoiser)
     guided = classifier_guidance(log_p, scale=2.0)(denoiser)            # eps (DDIM) form
     x0 = sample(guided, x, sigmas, cond={"class_labels": y})
@@ -39,7 +40,7 @@ from difflab.nn.classifier import ClassifierConfig, NoisyClassifier
 from difflab.train.checkpoint import atomic_save_safetensors, read_json, read_safetensors, write_json
 
 __all__ = ["classifier_log_prob", "classifier_guidance", "sample_ancestral_guided", "train_classifier",
-           "save_classifier", "load_classifier"]
+           "save_classifier", "load_classifier", "classifier_files", "preconditioning_of"]
 
 
 def classifier_log_prob(classifier: NoisyClassifier, denoiser: Preconditioned, label_key: str = "class_labels"):
@@ -77,16 +78,21 @@ def sample_ancestral_guided(denoiser, x, sigmas, log_prob_fn, scale: float, *, c
     return x
 
 
-def train_classifier(data: ImageData, denoiser: Preconditioned, *, steps: int = 2000, batch_size: int = 128,
+def train_classifier(data: ImageData, denoiser: Preconditioned, *, steps: int | None = 2000, batch_size: int = 128,
                      lr: float = 1e-3, seed: int = 0, config: ClassifierConfig | None = None,
-                     p_mean: float = -1.2, p_std: float = 1.2, progress: bool = True) -> tuple[NoisyClassifier, dict]:
+                     p_mean: float = -1.2, p_std: float = 1.2, progress: bool = True,
+                     minutes: float | None = None) -> tuple[NoisyClassifier, dict]:
     """Train a noise-aware classifier on x0 + sigma n, sigma ~ the diffusion training distribution.
 
     Half of each batch is drawn at low noise (sigma ~ lognormal) and half log-uniformly over the
-    schedule's range, so the classifier is useful at every step of sampling.
+    schedule's range, so the classifier is useful at every step of sampling. The budget is
+    `steps`, `minutes` of wall time, or whichever ends first. `info` records the denoiser's
+    preconditioning: guidance must feed the classifier the same (c_in x, c_noise).
     """
     if data.labels is None:
         raise ValueError(f"dataset {data.name!r} has no labels to classify")
+    if steps is None and minutes is None:
+        raise ValueError("give a budget: steps or minutes")
     C, H = data.images.shape[1], data.images.shape[-1]
     k = len(data.class_names) or int(data.labels.max()) + 1
     config = config or ClassifierConfig(image_size=H, in_channels=C, num_classes=k)
@@ -95,9 +101,13 @@ def train_classifier(data: ImageData, denoiser: Preconditioned, *, steps: int = 
     opt = torch.optim.AdamW(clf.parameters(), lr=lr, weight_decay=0.05)
     smin, smax = denoiser.schedule.sigma_min, denoiser.schedule.sigma_max
     low = lognormal(p_mean, p_std)
-    it = progress_range(steps, progress, "train-classifier")
-    t0, n, losses = time.perf_counter(), len(data.images), []
-    for step in it:
+    t0, n, losses, step = time.perf_counter(), len(data.images), [], 0
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc="train-classifier", leave=False)
+    while (steps is None or step < steps) and (minutes is None or time.perf_counter() - t0 < 60 * minutes):
         g = torch.Generator().manual_seed(seed_from(seed, step, 7))
         idx = batch_indices(n, batch_size, seed, step)
         x0, y = data.images[idx], data.labels[idx]
@@ -112,28 +122,53 @@ def train_classifier(data: ImageData, denoiser: Preconditioned, *, steps: int = 
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    info = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "seconds": time.perf_counter() - t0,
-            "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:]))}
+        step += 1
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    info = {"steps": step, "batch_size": batch_size, "lr": lr, "seed": seed, "seconds": time.perf_counter() - t0,
+            "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:])),
+            "preconditioning": preconditioning_of(denoiser)}
     return clf.eval().requires_grad_(False), info
 
 
-def save_classifier(clf: NoisyClassifier, folder: str | Path, info: dict | None = None) -> Path:
+def preconditioning_of(denoiser: Preconditioned) -> dict:
+    """What fixes the classifier's inputs (c_in x, c_noise): prediction, schedule, sigma_data."""
+    return {"prediction": denoiser.prediction, "schedule": denoiser.schedule.to_config(),
+            "sigma_data": denoiser.sigma_data}
+
+
+def save_classifier(clf: NoisyClassifier, folder: str | Path, info: dict | None = None, **meta) -> Path:
+    """config.json (kind, classifier config, info, `meta`) + model.safetensors."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_save_safetensors(clf.state_dict(), folder / "classifier.safetensors")
-    write_json(folder / "classifier.json", {"model": clf.config_dict(), "info": info or {}})
+    atomic_save_safetensors(clf.state_dict(), folder / "model.safetensors")
+    write_json(folder / "config.json", {"kind": "classifier", "model": clf.config_dict(), "info": info or {}, **meta})
     return folder
 
 
-def load_classifier(folder: str | Path) -> NoisyClassifier:
+def classifier_files(folder: str | Path) -> tuple[Path, Path]:
+    """(config, weights) of a classifier folder; folders written before config.json keep classifier.*."""
     folder = Path(folder)
-    meta = read_json(folder / "classifier.json")
-    if meta.get("model", {}).get("arch") != "classifier":
-        raise ValueError(f"{folder / 'classifier.json'} does not describe a difflab noisy classifier")
-    clf = NoisyClassifier.from_config_dict(meta["model"])
-    state, _ = read_safetensors(folder / "classifier.safetensors")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"classifier folder {folder} does not exist "
+                                f"(train one with `difflab train-classifier --out {folder}`)")
+    if not (folder / "config.json").exists() and (folder / "classifier.json").exists():
+        return folder / "classifier.json", folder / "classifier.safetensors"
+    return folder / "config.json", folder / "model.safetensors"
+
+
+def load_classifier(folder: str | Path) -> NoisyClassifier:
+    config, weights = classifier_files(folder)
+    meta = read_json(config)
+    model = meta.get("model") if isinstance(meta, dict) else None
+    if not isinstance(model, dict) or model.get("arch") != "classifier":
+        raise ValueError(f"{config} does not describe a difflab noisy classifier")
+    clf = NoisyClassifier.from_config_dict(model)
+    state, _ = read_safetensors(weights)
     try:
         clf.load_state_dict(state)
     except RuntimeError as e:
-        raise ValueError(f"{folder / 'classifier.safetensors'} does not fit its config: {e}") from None
+        raise ValueError(f"{weights} does not fit its config: {e}") from None
     return clf.eval().requires_grad_(False)

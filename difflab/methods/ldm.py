@@ -12,20 +12,21 @@ Usage::
 
     ae, info = train_autoencoder(images, AutoencoderConfig(in_channels=3, factor=4), steps=3000)
     space = LatentSpace(ae, scale_factor(ae, images))
-    save_latent_space(space, "runs/ae")
+    save_latent_space(space, "runs/ae")             # config.json (with scale_factor) + model.safetensors
+    space = load_latent_space("runs/ae")            # `difflab train-autoencoder` writes the same folder
     latents = space.encode(images)                  # train any diffusion model on these
     images = space.decode(sample(denoiser, z_T, sigmas, cond=text_cond))
 """
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from difflab.core.sampling import progress_range
 from difflab.data import batch_indices
 from difflab.data._hash import seed_from
 from difflab.nn.autoencoder import AutoencoderConfig, AutoencoderKL, scale_factor
@@ -62,49 +63,86 @@ class LatentSpace:
         return self.autoencoder.latent_shape
 
 
-def train_autoencoder(images: Tensor, config: AutoencoderConfig, *, steps: int = 2000, batch_size: int = 64,
-                      lr: float = 1e-3, seed: int = 0, progress: bool = True) -> tuple[AutoencoderKL, dict]:
-    """Train the KL autoencoder (L1 + kl_weight KL) with AdamW; randomness from (seed, step)."""
+def train_autoencoder(images: Tensor, config: AutoencoderConfig, *, steps: int | None = 2000, batch_size: int = 64,
+                      lr: float = 1e-3, seed: int = 0, progress: bool = True,
+                      minutes: float | None = None) -> tuple[AutoencoderKL, dict]:
+    """Train the KL autoencoder (L1 + kl_weight KL) with AdamW; randomness from (seed, step).
+
+    The budget is `steps`, `minutes` of wall time, or whichever ends first; the learning rate
+    warms up over 100 steps, then decays by a half cosine to 10% over the budget."""
     if images.ndim != 4 or images.shape[1] != config.in_channels or images.shape[-1] != config.image_size:
         raise ValueError(f"images of shape {tuple(images.shape)} do not fit the autoencoder config "
                          f"({config.in_channels} channels, {config.image_size} px)")
+    if steps is None and minutes is None:
+        raise ValueError("give a budget: steps or minutes")
     torch.manual_seed(seed)
     ae = AutoencoderKL(config)
     opt = torch.optim.AdamW(ae.parameters(), lr=lr)
-    t0, parts = time.perf_counter(), {}
-    for step in progress_range(steps, progress, "train-autoencoder"):
+    t0, parts, step = time.perf_counter(), {}, 0
+    bar = _bar(steps, progress, "train-autoencoder")
+    while True:
+        done = _fraction_done(step, steps, time.perf_counter() - t0, minutes)
+        if done >= 1:
+            break
         g = torch.Generator().manual_seed(seed_from(seed, step, 5))
         x = images[batch_indices(len(images), batch_size, seed, step)]
-        for group in opt.param_groups:  # short warm-up, then cosine decay to 10%
-            warm = min(1.0, (step + 1) / 100)
-            group["lr"] = lr * warm * (0.55 + 0.45 * torch.cos(torch.tensor(step / steps * 3.14159)).item())
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / 100) * (0.55 + 0.45 * math.cos(math.pi * done))
         loss, parts = ae.loss(x, g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    info = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
+        step += 1
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    info = {"steps": step, "batch_size": batch_size, "lr": lr, "seed": seed,
             "seconds": time.perf_counter() - t0, **{f"final_{k}": v for k, v in parts.items()}}
     return ae.eval(), info
 
 
-def save_latent_space(space: LatentSpace, folder: str | Path, info: dict | None = None) -> Path:
+def _fraction_done(step: int, steps: int | None, seconds: float, minutes: float | None) -> float:
+    """How much of the budget (steps, minutes or both: the first to end) is spent, in [0, 1]."""
+    done = 0.0 if steps is None else step / max(1, steps)
+    return done if minutes is None else max(done, seconds / (60 * minutes))
+
+
+def _bar(steps: int | None, progress: bool, desc: str):
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=steps, desc=desc, leave=False)
+
+
+def save_latent_space(space: LatentSpace, folder: str | Path, info: dict | None = None, **meta) -> Path:
+    """config.json (kind, autoencoder config, scale_factor, info, `meta`) + model.safetensors."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_save_safetensors(space.autoencoder.state_dict(), folder / "autoencoder.safetensors")
-    write_json(folder / "autoencoder.json", {"model": space.autoencoder.config_dict(), "scale_factor": space.scale,
-                                             "info": info or {}})
+    atomic_save_safetensors(space.autoencoder.state_dict(), folder / "model.safetensors")
+    write_json(folder / "config.json", {"kind": "autoencoder", "model": space.autoencoder.config_dict(),
+                                        "scale_factor": space.scale, "info": info or {}, **meta})
     return folder
 
 
 def load_latent_space(folder: str | Path) -> LatentSpace:
+    """The latent space of a folder written by `save_latent_space` (or `difflab train-autoencoder`)."""
     folder = Path(folder)
-    meta = read_json(folder / "autoencoder.json")
-    if meta.get("model", {}).get("arch") != AutoencoderKL.arch or "scale_factor" not in meta:
-        raise ValueError(f"{folder / 'autoencoder.json'} does not describe a difflab autoencoder with a scale factor")
-    ae = AutoencoderKL.from_config_dict(meta["model"])
-    state, _ = read_safetensors(folder / "autoencoder.safetensors")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"autoencoder folder {folder} does not exist "
+                                f"(train one with `difflab train-autoencoder --out {folder}`)")
+    config, weights = folder / "config.json", folder / "model.safetensors"
+    if not config.exists() and (folder / "autoencoder.json").exists():  # written before config.json
+        config, weights = folder / "autoencoder.json", folder / "autoencoder.safetensors"
+    meta = read_json(config)
+    model = meta.get("model") if isinstance(meta, dict) else None
+    if not isinstance(model, dict) or model.get("arch") != AutoencoderKL.arch or "scale_factor" not in meta:
+        raise ValueError(f"{config} does not describe a difflab autoencoder with a scale factor")
+    ae = AutoencoderKL.from_config_dict(model)
+    state, _ = read_safetensors(weights)
     try:
         ae.load_state_dict(state)
     except RuntimeError as e:
-        raise ValueError(f"{folder / 'autoencoder.safetensors'} does not fit its config: {e}") from None
+        raise ValueError(f"{weights} does not fit its config: {e}") from None
     return LatentSpace(ae, meta["scale_factor"])

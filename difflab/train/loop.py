@@ -322,7 +322,9 @@ def load_run(run: str | os.PathLike, weights: str = "ema") -> tuple[Precondition
     config_path = run / "config.json"
     config = read_json(config_path)
     if isinstance(config, dict) and config.get("kind") in ("autoencoder", "classifier"):
-        raise ValueError(f"{run} holds a {config['kind']}, not a diffusion model (a run folder of `difflab train`)")
+        kind = config["kind"]
+        raise ValueError(f"{run} is {'an' if kind[0] in 'aeiou' else 'a'} {kind} folder, not a diffusion run "
+                         "(`difflab train` writes those)")
     if not isinstance(config, dict) or config.get("format") != CHECKPOINT_FORMAT or "model" not in config:
         found = config.get("format") if isinstance(config, dict) else type(config).__name__
         raise ValueError(f"{config_path} is not a difflab run config (format {found!r})")
@@ -398,6 +400,9 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
                          f"is not divisible by the {world} processes")
     if resume and not out.is_dir():
         raise FileNotFoundError(f"--resume: run folder {out} does not exist")
+    if cfg.autoencoder and not resume and not Path(cfg.autoencoder).is_dir():  # before loading the data
+        raise FileNotFoundError(f"autoencoder folder {cfg.autoencoder} does not exist "
+                                f"(train one with `difflab train-autoencoder --out {cfg.autoencoder}`)")
     data = data if data is not None else load_training_data(cfg)
     if data.images.shape[0] < cfg.batch_size:
         raise ValueError(f"dataset {cfg.data!r} has {data.images.shape[0]} images, fewer than batch_size {cfg.batch_size}")

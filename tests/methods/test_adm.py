@@ -59,7 +59,7 @@ def test_noisy_classifier_learns_digits_and_round_trips(tmp_path):
     torch.testing.assert_close(again(c_in[:4] * x[:4], c_noise[:4]), clf(c_in[:4] * x[:4], c_noise[:4]))
     lp = classifier_log_prob(again, D)(x[:4], sigma[:4], class_labels=test.labels[:4])
     assert lp.shape == (4,) and (lp <= 0).all()
-    (tmp_path / "clf" / "classifier.safetensors").write_bytes(b"\x00" * 10)
+    (tmp_path / "clf" / "model.safetensors").write_bytes(b"\x00" * 10)
     with pytest.raises(ValueError, match="not a readable safetensors"):
         load_classifier(tmp_path / "clf")
 

@@ -19,10 +19,10 @@ def test_cpu_clock_budget_stops_on_process_time(tmp_path):
     used = time.process_time() - cpu0
     _, meta = read_safetensors(out / "checkpoint.safetensors")
     elapsed = float(meta["elapsed"])
-    assert budget_s <= elapsed <= used  # stopped after the budget, charged no more than it used
+    assert budget_s - 1e-3 <= elapsed <= used + 1e-3  # stopped after the budget, charged no more than it used
     rows = [json.loads(r) for r in (out / "log.jsonl").read_text().splitlines()]
     assert rows and all(r["clock"] == "cpu" for r in rows)
-    assert rows[-1]["time"] <= elapsed  # log times are on the same (CPU) clock
+    assert rows[-1]["time"] <= elapsed + 1e-3  # log times are on the same (CPU) clock (elapsed is stored to ms)
     assert int(meta["step"]) == rows[-1]["step"] > 1
 
 
