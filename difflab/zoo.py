@@ -155,15 +155,15 @@ def check(name: str) -> tuple[dict, dict]:
 
 def table() -> str:
     """The zoo as a Markdown table (for the README)."""
-    rows = ["| model | data | command | steps | train time | FD (n, steps) | precision / recall | class acc. | MB |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| model | data | command | steps | train time | machine | FD (n, steps) | precision / recall | class acc. | MB |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for name in names():
         r = json.loads((ZOO_DIR / name / "zoo.json").read_text())
         e, t = r["eval"], r["train"]
         clock = "CPU-min" if t["clock"] == "cpu" else "min"
         acc = "-" if e["class_accuracy"] is None else f"{e['class_accuracy']:.3f}"
         rows.append(f"| `{name}` | {t['config'].get('data', '?')} | `{r['command']}` | {t['steps']} | "
-                    f"{t['elapsed_s'] / 60:.0f} {clock} | {e['fd_name']} {e['fd']:.2f} ({e['n']}, {e['steps']} "
+                    f"{t['elapsed_s'] / 60:.0f} {clock} | {r['machine']} | {e['fd_name']} {e['fd']:.2f} ({e['n']}, {e['steps']} "
                     f"{e['sampler']}) | {e['precision']:.3f} / {e['recall']:.3f} | {acc} | {r['size_mb']} |")
     return "\n".join(rows) + "\n"
 
