@@ -97,8 +97,15 @@ def evaluate_run(run: str | os.PathLike, *, sampler: str | None = None, steps: i
 
     # (2) samples
     t0 = time.perf_counter()
+    text_run = bool(config.get("text_encoder"))
+    prompts = None
+    if text_run:  # a text model is scored on the captions of held-out images, one per sample
+        captions = _run_data(config, "test").captions
+        if not captions:
+            raise ValueError(f"run {run} is text-conditional but its data set {dataset!r} has no test captions")
+        prompts = [captions[i % len(captions)] for i in range(n)]
     samples = pipe(n, guidance_scale=guidance_scale, sampler=sampler, steps=steps, seed=seed,
-                   batch_size=batch_size, progress=progress)
+                   batch_size=batch_size, progress=progress, **({"prompt": prompts} if text_run else {}))
     labels = None if pipe.num_classes is None else torch.arange(n) % pipe.num_classes
     timings["sampling"] = time.perf_counter() - t0
 
@@ -112,6 +119,10 @@ def evaluate_run(run: str | os.PathLike, *, sampler: str | None = None, steps: i
 
     # (4) bits/dim on test images
     bpd_report = None
+    if bpd != "none" and config.get("autoencoder"):
+        log("bits/dim: skipped -- a latent-diffusion run models autoencoder latents, not pixels, "
+            "so its bound is not a pixel likelihood")
+        bpd = "none"
     if bpd != "none":
         t0 = time.perf_counter()
         bpd_report = _bits_per_dim(pipe, config, bpd, bpd_n, bpd_timesteps, hutchinson, seed, batch_size,
@@ -127,6 +138,7 @@ def evaluate_run(run: str | os.PathLike, *, sampler: str | None = None, steps: i
         "n": n,
         "seed": seed,
         "guidance_scale": guidance_scale,
+        "prompts": "held-out test captions, one per sample" if prompts else None,
         "weights": weights,
         "extractor": {"name": ext_name, "sha256": ext.weights_sha256, "dim": ext.dim},
         "reference": {"dataset": dataset, "split": "train", "n": ref.n, "path": str(ref.path),
