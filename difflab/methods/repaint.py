@@ -38,7 +38,9 @@ def jump_schedule(T: int, jump_length: int = 10, jump_n_sample: int = 10) -> lis
     """
     if T < 1 or jump_length < 1 or jump_n_sample < 1:
         raise ValueError(f"need T, jump_length, jump_n_sample >= 1; got {T}, {jump_length}, {jump_n_sample}")
-    jumps = {j: jump_n_sample - 1 for j in range(0, T - jump_length, jump_length)}
+    # the official schedule's timestep t is our level t + 1 (its final clean image, t = -1, is our
+    # level 0): jumps start at levels 1, 1 + j, 1 + 2j, ... so the finished image is never re-noised
+    jumps = {j + 1: jump_n_sample - 1 for j in range(0, T - jump_length, jump_length)}
     t, levels = T, [T]
     while t > 0:
         t -= 1

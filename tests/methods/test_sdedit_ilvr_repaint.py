@@ -125,3 +125,17 @@ def test_repaint_errors():
         repaint(gm.denoiser, x, torch.ones(1, 1, 2, 2), torch.tensor([2.0, 1.0]))
     with pytest.raises(ValueError, match="keep_mask must be binary"):
         repaint(gm.denoiser, x, torch.full((1, 1, 2, 2), 0.3), sigmas_karras(4, 0.1, 5.0))
+
+
+def test_repaint_jumps_start_one_level_above_the_clean_image():
+    """As in the official schedule: the finished image (level 0) is reached once, at the very end,
+    and the walk turns upward only at levels 1, 1 + j, 1 + 2j, ... (official timesteps 0, j, 2j)."""
+    from difflab.methods.repaint import jump_schedule
+
+    for T, j, r in ((20, 5, 3), (250, 10, 10), (50, 5, 5)):
+        levels = jump_schedule(T, j, r)
+        assert levels[0] == T and levels[-1] == 0 and levels.count(0) == 1
+        turns = [levels[i] for i in range(1, len(levels) - 1) if levels[i - 1] > levels[i] < levels[i + 1]]
+        assert turns and all((t - 1) % j == 0 for t in turns)
+        assert sorted(set(turns)) == list(range(1, T - j + 1, j))
+        assert sum(1 for a, b in zip(levels, levels[1:]) if b < a) == T + len(set(turns)) * (r - 1) * j
