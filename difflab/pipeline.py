@@ -188,7 +188,7 @@ class Pipeline:
                  guidance_scale: float = 1.0, guidance_rescale: float = 0.0, classifier=None,
                  classifier_scale: float = 0.0, truncate: bool = False,
                  sampler: str = DEFAULT_SAMPLER, steps: int = 20, seed: int = 0,
-                 batch_size: int = 256, progress: bool = False, sigmas: Tensor | None = None,
+                 batch_size: int = 64, progress: bool = False, sigmas: Tensor | None = None,
                  **sampler_kw) -> Tensor:
         """Generate n images (n, C, H, W) in [-1, 1].
 
@@ -198,7 +198,9 @@ class Pipeline:
         (paper's w; s = 1 is none). guidance_rescale: phi in [0, 1]. classifier: a classifier
         folder (or a NoisyClassifier) for ADM classifier guidance with scale `classifier_scale`,
         on a class-conditional or unconditional pixel model. truncate: cut prompts longer than
-        the text encoder takes instead of raising.
+        the text encoder takes instead of raising. batch_size: images per network call; 64 by
+        default because on CPU larger batches lose to page faults (unet-s at 32x32, one thread:
+        batch 256 took 2.2x the wall time of batch 64, half of it system time).
         """
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; known: {', '.join(sorted(SAMPLERS))}")

@@ -105,7 +105,7 @@ def evaluate_run(run: str | os.PathLike, *, sampler: str | None = None, steps: i
             raise ValueError(f"run {run} is text-conditional but its data set {dataset!r} has no test captions")
         prompts = [captions[i % len(captions)] for i in range(n)]
     samples = pipe(n, guidance_scale=guidance_scale, sampler=sampler, steps=steps, seed=seed,
-                   batch_size=batch_size, progress=progress, **({"prompt": prompts} if text_run else {}))
+                   batch_size=min(batch_size, 64), progress=progress, **({"prompt": prompts} if text_run else {}))
     labels = None if pipe.num_classes is None else torch.arange(n) % pipe.num_classes
     timings["sampling"] = time.perf_counter() - t0
 
