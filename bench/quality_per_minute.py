@@ -32,6 +32,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -231,10 +232,16 @@ def report(root: Path, out: Path) -> str:
                          f"{f' ({others})' if others else ''} | {r['fd']:.2f} | {r['precision']:.3f} | "
                          f"{r['recall']:.3f} | {r['class_accuracy']:.3f} | {ratio} |")
     lines += ["", f"n = {rows[0]['n'] if rows else '?'} class-balanced samples per model.", ""]
-    for r in rows:
-        lines.append(f"![{r['recipe']} {r['budget']:g}]({os.path.relpath(r['dir'] / ('samples_' + r['sampler'] + '.png'), out)})")
-    text = "\n".join(lines) + "\n"
     out.mkdir(parents=True, exist_ok=True)
+    figs = out / "quality_per_minute"
+    figs.mkdir(exist_ok=True)
+    for r in rows:  # every sampler's grid (first 8 samples of each class), copied beside the table
+        for png in sorted(r["dir"].glob("samples_*.png")):
+            name = f"{r['dir'].name}_{png.stem[len('samples_'):]}.png"
+            shutil.copy(png, figs / name)
+            lines.append(f"{r['recipe']}, {r['budget']:g} CPU-min, {png.stem[len('samples_'):]}:\n\n"
+                         f"![{name}](quality_per_minute/{name})\n")
+    text = "\n".join(lines) + "\n"
     (out / "quality_per_minute.md").write_text(text)
     (out / "quality_per_minute.json").write_text(json.dumps(
         [{k: v for k, v in r.items() if k != "dir"} for r in rows], indent=1))
