@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from difflab.core.schedules import EDM, Schedule
 
-__all__ = ["Denoiser", "Preconditioned", "to_eps", "to_score", "from_eps", "append_dims", "PREDICTIONS"]
+__all__ = ["Denoiser", "Preconditioned", "to_eps", "to_score", "from_eps", "append_dims", "sigma_batch", "PREDICTIONS"]
 
 PREDICTIONS = ("eps", "x0", "v", "edm")
 
@@ -51,14 +51,20 @@ def append_dims(v: Tensor, ndim: int) -> Tensor:
     return v.reshape(*v.shape, *([1] * (ndim - v.ndim)))
 
 
-def _sigma_like(sigma, x: Tensor) -> Tensor:
-    """sigma (scalar or (B,)) as a (B, 1, ..., 1) tensor in x's dtype."""
-    sigma = torch.as_tensor(sigma, device=x.device)
+def sigma_batch(sigma, x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """sigma (a scalar or one per sample) as a (B,) tensor on x's device (in `dtype` if given);
+    a clear error for any other shape. Every Denoiser takes its sigma through this."""
+    sigma = torch.as_tensor(sigma, device=x.device, dtype=dtype)
     if sigma.ndim == 0:
         sigma = sigma.expand(x.shape[0])
     if sigma.shape != (x.shape[0],):
         raise ValueError(f"sigma must be a scalar or of shape ({x.shape[0]},), got {tuple(sigma.shape)}")
-    return append_dims(sigma, x.ndim)
+    return sigma
+
+
+def _sigma_like(sigma, x: Tensor) -> Tensor:
+    """sigma (scalar or (B,)) as a (B, 1, ..., 1) tensor."""
+    return append_dims(sigma_batch(sigma, x), x.ndim)
 
 
 def to_eps(x: Tensor, sigma, x0_hat: Tensor) -> Tensor:
@@ -116,11 +122,7 @@ class Preconditioned(nn.Module):
         return s**2, -sigma * s, s, c_noise  # v
 
     def _coeffs_for(self, x: Tensor, sigma) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        sigma = torch.as_tensor(sigma, device=x.device)
-        if sigma.ndim == 0:
-            sigma = sigma.expand(x.shape[0])
-        if sigma.shape != (x.shape[0],):
-            raise ValueError(f"sigma must be a scalar or of shape ({x.shape[0]},), got {tuple(sigma.shape)}")
+        sigma = sigma_batch(sigma, x)
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma.cpu() if sigma.device.type != "cpu" else sigma)
         dt = x.dtype
         dims = lambda c: append_dims(c.to(device=x.device, dtype=dt), x.ndim)  # noqa: E731

@@ -39,6 +39,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from difflab.core.denoiser import sigma_batch
+
 __all__ = [
     "energy_grad",
     "EnergyDenoiser",
@@ -96,11 +98,7 @@ class EnergyDenoiser(nn.Module):
         return sigma.clamp(min=1e-20).log() / 4
 
     def forward(self, x: Tensor, sigma, **cond) -> Tensor:
-        sigma = torch.as_tensor(sigma, device=x.device, dtype=x.dtype)
-        if sigma.ndim == 0:
-            sigma = sigma.expand(x.shape[0])
-        if sigma.shape != (x.shape[0],):
-            raise ValueError(f"sigma must be a scalar or of shape ({x.shape[0]},), got {tuple(sigma.shape)}")
+        sigma = sigma_batch(sigma, x, x.dtype)
         create_graph = torch.is_grad_enabled()
         c = self.c_noise(sigma) if self.noise_conditional else None
         _, g = energy_grad(self.energy, x, c, create_graph=create_graph)

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from difflab.core.denoiser import sigma_batch
 from difflab.core.schedules import Schedule
 
 __all__ = ["LogSNRSchedule", "VDM", "PREDICTIONS"]
@@ -187,11 +188,7 @@ class VDM(nn.Module):
 
     def forward(self, x: Tensor, sigma, **cond) -> Tensor:
         """The Denoiser: x0_hat = D(x, sigma)."""
-        sigma = torch.as_tensor(sigma, device=x.device, dtype=x.dtype)
-        if sigma.ndim == 0:
-            sigma = sigma.expand(x.shape[0])
-        if sigma.shape != (x.shape[0],):
-            raise ValueError(f"sigma must be a scalar or of shape ({x.shape[0]},), got {tuple(sigma.shape)}")
+        sigma = sigma_batch(sigma, x, x.dtype)
         return self._x0_hat(x, sigma, **cond)
 
     # ---- the bound ---------------------------------------------------------------------------
