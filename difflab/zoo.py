@@ -68,9 +68,13 @@ def measure(pipe, *, n: int, steps: int, seed: int = 0, sampler: str | None = No
     ref = reference_stats(ext, dataset, "train", images=lambda: _run_data(config, "train").images,
                           data_kwargs=_data_kwargs(config), log=lambda s: None)
     labels = None if pipe.num_classes is None else torch.arange(n) % pipe.num_classes
+    extra = {}
+    if config.get("text_encoder"):  # a text model: one held-out caption per sample
+        captions = _run_data(config, "test").captions
+        extra["prompt"] = [captions[i % len(captions)] for i in range(n)]
     t0 = time.perf_counter()
     x = pipe(n, class_labels=labels, sampler=sampler, steps=steps, seed=seed, guidance_scale=guidance_scale,
-             progress=progress)
+             progress=progress, **extra)
     seconds = time.perf_counter() - t0
     q = score_samples(x, ext, ref, dataset, labels=labels, num_classes=pipe.num_classes)
     return {"n": n, "steps": steps, "seed": seed, "sampler": sampler, "guidance_scale": guidance_scale,
