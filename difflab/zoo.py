@@ -32,7 +32,8 @@ ZOO_DIR = Path(__file__).resolve().parents[1] / "checkpoints" / "zoo"
 CHECK = {"n": 200, "steps": 10, "seed": 0}
 # how far CI's recomputation may drift from the recorded check (float differences across
 # machines move a few samples; a broken model moves everything)
-TOLERANCE = {"fd_rel": 0.15, "fd_abs": 1.0, "precision": 0.08, "recall": 0.08, "class_accuracy": 0.06}
+TOLERANCE = {"fd_rel": 0.15, "fd_abs": 1.0, "precision": 0.08, "recall": 0.08, "class_accuracy": 0.06,
+             "attribute_accuracy": 0.08}
 
 
 def names() -> list[str]:
@@ -77,16 +78,32 @@ def measure(pipe, *, n: int, steps: int, seed: int = 0, sampler: str | None = No
              progress=progress, **extra)
     seconds = time.perf_counter() - t0
     q = score_samples(x, ext, ref, dataset, labels=labels, num_classes=pipe.num_classes)
-    return {"n": n, "steps": steps, "seed": seed, "sampler": sampler, "guidance_scale": guidance_scale,
-            "fd_name": ext.display_name, "fd": q["fd"], "precision": q["precision"], "recall": q["recall"],
-            "inception_score": q["inception_score"], "class_accuracy": q["class_accuracy"],
-            "sample_seconds": round(seconds, 1)}
+    out = {"n": n, "steps": steps, "seed": seed, "sampler": sampler, "guidance_scale": guidance_scale,
+           "fd_name": ext.display_name, "fd": q["fd"], "precision": q["precision"], "recall": q["recall"],
+           "inception_score": q["inception_score"], "class_accuracy": q["class_accuracy"],
+           "sample_seconds": round(seconds, 1)}
+    if extra and dataset == "shapes":  # text-to-image: do the samples show what the prompts name?
+        out["attribute_accuracy"] = prompt_attribute_accuracy(x, extra["prompt"])
+    return out
+
+
+def prompt_attribute_accuracy(images: torch.Tensor, prompts: list[str]) -> float:
+    """Fraction of shapes images whose shape, colour, size and position (as difflab's shapes
+    classifier reads them) all equal what their prompt names."""
+    from difflab.data.shapes import parse_caption
+    from difflab.metrics.classifiers import attribute_accuracy, load_classifier
+
+    named = [parse_caption(p) for p in prompts]
+    attrs = {k: torch.tensor([a[k] for a in named]) for k in ("shape", "color", "size", "position")}
+    return attribute_accuracy(load_classifier("shapes"), images, attrs)["all"]
 
 
 def publish(run: str | os.PathLike, name: str, command: str, *, n: int = 2000, steps: int = 20,
-            machine: str | None = None, progress: bool = True, device: str = "cpu") -> Path:
+            machine: str | None = None, progress: bool = True, device: str = "cpu",
+            guidance_scale: float = 1.0) -> Path:
     """Copy a run's EMA model into checkpoints/zoo/<name>/ and record its training and quality
-    (sampled on `device`; on CUDA with TF32 off, so that CI's CPU re-check sees the same numbers)."""
+    (sampled on `device`; on CUDA with TF32 off, so that CI's CPU re-check sees the same numbers),
+    at classifier-free guidance `guidance_scale` (the scale the model is meant to be used at)."""
     from difflab.pipeline import Pipeline
     from difflab.train.checkpoint import read_safetensors, write_json
 
@@ -121,8 +138,8 @@ def publish(run: str | os.PathLike, name: str, command: str, *, n: int = 2000, s
                   "config": train_cfg},
         "machine": machine or _machine(pipe),
         "size_mb": round(size_mb, 2),
-        "eval": measure(pipe, n=n, steps=steps, progress=progress),
-        "check": measure(pipe, **CHECK),
+        "eval": measure(pipe, n=n, steps=steps, progress=progress, guidance_scale=guidance_scale),
+        "check": measure(pipe, **CHECK, guidance_scale=guidance_scale),
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     write_json(tmp / "zoo.json", record)
@@ -149,7 +166,7 @@ def check(name: str) -> tuple[dict, dict]:
     problems = []
     if abs(got["fd"] - want["fd"]) > max(TOLERANCE["fd_abs"], TOLERANCE["fd_rel"] * want["fd"]):
         problems.append(f"FD {got['fd']:.3f} vs recorded {want['fd']:.3f}")
-    for key in ("precision", "recall", "class_accuracy"):
+    for key in ("precision", "recall", "class_accuracy", "attribute_accuracy"):
         if want.get(key) is not None and abs(got[key] - want[key]) > TOLERANCE[key]:
             problems.append(f"{key} {got[key]:.3f} vs recorded {want[key]:.3f}")
     if problems:
@@ -159,13 +176,18 @@ def check(name: str) -> tuple[dict, dict]:
 
 def table() -> str:
     """The zoo as a Markdown table (for the README)."""
-    rows = ["| model | data | command | steps | train time | machine | FD (n, steps) | precision / recall | class acc. | MB |",
+    rows = ["| model | data | command | steps | train time | machine | FD (n, steps) | precision / recall | "
+            "class acc. (attribute acc.) | MB |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     for name in names():
         r = json.loads((ZOO_DIR / name / "zoo.json").read_text())
         e, t = r["eval"], r["train"]
         clock = "CPU-min" if t["clock"] == "cpu" else "min"
         acc = "-" if e["class_accuracy"] is None else f"{e['class_accuracy']:.3f}"
+        if e.get("attribute_accuracy") is not None:
+            acc = f"({e['attribute_accuracy']:.3f})"
+        if e.get("guidance_scale", 1.0) != 1.0:
+            acc += f" at guidance {e['guidance_scale']:g}"
         rows.append(f"| `{name}` | {t['config'].get('data', '?')} | `{r['command']}` | {t['steps']} | "
                     f"{t['elapsed_s'] / 60:.0f} {clock} | {r['machine']} | {e['fd_name']} {e['fd']:.2f} ({e['n']}, {e['steps']} "
                     f"{e['sampler']}) | {e['precision']:.3f} / {e['recall']:.3f} | {acc} | {r['size_mb']} |")
@@ -183,13 +205,14 @@ def main(argv: list[str] | None = None) -> int:
     pub.add_argument("--steps", type=int, default=20)
     pub.add_argument("--machine")
     pub.add_argument("--device", default="cpu")
+    pub.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance s to measure at")
     c = sub.add_parser("check", help="recompute a model's recorded check")
     c.add_argument("name", nargs="?")
     sub.add_parser("table", help="print the zoo table (Markdown)")
     args = p.parse_args(argv)
     if args.cmd == "publish":
         print(publish(args.run, args.name, args.command, n=args.n, steps=args.steps, machine=args.machine,
-                      device=args.device))
+                      device=args.device, guidance_scale=args.guidance_scale))
     elif args.cmd == "check":
         for name in [args.name] if args.name else names():
             want, got = check(name)

@@ -77,7 +77,7 @@ _UNET_PRESETS: dict[str, dict[str, Any]] = {
 
 # Tiny DiTs default to the UNet's data (32x32x3, unconditional, no learned variance); the
 # paper's sizes keep DiTConfig's defaults (32x32x4 latents, 1000 classes, learned variance).
-_TINY_DIT = ("T", "XS")
+_TINY_DIT = ("T", "XS", "M")
 
 
 def _dit_presets() -> dict[str, dict[str, Any]]:

@@ -8,7 +8,7 @@ unpatchify. Optional cross-attention to tokens after self-attention in every blo
 (`context_dim`), zero-initialised too. Inputs of any size divisible by the patch size work;
 the positions are computed for the actual grid.
 
-Sizes: `DIT_SIZES` holds the paper's S/B/L/XL and tiny T/XS for CPU runs; names are
+Sizes: `DIT_SIZES` holds the paper's S/B/L/XL and tiny T/XS/M for CPU runs; names are
 "DiT-<size>/<patch>" (see `difflab.nn.create_model`).
 """
 
@@ -29,6 +29,7 @@ __all__ = ["DiTConfig", "DiT", "DiTBlock", "FinalLayer", "DIT_SIZES"]
 DIT_SIZES: dict[str, tuple[int, int, int]] = {
     "T": (64, 4, 2),
     "XS": (96, 6, 3),
+    "M": (192, 8, 3),  # "mini": a third CPU size between XS and the paper's S
     "S": (384, 12, 6),
     "B": (768, 12, 12),
     "L": (1024, 24, 16),

@@ -15,7 +15,7 @@ from difflab.nn import (
     model_config,
 )
 
-CPU_SIZED = ["unet-xs", "unet-s", "unet-m"] + [f"DiT-{s}/{p}" for s in ("T", "XS") for p in (2, 4, 8)]
+CPU_SIZED = ["unet-xs", "unet-s", "unet-m"] + [f"DiT-{s}/{p}" for s in ("T", "XS", "M") for p in (2, 4, 8)]
 
 
 @pytest.mark.parametrize("name", CPU_SIZED)

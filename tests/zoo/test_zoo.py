@@ -43,3 +43,14 @@ def test_unknown_zoo_model_names_the_known_ones(tmp_path, monkeypatch):
     (tmp_path / "a" / "zoo.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="no zoo model 'b' \\(known: a\\)"):
         zoo.load("b")
+
+
+def test_prompt_attribute_accuracy_reads_what_the_prompt_names():
+    from difflab.data import load_dataset
+
+    test = load_dataset("shapes", "test", n=200)
+    prompts = list(test.captions)
+    right = zoo.prompt_attribute_accuracy(test.images, prompts)
+    wrong = zoo.prompt_attribute_accuracy(test.images, prompts[1:] + prompts[:1])  # each image, another's prompt
+    assert right > 0.9, right
+    assert wrong < 0.2, wrong
