@@ -1,5 +1,5 @@
 """The `difflab` command (also `python -m difflab`): train, sample, eval, demo, demo-toy,
-train-autoencoder, train-classifier."""
+train-autoencoder, train-classifier, train-clip, edit."""
 
 from __future__ import annotations
 
@@ -276,6 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
     from difflab.train.components import add_commands as add_component_commands
 
     add_component_commands(sub)  # train-autoencoder, train-classifier
+
+    from difflab.train.clip import add_command as add_clip_command
+
+    add_clip_command(sub)  # train-clip
 
     from difflab.edit import add_edit_parser
 

@@ -228,39 +228,29 @@ def load_edit_mask(path, size: int, *, resize: bool = False) -> Tensor:
 
 
 def save_clip(model, folder) -> Path:
-    """Write a SmallCLIP as FOLDER/config.json + model.safetensors, for `difflab edit blended --clip`."""
-    from difflab.train.checkpoint import CHECKPOINT_FORMAT, atomic_save_safetensors, write_json
+    """Write a SmallCLIP folder for `difflab edit blended --clip` (`difflab.train.clip.save_clip`:
+    config.json + model.safetensors, the format `difflab train-clip` writes)."""
+    from difflab.train.clip import save_clip as _save
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_save_safetensors(model.state_dict(), folder / "model.safetensors", metadata={"format": CHECKPOINT_FORMAT})
-    write_json(folder / "config.json", model.config_dict())
-    return folder
+    return _save(model, folder)
 
 
 def load_clip(folder):
-    """An image-text model from a folder: `save_clip`'s SmallCLIP, or a transformers CLIP folder."""
-    from difflab.nn.clip import HFCLIPWrapper, SmallCLIP
-    from difflab.train.checkpoint import read_json, read_safetensors
+    """An image-text model from a folder: a SmallCLIP folder (`difflab train-clip`, `save_clip`;
+    its clean towers, the ones Blended Diffusion scores x0 estimates with) or a transformers CLIP."""
+    from difflab.nn.clip import HFCLIPWrapper
+    from difflab.train.checkpoint import read_json
+    from difflab.train.clip import load_clip as _load
 
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"--clip folder not found: {folder}")
     config = read_json(folder / "config.json")
-    if config.get("arch") == SmallCLIP.arch:
-        try:
-            model = SmallCLIP.from_config_dict(config)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{folder / 'config.json'} does not describe a SmallCLIP: {e}") from None
-        state, _ = read_safetensors(folder / "model.safetensors")
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            raise ValueError(f"{folder / 'model.safetensors'} does not fit its config.json: {e}") from None
-        return model.eval().requires_grad_(False)
     if config.get("model_type") == "clip":
         return HFCLIPWrapper(str(folder))
-    raise ValueError(f"{folder} holds neither a difflab SmallCLIP (config.json 'arch': 'small_clip') nor a "
+    if config.get("kind") == "clip" or config.get("arch") == "small_clip":
+        return _load(folder)
+    raise ValueError(f"{folder} holds neither a difflab SmallCLIP (`difflab train-clip`) nor a "
                      "transformers CLIP (config.json 'model_type': 'clip')")
 
 

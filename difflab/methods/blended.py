@@ -7,7 +7,7 @@ Notation (paper -> difflab, VE coordinates x = x0 + sigma n):
     x, m, d (image, mask 1 = edit, text)   -> `image`, `edit_mask`, `prompt`
     x0_hat(x_t) (the model's estimate)     -> denoiser(x, sigma)
     D_CLIP(x0_hat ⊙ m, d) over augmentations (8, averaged) -> `clip_loss` (1 - cos on each augmentation)
-    range loss (keep x0_hat in [-1, 1])    -> `range_loss`, weight `lambda_range`
+    range loss (keep x0_hat in [-1, 1])    -> `range_loss` (mean over pixels), weight `lambda_range`
     guided step: mean + s Sigma grad        -> core.guidance.classifier_guidance(-loss, s)
     x_{t-1} = m ⊙ x_fg + (1 - m) ⊙ noised(x) (each step) -> the sampler callback
     skip the first 25 of 100 steps          -> `strength` = 0.75: start from the noised input
@@ -54,8 +54,13 @@ def clip_loss(clip, images: Tensor, text_emb: Tensor, n_aug: int = 8, generator=
 
 
 def range_loss(x: Tensor) -> Tensor:
-    """sum of squared excess outside [-1, 1], per image (B,)."""
-    return ((x - x.clamp(-1, 1)) ** 2).flatten(1).sum(1)
+    """Mean over pixels of the squared excess outside [-1, 1], per image (B,).
+
+    A mean, as the official code's `range_loss` (`.mean([1, 2, 3])`), so that its weight
+    `lambda_range` = 50 means what it does there whatever the image size. A sum made the range
+    term C*H*W times stronger (3072x at 32x32): its guidance step overshot and blew x0_hat up to
+    inf/NaN within a few steps of a 20-step grid at the default scale."""
+    return ((x - x.clamp(-1, 1)) ** 2).flatten(1).mean(1)
 
 
 @torch.no_grad()  # the guidance gradient is taken inside classifier_guidance (enable_grad)

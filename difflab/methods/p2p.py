@@ -59,12 +59,16 @@ def refine_mapper(source_tokens: list, edit_tokens: list) -> Tensor:
 
 
 class P2PController(AttentionHook):
-    """Cross/self-attention control for a batch [source, edits...] (per CFG chunk)."""
+    """Cross/self-attention control for a batch [source, edits...] (per chunk of n_prompts).
+
+    guided=True when the denoiser is wrapped by classifier-free guidance (core.guidance.cfg batches
+    [conditional, unconditional]): only the conditional half is controlled, as in the official code."""
 
     def __init__(self, n_prompts: int, num_steps: int, *, cross_replace: float = 0.8, self_replace: float = 0.4,
                  self_max_pixels: int = 16 * 16, mapper: Tensor | None = None,
                  reweight: dict[int, float] | None = None, blend_words: list[int] | None = None,
-                 blend_threshold: float = 0.3, blend_res: int | None = None, store: bool = True):
+                 blend_threshold: float = 0.3, blend_res: int | None = None, store: bool = True,
+                 guided: bool = False):
         if n_prompts < 2:
             raise ValueError(f"Prompt-to-Prompt needs a source and at least one edit: n_prompts={n_prompts}")
         for name, v in (("cross_replace", cross_replace), ("self_replace", self_replace)):
@@ -76,6 +80,9 @@ class P2PController(AttentionHook):
         self.mapper, self.reweight = mapper, reweight or {}
         self.blend_words, self.blend_threshold, self.blend_res = blend_words, blend_threshold, blend_res
         self.store_maps = store or blend_words is not None
+        # under core.guidance.cfg the batch is [conditional chunks, unconditional chunks]: the official
+        # code controls only the conditional half, so that the edit's unconditional branch runs free
+        self.guided = guided
         self.step = 0
         self.last_blend_mask: Tensor | None = None
         self.maps: dict[tuple[int, int], Tensor] = {}  # (h, w) -> summed cross maps (n, tokens, h, w)
@@ -90,6 +97,15 @@ class P2PController(AttentionHook):
         return p.reshape(p.shape[0] // self.n, self.n, *p.shape[1:])  # (chunks, n, H, Lq, Lk)
 
     def probs(self, ctx: AttnContext, p: Tensor) -> Tensor:
+        if self.guided:
+            if p.shape[0] % (2 * self.n):
+                raise ValueError(f"guided=True: attention batch {p.shape[0]} is not [conditional, unconditional] "
+                                 f"halves of n_prompts {self.n} chunks")
+            h = p.shape[0] // 2
+            return torch.cat([self._control(ctx, p[:h]), p[h:]])
+        return self._control(ctx, p)
+
+    def _control(self, ctx: AttnContext, p: Tensor) -> Tensor:
         frac = self.step / max(1, self.num_steps)
         q = self._chunks(p)
         if ctx.cross:

@@ -110,3 +110,21 @@ def test_mappers_and_errors():
         P2PController(1, 10)
     with pytest.raises(ValueError, match="fraction of the steps"):
         P2PController(2, 10, cross_replace=2.0)
+
+
+def test_guided_controller_leaves_the_unconditional_half_free(setup):
+    """Under CFG the batch is [cond chunks, uncond chunks]: only the conditional half is controlled
+    (the official code's behaviour), and a batch that is not two halves is refused."""
+    net, D, cond, x, sig = setup
+    ctl = Recording(2, len(sig) - 1, cross_replace=1.0, self_replace=1.0, self_max_pixels=64, guided=True)
+    null = {"context": torch.randn(cond["context"].shape, generator=torch.Generator().manual_seed(4)),
+            "context_mask": cond["context_mask"]}
+    both = {k: torch.cat([cond[k], null[k]]) for k in cond}
+    x2 = torch.cat([x, x]) + torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    with attention_hooks(net, ctl):
+        D(x2, torch.full((4,), 5.0), **both)
+    for cross, _, p in ctl.after:
+        torch.testing.assert_close(p[1], p[0])  # conditional edit follows its source
+        assert not torch.allclose(p[3], p[2])  # unconditional edit runs free
+    with pytest.raises(ValueError, match="not \\[conditional, unconditional\\]"), attention_hooks(net, ctl):
+        D(x[:1].expand(2, -1, -1, -1), torch.full((2,), 5.0), **cond)
