@@ -127,7 +127,9 @@ METHODS: dict[str, Method] = {
                     metavar="T"),
                Knob("n_draws", 10, "noise draws averaged for the automatic mask", type=int, metavar="K"),
                Knob("mask_noise", 0.5, "noise level of the automatic mask, as a fraction of the grid (paper: 50%%)",
-                    metavar="FRAC"))),
+                    metavar="FRAC"),
+               Knob("guidance_scale", 1.0, "classifier-free guidance s of the decoding under --prompt (the paper "
+                                           "decodes with CFG; 1 = none)", metavar="S"))),
     "p2p": Method(
         "Prompt-to-Prompt (Hertz et al. 2022, arXiv 2208.01626)",
         "DDIM-invert the input under --source-prompt, then regenerate [source, edit] from the same latent, "
@@ -409,6 +411,7 @@ def edit(pipe, method: str, image: Tensor, *, mask: Tensor | None = None, prompt
 
     `mask` (1, 1, H, W) in {0, 1} follows the method's convention (`mask_convention`); `knobs` are
     the method's parameters (`METHODS[method].knobs`)."""
+    from difflab.core.guidance import cfg as cfg_guidance
     from difflab.core.sampling import SAMPLERS, invert_euler, sample
     from difflab.methods.blended import blended_diffusion
     from difflab.methods.diffedit import diffedit, diffedit_mask
@@ -497,7 +500,11 @@ def edit(pipe, method: str, image: Tensor, *, mask: Tensor | None = None, prompt
                                      threshold=k["threshold"], generator=gen)
                 tiles.append(("mask (automatic): white = edit", _as_tile(mask, C)))
                 info["mask_fraction"] = float(mask.mean())
-            out = diffedit(D, image, mask, sigmas, qc, rc, strength=k["strength"], progress=progress)
+            # the paper: DDIM-encode with the unconditional model (empty prompt / null class), decode
+            # with the query under classifier-free guidance (which, given the null condition, is D_u)
+            uc = prompts("", "--source-prompt")
+            guided = cfg_guidance(k["guidance_scale"], uc)(D) if k["guidance_scale"] != 1.0 else D
+            out = diffedit(guided, image, mask, sigmas, qc, uc, strength=k["strength"], progress=progress)
         else:  # p2p
             mapper, reweight = None, None
             if k["edit"] != "swap":

@@ -146,7 +146,7 @@ def test_text_run_diffedit_and_p2p_refine(files, tmp_path_factory, capsys):
     out = files["dir"] / "text.png"
     common = ["--run", str(run), "--image", str(image), "--out", str(out), "--steps", "4", "--no-progress"]
     assert main(["edit", "diffedit", *common, "--prompt", "a red circle", "--source-prompt", "a blue square",
-                 "--n-draws", "2"]) == 0
+                 "--n-draws", "2", "--guidance-scale", "3"]) == 0
     assert main(["edit", "p2p", *common, "--prompt", "a large red circle", "--source-prompt", "a red circle",
                  "--edit", "refine"]) == 0
     assert "no cross-attention" not in capsys.readouterr().out
