@@ -166,7 +166,7 @@ def run_cfg(pipe, score: Scorer, p: dict, seed: int) -> dict:
 
 def _held_rules(config: dict) -> list[dict[str, int]]:
     rules = config["train"].get("data_kwargs", {}).get("exclude", [])
-    return [encode_attributes(r) for r in rules]
+    return [{k: ATTRIBUTES[k].index(v) if isinstance(v, str) else int(v) for k, v in r.items()} for r in rules]
 
 
 def heldout_sets(config: dict, n: int, seed: int = 7) -> dict[str, dict[str, np.ndarray]]:
