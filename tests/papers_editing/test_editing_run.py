@@ -50,6 +50,9 @@ class FakeScorer:
     def predict(self, x):
         return (x.flatten(1).mean(1) * 20).long().clamp(0, 9)
 
+    def correct(self, x, labels):
+        return (self.predict(x) == labels).tolist()
+
     def __call__(self, x, labels=None):
         agree = None if labels is None else float((self.predict(x) == labels).double().mean())
         return {"fd": float(x.mean().abs() + (x.std() - 0.5).abs()), "precision": 0.5, "recall": 0.5,
