@@ -98,7 +98,7 @@ def save_tensor(name: str, t: torch.Tensor) -> None:
 
 def load_tensor(name: str) -> torch.Tensor | None:
     p = OUT / "cache" / f"{name}.pt"
-    return torch.load(p) if p.exists() else None
+    return torch.load(p, weights_only=True) if p.exists() else None
 
 
 class Counted:

@@ -24,7 +24,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -36,6 +35,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import cpu_seconds, key, log, prop_se, trend  # noqa: E402
 
 from difflab import zoo  # noqa: E402
 from difflab.core.sampling import DEFAULT_SAMPLER  # noqa: E402
@@ -63,14 +65,6 @@ CLF_SIGMAS = (0.002, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 20.0, 80.0)  # 0.002 = sigma
 # --------------------------------------------------------------------------------------------
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def cpu_seconds() -> float:
-    """CPU time of this process and its finished children (user + system)."""
-    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def load_results() -> dict:
@@ -88,10 +82,6 @@ def cache(name: str) -> Path:
     (OUT / "cache").mkdir(parents=True, exist_ok=True)
     return OUT / "cache" / name
 
-
-def key(v: float) -> str:
-    """A sweep value as a results.json key: 0.5 -> '0.5', 2.0 -> '2'."""
-    return f"{v:g}"
 
 
 def unconditional_view(pipe: Pipeline) -> Pipeline:
@@ -259,7 +249,7 @@ def run_adm(pipe: Pipeline, score: Scorer, p: dict, sampler: str, seed: int, unc
                         keep=p["keep"], batch_size=p["batch_size"])
     if reuse:
         rows = {"0": {**done["rows"]["0"], "reused": "cfg w = 0"}, **rows}
-        grids = {"0": torch.load(OUT / "cache" / "grid_cfg.pt")["0"], **grids}
+        grids = {"0": torch.load(OUT / "cache" / "grid_cfg.pt", weights_only=True)["0"], **grids}
     torch.save(grids, cache(f"grid_{part}.pt"))
     save_result(part, {**_settings_meta(p, sampler, seed), "model_branch": "null class" if unconditional else
                        "conditional", "guidance": "D + s sigma^2 grad log p(y | x, sigma) (ADM eq. 14, eps form)",
@@ -303,7 +293,7 @@ def figure_grid(part: str, title: str, row_label: str) -> Path | None:
     path = OUT / "cache" / f"grid_{part}.pt"
     if not path.exists():
         return None
-    grids = torch.load(path)
+    grids = torch.load(path, weights_only=True)
     rows = []
     for name, x in grids.items():
         x = (x.clamp(-1, 1) + 1) / 2  # (k, 1, H, W) in [0, 1]
@@ -374,24 +364,6 @@ def real_for(res: dict, n: int | None) -> dict | None:
     return res.get("real", {}).get(str(n)) if n else None
 
 
-def prop_se(p: float, n: int) -> float:
-    """Binomial standard error of a proportion p measured on n points."""
-    return math.sqrt(max(p * (1 - p), 1e-12) / n)
-
-
-def trend(values: list[float], direction: int, noise: float) -> tuple[bool, str]:
-    """Whether `values` move in `direction` (+1 rise, -1 fall): (holds, how), with steps against
-    the direction smaller than `noise` counted as flat."""
-    d = [direction * (b - a) for a, b in zip(values, values[1:])]
-    total = direction * (values[-1] - values[0])
-    if total <= noise:
-        return False, "does not hold" + (" (moves the other way)" if total < -noise else " (no change beyond noise)")
-    if all(x > 0 for x in d):
-        return True, "holds, monotonically"
-    against = [x for x in d if x <= 0]
-    if all(-x < noise for x in against):
-        return True, f"holds within noise (largest step against it {max(-x for x in against):.3f} < {noise:.3f})"
-    return True, f"holds overall but not monotonically (a step of {max(-x for x in against):.3f} against it)"
 
 
 def _row_values(rows: dict, metric: str) -> tuple[list[str], list[float]]:

@@ -35,7 +35,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import sys
 import time
 from pathlib import Path
@@ -45,6 +44,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import cpu_seconds, key, log  # noqa: E402
 
 from difflab.core import sample  # noqa: E402
 from difflab.core.sampling import DEFAULT_SAMPLER, SAMPLERS  # noqa: E402
@@ -86,14 +88,6 @@ PROMPTS = ("a large red circle on the left", "a small green square at the top", 
 # --------------------------------------------------------------------------------------------
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def cpu_seconds() -> float:
-    """CPU time of this process and its finished children (user + system)."""
-    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def load_results() -> dict:
@@ -111,10 +105,6 @@ def cache(name: str) -> Path:
     (OUT / "cache").mkdir(parents=True, exist_ok=True)
     return OUT / "cache" / name
 
-
-def key(v: float) -> str:
-    """A sweep value as a results.json key: 20.0 -> '20'."""
-    return f"{v:g}"
 
 
 def rel(path) -> str:
@@ -335,7 +325,7 @@ def figure_grid(kind: str) -> Path | None:
     path = OUT / "cache" / f"grid_{kind}.pt"
     if not path.exists():
         return None
-    saved = torch.load(path)
+    saved = torch.load(path, weights_only=True)
     grids, targets = saved["grids"], saved["targets"]
     k, keep = next(iter(grids.values())).shape[:2]
     rows = [("target" if kind != "language" else "prompt (a real image)",

@@ -432,7 +432,7 @@ def write_report() -> None:
         L.append("![cfg curves](figures/cfg_curves.png)\n")
         g = OUT / "cache" / "cfg_grid.pt"
         if g.exists():
-            d = torch.load(g)
+            d = torch.load(g, weights_only=True)
             figure_rows({f"w={w}": (x, d["prompts"]) for w, x in d["grid"].items()}, fig / "cfg_grid.png",
                         "same prompts and noise, by guidance weight w")
             L.append("![cfg grid](figures/cfg_grid.png)\n")
@@ -452,7 +452,7 @@ def write_report() -> None:
         L.append("")
         g = OUT / "cache" / "heldout_grid.pt"
         if g.exists():
-            figure_rows(torch.load(g), fig / "heldout_grid.png", "held-out and seen shape-colour pairs")
+            figure_rows(torch.load(g, weights_only=True), fig / "heldout_grid.png", "held-out and seen shape-colour pairs")
             L.append("![held-out grid](figures/heldout_grid.png)\n")
     ldm = res.get("ldm")
     if ldm:
@@ -473,7 +473,7 @@ def write_report() -> None:
         L.append("")
         g = OUT / "cache" / "ldm_grid.pt"
         if g.exists():
-            figure_rows(torch.load(g), fig / "ldm_grid.png", "pixel vs latent, same prompts")
+            figure_rows(torch.load(g, weights_only=True), fig / "ldm_grid.png", "pixel vs latent, same prompts")
             L.append("![ldm grid](figures/ldm_grid.png)\n")
     runs = res.get("runs", {})
     if runs:

@@ -113,7 +113,7 @@ def save_tensor(name: str, obj) -> None:
 
 def load_tensor(name: str):
     p = OUT / "cache" / f"{name}.pt"
-    return torch.load(p) if p.exists() else None
+    return torch.load(p, weights_only=True) if p.exists() else None
 
 
 def vp_time_grid(n: int, beta_min: float = 0.1, beta_max: float = 20.0) -> torch.Tensor:
