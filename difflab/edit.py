@@ -126,6 +126,8 @@ METHODS: dict[str, Method] = {
                Knob("threshold", 0.5, "threshold on the normalised prediction difference (automatic mask)",
                     metavar="T"),
                Knob("n_draws", 10, "noise draws averaged for the automatic mask", type=int, metavar="K"),
+               Knob("mask_clamp", 3.0, "the mask's difference map is clipped at this multiple of its mean, then "
+                                       "rescaled to [0, 1] (the paper's removal of extreme values)", metavar="C"),
                Knob("mask_noise", 0.5, "noise level of the automatic mask, as a fraction of the grid (paper: 50%%)",
                     metavar="FRAC"),
                Knob("guidance_scale", 1.0, "classifier-free guidance s of the decoding under --prompt (the paper "
@@ -376,6 +378,8 @@ def _knob_values(method: str, knobs: dict) -> dict:
     for k in spec.knobs:
         if k.choices is not None and values[k.name] not in k.choices:
             raise ValueError(f"{method} {k.name} must be one of {list(k.choices)}, got {values[k.name]!r}")
+    if values.get("mask_clamp") is not None and not values["mask_clamp"] > 0:
+        raise ValueError(f"{method} mask_clamp must be positive, got {values['mask_clamp']}")
     for name in ("n_aug", "candidates", "n_draws", "self_max_pixels"):
         if name in values and values[name] < 1:
             raise ValueError(f"{method} {name} must be >= 1, got {values[name]}")
@@ -497,7 +501,7 @@ def edit(pipe, method: str, image: Tensor, *, mask: Tensor | None = None, prompt
             if mask is None:
                 sigma_mask = float(slice_sigmas(sigmas, k["mask_noise"])[0])
                 mask = diffedit_mask(D, image, qc, rc, sigma=sigma_mask, n_draws=k["n_draws"],
-                                     threshold=k["threshold"], generator=gen)
+                                     threshold=k["threshold"], clamp=k["mask_clamp"], generator=gen)
                 tiles.append(("mask (automatic): white = edit", _as_tile(mask, C)))
                 info["mask_fraction"] = float(mask.mean())
             # the paper: DDIM-encode with the unconditional model (empty prompt / null class), decode

@@ -32,9 +32,15 @@ __all__ = ["diffedit_mask", "diffedit"]
 
 @torch.no_grad()
 def diffedit_mask(denoiser, image: Tensor, query_cond: dict, ref_cond: dict, *, sigma: float,
-                  n_draws: int = 10, threshold: float = 0.5, smooth: int = 0,
+                  n_draws: int = 10, threshold: float = 0.5, smooth: int = 0, clamp: float | None = 3.0,
                   generator: torch.Generator | None = None, return_soft: bool = False):
-    """DiffEdit step 1: where do the query and reference predictions disagree? (B, 1, H, W) in {0, 1}."""
+    """DiffEdit step 1: where do the query and reference predictions disagree? (B, 1, H, W) in {0, 1}.
+
+    The per-pixel difference |D(x, Q) - D(x, R)| (channel mean) is averaged over `n_draws` noises at
+    `sigma`. The paper then "removes extreme values" and rescales to [0, 1]: with `clamp` (default 3)
+    the map is clipped at clamp x its mean and divided by that (diffusers' mask_thresholding_ratio),
+    so a pixel is in the mask when its difference exceeds threshold x clamp x the mean (1.5x by
+    default); with clamp=None it is min-max rescaled, which a single peak makes much stricter."""
     if image.ndim != 4:
         raise ValueError(f"image must be (B, C, H, W), got {tuple(image.shape)}")
     if not 0 < threshold < 1:
@@ -49,9 +55,15 @@ def diffedit_mask(denoiser, image: Tensor, query_cond: dict, ref_cond: dict, *, 
         diff += d.abs().mean(1, keepdim=True) / n_draws
     if smooth > 0:  # optional box blur (odd kernel) before normalising
         diff = F.avg_pool2d(F.pad(diff, [smooth] * 4, mode="replicate"), 2 * smooth + 1, stride=1)
-    lo = diff.flatten(1).min(1).values.reshape(-1, 1, 1, 1)
-    hi = diff.flatten(1).max(1).values.reshape(-1, 1, 1, 1)
-    soft = (diff - lo) / (hi - lo).clamp(min=1e-12)
+    if clamp is not None:
+        if not clamp > 0:
+            raise ValueError(f"clamp must be positive or None, got {clamp}")
+        top = (clamp * diff.flatten(1).mean(1)).reshape(-1, 1, 1, 1).clamp(min=1e-12)
+        soft = diff.clamp(max=top) / top
+    else:
+        lo = diff.flatten(1).min(1).values.reshape(-1, 1, 1, 1)
+        hi = diff.flatten(1).max(1).values.reshape(-1, 1, 1, 1)
+        soft = (diff - lo) / (hi - lo).clamp(min=1e-12)
     mask = (soft > threshold).to(image.dtype)
     return (mask, soft) if return_soft else mask
 

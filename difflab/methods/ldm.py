@@ -65,8 +65,10 @@ class LatentSpace:
 
 def train_autoencoder(images: Tensor, config: AutoencoderConfig, *, steps: int | None = 2000, batch_size: int = 64,
                       lr: float = 1e-3, seed: int = 0, progress: bool = True,
-                      minutes: float | None = None) -> tuple[AutoencoderKL, dict]:
+                      minutes: float | None = None, device: str | torch.device | None = None
+                      ) -> tuple[AutoencoderKL, dict]:
     """Train the KL autoencoder (L1 + kl_weight KL) with AdamW; randomness from (seed, step).
+    `device`: where to train (default: CUDA when available); the model comes back on the CPU.
 
     The budget is `steps`, `minutes` of wall time, or whichever ends first; the learning rate
     warms up over 100 steps, then decays by a half cosine to 10% over the budget."""
@@ -75,8 +77,9 @@ def train_autoencoder(images: Tensor, config: AutoencoderConfig, *, steps: int |
                          f"({config.in_channels} channels, {config.image_size} px)")
     if steps is None and minutes is None:
         raise ValueError("give a budget: steps or minutes")
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(seed)
-    ae = AutoencoderKL(config)
+    ae = AutoencoderKL(config).to(device)
     opt = torch.optim.AdamW(ae.parameters(), lr=lr)
     t0, parts, step = time.perf_counter(), {}, 0
     bar = _bar(steps, progress, "train-autoencoder")
@@ -85,7 +88,7 @@ def train_autoencoder(images: Tensor, config: AutoencoderConfig, *, steps: int |
         if done >= 1:
             break
         g = torch.Generator().manual_seed(seed_from(seed, step, 5))
-        x = images[batch_indices(len(images), batch_size, seed, step)]
+        x = images[batch_indices(len(images), batch_size, seed, step)].to(device)
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / 100) * (0.55 + 0.45 * math.cos(math.pi * done))
         loss, parts = ae.loss(x, g)
@@ -98,8 +101,9 @@ def train_autoencoder(images: Tensor, config: AutoencoderConfig, *, steps: int |
     if bar is not None:
         bar.close()
     info = {"steps": step, "batch_size": batch_size, "lr": lr, "seed": seed,
-            "seconds": time.perf_counter() - t0, **{f"final_{k}": v for k, v in parts.items()}}
-    return ae.eval(), info
+            "seconds": time.perf_counter() - t0, "device": device.type,
+            **{f"final_{k}": v for k, v in parts.items()}}
+    return ae.cpu().eval(), info
 
 
 def _fraction_done(step: int, steps: int | None, seconds: float, minutes: float | None) -> float:

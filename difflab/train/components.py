@@ -47,7 +47,7 @@ def train_autoencoder_folder(out: str | os.PathLike, *, data: str = "shapes", da
                              factor: int = 4, z_channels: int = 4, channels: int = 32, kl_weight: float = 1e-6,
                              steps: int | None = 2000, minutes: float | None = None, batch_size: int = 64,
                              lr: float = 1e-3, seed: int = 0, scale_images: int = 2048,
-                             progress: bool = True) -> Path:
+                             progress: bool = True, device: str | None = None) -> Path:
     """Train a KL autoencoder with downsampling `factor`; write config.json (with scale_factor),
     model.safetensors and reconstructions.png (top: images, bottom: reconstructions)."""
     from difflab.data import save_image_grid
@@ -63,7 +63,7 @@ def train_autoencoder_folder(out: str | os.PathLike, *, data: str = "shapes", da
     config = AutoencoderConfig(in_channels=images.channels, image_size=int(h), factor=factor, z_channels=z_channels,
                                channels=channels, kl_weight=kl_weight)
     ae, info = train_autoencoder(images.images, config, steps=steps, minutes=minutes, batch_size=batch_size, lr=lr,
-                                 seed=seed, progress=progress)
+                                 seed=seed, progress=progress, device=device)
     space = LatentSpace(ae, scale_factor(ae, images.images[:scale_images]))
     with torch.no_grad():
         x = images.images[:256]
@@ -161,7 +161,7 @@ def _cmd_train_autoencoder(args: argparse.Namespace) -> int:
     out = train_autoencoder_folder(args.out, data=args.data, data_kwargs=_json_arg(args.data_kwargs, "--data-kwargs"),
                                    factor=args.factor, z_channels=args.z_channels, channels=args.channels,
                                    kl_weight=args.kl_weight, steps=steps, minutes=minutes, batch_size=args.batch_size,
-                                   lr=args.lr, seed=args.seed, progress=not args.no_progress)
+                                   lr=args.lr, seed=args.seed, progress=not args.no_progress, device=args.device)
     meta = json.loads((out / "config.json").read_text())
     print(f"autoencoder folder: {out} (config.json with scale_factor {meta['scale_factor']:.4f}, model.safetensors, "
           f"reconstructions.png; reconstruction L1 {meta['info']['rec_l1']:.4f})")
@@ -203,6 +203,7 @@ def add_commands(sub) -> None:
     a.add_argument("--z-channels", type=int, default=4, help="latent channels (default 4)")
     a.add_argument("--channels", type=int, default=32, help="base width (default 32)")
     a.add_argument("--kl-weight", type=float, default=1e-6, help="weight of the KL term (default 1e-6)")
+    a.add_argument("--device", help="where to train, e.g. cpu or cuda (default: cuda when available)")
     a.set_defaults(func=_cmd_train_autoencoder)
 
     c = sub.add_parser("train-classifier", help="train a noise-aware classifier for classifier guidance",

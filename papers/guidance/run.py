@@ -52,7 +52,7 @@ MODEL = "fmnist-unet-s"
 METRICS = ("fd", "precision", "recall", "class_accuracy", "inception_score")
 # the null-class sweep is the optional one: fewer samples and scales keep the run near 35 CPU-minutes
 FULL = {"n": 1000, "steps": 10, "w": (0.0, 0.5, 1.0, 2.0, 4.0), "scales": (0.0, 1.0, 2.0, 4.0, 8.0),
-        "uncond_n": 500, "uncond_scales": (0.0, 2.0, 8.0), "clf_steps": 300, "clf_eval_n": 2000, "real_sets": 10,
+        "uncond_n": 500, "uncond_scales": (0.0, 2.0, 8.0), "clf_steps": 3000, "clf_eval_n": 2000, "real_sets": 10,
         "keep": 20, "diag_sampler": "euler", "diag_scales": (0.0, 4.0)}
 QUICK = {"n": 30, "steps": 4, "w": (0.0, 1.0, 4.0), "scales": (0.0, 8.0), "uncond_n": 30, "uncond_scales": (0.0, 8.0),
          "clf_steps": 20, "clf_eval_n": 200, "real_sets": 3, "keep": 20, "diag_sampler": "euler",

@@ -35,3 +35,27 @@ def test_diffedit_mask_finds_the_changed_region_and_edit_stays_inside():
     torch.testing.assert_close(out * (1 - mask), img * (1 - mask), rtol=0, atol=0)  # background kept exactly
     inside = (out * mask).sum((1, 2, 3)) / mask.sum((1, 2, 3))
     assert (inside > 1.0).all(), inside  # the block now follows the query (mean 1.5; reference 0)
+
+
+def test_diffedit_mask_clamp_keeps_a_weaker_region_that_min_max_drops():
+    """The paper removes extreme values before rescaling: with a strong and a weak changed block,
+    clipping at 3x the mean keeps both; min-max rescaling lets the strong one hide the weak one."""
+    strong, weak = torch.zeros(1, 1, 16, 16), torch.zeros(1, 1, 16, 16)
+    strong[..., 2:5, 2:5] = 1
+    weak[..., 9:14, 8:14] = 1
+
+    def D(x, sigma, text):  # the prediction differs by 4 in the strong block and by 1 in the weak one
+        return x * 0 + text.view(-1, 1, 1, 1).to(x.dtype) * (4 * strong + weak)
+
+    img = torch.zeros(1, 1, 16, 16)
+    q, r = {"text": torch.ones(1)}, {"text": torch.zeros(1)}
+    clipped = diffedit_mask(D, img, q, r, sigma=1.0, n_draws=1)
+    minmax = diffedit_mask(D, img, q, r, sigma=1.0, n_draws=1, clamp=None)
+    torch.testing.assert_close(clipped, ((strong + weak) > 0).float())
+    torch.testing.assert_close(minmax, strong)
+    try:
+        diffedit_mask(D, img, q, r, sigma=1.0, clamp=0.0)
+    except ValueError as e:
+        assert "clamp" in str(e)
+    else:
+        raise AssertionError("clamp=0 accepted")
