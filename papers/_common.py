@@ -16,7 +16,7 @@ import resource
 import time
 from pathlib import Path
 
-__all__ = ["Results", "log", "cpu_seconds", "prop_se", "trend", "key"]
+__all__ = ["Results", "log", "cpu_seconds", "prop_se", "trend", "key", "sign_test"]
 
 
 def log(msg: str) -> None:
@@ -69,3 +69,14 @@ def trend(values: list[float], direction: int, noise: float) -> tuple[bool, str]
     if all(-x < noise for x in against):
         return True, f"holds within noise (largest step against it {max(-x for x in against):.3f} < {noise:.3f})"
     return True, f"holds overall but not monotonically (a step of {max(-x for x in against):.3f} against it)"
+
+
+def sign_test(a: list, b: list) -> tuple[int, int, float]:
+    """(b right where a wrong, a right where b wrong, two-sided exact sign-test p) on paired 0/1 outcomes."""
+    bw = sum(1 for x, y in zip(a, b) if y and not x)
+    aw = sum(1 for x, y in zip(a, b) if x and not y)
+    m = bw + aw
+    if m == 0:
+        return bw, aw, 1.0
+    tail = sum(math.comb(m, i) for i in range(0, min(bw, aw) + 1)) / 2 ** m
+    return bw, aw, min(1.0, 2 * tail)

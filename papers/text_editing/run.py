@@ -55,7 +55,7 @@ from difflab.methods.sdedit import sdedit, slice_sigmas  # noqa: E402
 from difflab.metrics.classifiers import load_classifier, prepare_images  # noqa: E402
 from difflab.pipeline import Pipeline, grid_for  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import key  # noqa: E402
+from _common import key, sign_test  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -75,7 +75,7 @@ FULL = {
                  "n_draws": 10, "threshold": 0.5, "clamp": 3.0, "cfg": 3.0},
     "p2p": {"n": 96, "steps": 20, "cfg": 3.0, "cross_replace": 0.8, "self_replace": 0.4, "self_max_pixels": 256,
             "map_res": 16, "sweep": [0.2, 0.4, 0.6]},
-    "blended": {"n": 20, "steps": 20, "strength": 0.75, "candidates": 4, "scales": [0.0, 30.0, 100.0, 300.0],
+    "blended": {"n": 60, "steps": 20, "strength": 0.75, "candidates": 4, "scales": [0.0, 100.0, 300.0],
                 "lambda_range": 50.0, "n_aug": 8, "dilate": 1},
 }
 QUICK = {
@@ -133,17 +133,6 @@ def mean_se(v) -> tuple[float, float]:
     if len(v) == 0:
         return float("nan"), float("nan")
     return float(v.mean()), float(v.std() / math.sqrt(len(v))) if len(v) > 1 else 0.0
-
-
-def sign_test(a: list, b: list) -> tuple[int, int, float]:
-    """(b right where a wrong, a right where b wrong, two-sided exact sign-test p) on paired 0/1 outcomes."""
-    bw = sum(1 for x, y in zip(a, b) if y and not x)
-    aw = sum(1 for x, y in zip(a, b) if x and not y)
-    m = bw + aw
-    if m == 0:
-        return bw, aw, 1.0
-    tail = sum(math.comb(m, i) for i in range(0, min(bw, aw) + 1)) / 2 ** m
-    return bw, aw, min(1.0, 2 * tail)
 
 
 def iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -1006,11 +995,11 @@ def notes(res: dict) -> list[str]:
                  "decoded with the query under classifier-free guidance. `difflab edit diffedit` instead encodes "
                  "under --source-prompt and decodes without guidance; that command was not used here.")
     if res.get("p2p"):
-        L.append("- **Prompt-to-Prompt under CFG.** `P2PController` controls every [source, edit] chunk of the batch, "
-                 "so the source's self-attention is also injected into the edit's unconditional branch; the official "
-                 "code edits only the conditional half. (Cross-attention replacement on the unconditional branch is "
-                 "a no-op: both prompts are empty there.) Pairs are batched through `sample` under "
-                 "`attention_hooks` exactly as `prompt_to_prompt` does for one pair.")
+        L.append("- **Prompt-to-Prompt under CFG.** The controller is built with `guided=True`: classifier-free "
+                 "guidance batches [conditional, unconditional], and the controller edits the conditional half "
+                 "only, as the official code does (the unconditional branch of both prompts is the empty prompt). "
+                 "Pairs are batched through `sample` under `attention_hooks` exactly as `prompt_to_prompt` does "
+                 "for one pair.")
     if res.get("blended"):
         L.append("- **Blended Diffusion's losses.** difflab scores the composite m * x0_hat + (1 - m) * input with the "
                  "image-text model (the paper: the masked x0_hat, zeros outside), 1 - cos instead of the squared "
