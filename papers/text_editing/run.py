@@ -1019,6 +1019,21 @@ def notes(res: dict) -> list[str]:
 PARTS = {"diffedit": run_diffedit, "p2p": run_p2p, "blended": run_blended}
 
 
+def _without_only(argv: list[str]) -> list[str]:
+    """The command line minus `--only PART...`: results merge by part, so the page is what the
+    full command produces (parts run separately are listed with their times)."""
+    out, skip = [], False
+    for a in argv:
+        if a == "--only":
+            skip = True
+            continue
+        if skip and not a.startswith("--"):
+            continue
+        skip = False
+        out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="*", choices=list(PARTS), help="parts to run (default: all)")
@@ -1052,7 +1067,7 @@ def main(argv: list[str] | None = None) -> None:
         meta.update(wall_min=sum(v["wall_s"] for v in meta["parts"].values()) / 60,
                     cpu_min=sum(v["cpu_s"] for v in meta["parts"].values()) / 60, threads=torch.get_num_threads(),
                     torch=torch.__version__, run=args.run, exclude=ctx.exclude, quick=args.quick,
-                    command=" ".join(["python", "papers/text_editing/run.py"] + sys.argv[1:]))
+                    command=" ".join(["python", "papers/text_editing/run.py"] + _without_only(sys.argv[1:])))
         save_result("meta", meta)
         log(f"all done in {time.time() - w0:.0f}s wall, {time.process_time() - c0:.0f}s CPU")
     write_report()
