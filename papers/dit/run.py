@@ -135,6 +135,10 @@ def write_report(p: dict) -> None:
     if ae:
         L.append(f"First stage: {ae['steps']} steps, reconstruction L1 {ae['rec_l1']}, latent scale factor "
                  f"{ae['scale_factor']}.\n")
+    st = res.get("settings")
+    if st:
+        L.append(f"Settings of this run: {st['steps']} training steps per model at batch {st['batch_size']}, lr "
+                 f"{st['lr']}; n = {st['n']} samples per model, {st['sample_steps']} sampler steps.\n")
     if ev:
         models = sorted(ev, key=lambda m: ev[m]["gflops"])
         g = [ev[m]["gflops"] for m in models]
@@ -148,7 +152,19 @@ def write_report(p: dict) -> None:
               + ("holds, monotonically." if mono else
                  ("holds as a trend (negative rank correlation) but not monotonically." if rho < -0.5 else
                   "does not hold.")) + "\n",
-              "| model | GFLOPs / forward | params (M) | FD-FMNIST | precision | recall | class accuracy | train CPU-s |",
+              ]
+        pairs = [(m, m[:-1] + "2") for m in models if m.endswith("/4") and m[:-1] + "2" in ev]
+        if pairs:
+            L.append("- **Patch size at a fixed model size (4 -> 2: 4x the tokens, about 3.5x the GFLOPs).** "
+                     + "; ".join(f"{a.split('/')[0]}: FD {ev[a]['fd']:.2f} -> {ev[b]['fd']:.2f}" for a, b in pairs)
+                     + ". " + ("Smaller patches are better at every size, as in the paper."
+                               if all(ev[b]["fd"] < ev[a]["fd"] for a, b in pairs) else
+                               "Not at every size: patch 2 helps only for "
+                               + (", ".join(a.split("/")[0] for a, b in pairs if ev[b]["fd"] < ev[a]["fd"]) or "none")
+                               + "; at this training length width and depth matter more than the token count, "
+                               "and FD at this n and first stage (reconstruction L1 above) is a coarse judge of "
+                               "gaps of a few points.") + "\n")
+        L += ["| model | GFLOPs / forward | params (M) | FD-FMNIST | precision | recall | class accuracy | train CPU-s |",
               "|---|---|---|---|---|---|---|---|"]
         for m in models:
             r = ev[m]
@@ -200,6 +216,8 @@ def main(argv: list[str] | None = None) -> None:
             if part == "train":
                 value = {**results.load().get("train", {}), **value}
             results.save(part, value)
+            if part == "eval":
+                results.save("settings", {k: p[k] for k in ("steps", "batch_size", "lr", "n", "sample_steps")})
             runs = results.load().get("runs", {})
             runs[part] = {"wall_s": round(time.perf_counter() - t0, 1), "cpu_s": round(cpu_seconds() - c0, 1)}
             results.save("runs", runs)
