@@ -33,6 +33,8 @@ from difflab.core.sampling import default_sigmas, sample  # noqa: E402
 from difflab.methods.ilvr import ilvr_callback, low_pass  # noqa: E402
 from difflab.methods.repaint import jump_schedule, repaint  # noqa: E402
 from difflab.methods.sdedit import sdedit, slice_sigmas  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import sign_test  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE  # --quick writes to _quick/
@@ -663,17 +665,6 @@ def _mono(vals, increasing: bool) -> bool:
     return all((b > a) if increasing else (b < a) for a, b in zip(vals, vals[1:]))
 
 
-def _mcnemar(a: list, b: list) -> tuple[int, int, float]:
-    """(b wins, a wins, two-sided exact sign-test p) on paired 0/1 outcomes."""
-    bw = sum(1 for x, y in zip(a, b) if y and not x)
-    aw = sum(1 for x, y in zip(a, b) if x and not y)
-    m = bw + aw
-    if m == 0:
-        return bw, aw, 1.0
-    tail = sum(math.comb(m, i) for i in range(0, min(bw, aw) + 1)) / 2 ** m
-    return bw, aw, min(1.0, 2 * tail)
-
-
 def _repaint_claims(p: dict, where: str = "", what: str = "the original label") -> list[str]:
     L = []
     m = p["masks"]
@@ -687,8 +678,8 @@ def _repaint_claims(p: dict, where: str = "", what: str = "the original label") 
     po = p["pooled"]
     gains = [k for k in m if m[k]["resample"]["class_agreement"] - max(
         m[k]["replace"]["class_agreement"], m[k]["replace_equal_calls"]["class_agreement"]) >= 0.1]
-    bw, aw, pv = _mcnemar(po["replace"]["correct"], po["resample"]["correct"])
-    bw2, aw2, pv2 = _mcnemar(po["replace_equal_calls"]["correct"], po["resample"]["correct"])
+    bw, aw, pv = sign_test(po["replace"]["correct"], po["resample"]["correct"])
+    bw2, aw2, pv2 = sign_test(po["replace_equal_calls"]["correct"], po["resample"]["correct"])
     L.append(f"- **RePaint{where}: the known region is kept exactly.** Largest |output - image| over known pixels, "
              f"all {len(m)} masks x {p['config']['n']} images x 3 variants: {worst:.1e}"
              + (" (bit-exact): reproduced." if worst == 0 else "."))
