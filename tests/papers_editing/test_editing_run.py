@@ -148,5 +148,5 @@ def test_repaint_parts_keep_the_known_region_and_spend_the_stated_calls(patched,
 
 def test_sign_test(run):
     a, b = [0] * 5 + [1] * 3, [1] * 5 + [1] * 3  # b right where a is wrong 5 times, never the reverse
-    assert run._mcnemar(a, b) == (5, 0, pytest.approx(2 / 32))
-    assert run._mcnemar([1, 0], [1, 0]) == (0, 0, 1.0)
+    assert run.sign_test(a, b) == (5, 0, pytest.approx(2 / 32))
+    assert run.sign_test([1, 0], [1, 0]) == (0, 0, 1.0)
