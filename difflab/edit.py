@@ -378,8 +378,6 @@ def _knob_values(method: str, knobs: dict) -> dict:
     for k in spec.knobs:
         if k.choices is not None and values[k.name] not in k.choices:
             raise ValueError(f"{method} {k.name} must be one of {list(k.choices)}, got {values[k.name]!r}")
-    if values.get("mask_clamp") is not None and not values["mask_clamp"] > 0:
-        raise ValueError(f"{method} mask_clamp must be positive, got {values['mask_clamp']}")
     for name in ("n_aug", "candidates", "n_draws", "self_max_pixels"):
         if name in values and values[name] < 1:
             raise ValueError(f"{method} {name} must be >= 1, got {values[name]}")

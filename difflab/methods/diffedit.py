@@ -57,7 +57,7 @@ def diffedit_mask(denoiser, image: Tensor, query_cond: dict, ref_cond: dict, *, 
         diff = F.avg_pool2d(F.pad(diff, [smooth] * 4, mode="replicate"), 2 * smooth + 1, stride=1)
     if clamp is not None:
         if not clamp > 0:
-            raise ValueError(f"clamp must be positive or None, got {clamp}")
+            raise ValueError(f"clamp (difflab edit --mask-clamp) must be positive or None, got {clamp}")
         top = (clamp * diff.flatten(1).mean(1)).reshape(-1, 1, 1, 1).clamp(min=1e-12)
         soft = diff.clamp(max=top) / top
     else:
