@@ -4,7 +4,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test bench venv data clean
+
+# one pytest worker per core, each single-threaded (tests/conftest.py sets torch to one thread too)
+JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 
 $(STAMP): pyproject.toml requirements.lock requirements-test.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,11 +18,15 @@ $(STAMP): pyproject.toml requirements.lock requirements-test.lock
 
 venv: $(STAMP)
 
-demo: $(STAMP)
+# data that pip cannot bring (Fashion-MNIST, a Debian package): installed where possible, else one line saying how
+data:
+	@bash tools/get_data.sh
+
+demo: $(STAMP) data
 	$(PY) -m difflab demo
 
-test: $(STAMP)
-	$(PY) -m pytest tests
+test: $(STAMP) data
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest tests -n $(JOBS) --durations=15 -rs
 
 bench: $(STAMP)
 	$(PY) bench/samplers.py

@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["CLASS_NAMES", "DEFAULT_ROOT", "ENV_VAR", "FILES", "read_idx", "fashion_mnist_root",
-           "load_fashion_mnist"]
+__all__ = ["CLASS_NAMES", "DEFAULT_ROOT", "ENV_VAR", "FILES", "INSTALL_COMMAND", "read_idx", "fashion_mnist_root",
+           "fashion_mnist_available", "load_fashion_mnist"]
 
 DEFAULT_ROOT = Path("/usr/share/datasets/fashion-mnist")
 ENV_VAR = "DIFFLAB_FASHION_MNIST"
@@ -44,7 +44,8 @@ FILES = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 COUNTS = {"train": 60000, "test": 10000}
-_INSTALL = "apt-get install dataset-fashion-mnist"
+INSTALL_COMMAND = "apt-get update && apt-get install -y dataset-fashion-mnist"
+_INSTALL = INSTALL_COMMAND
 
 # idx type codes (third byte of the magic number) -> numpy big-endian dtype
 _IDX_DTYPES = {0x08: np.dtype(">u1"), 0x09: np.dtype(">i1"), 0x0B: np.dtype(">i2"),
@@ -105,6 +106,18 @@ def _find(root: Path, stem: str) -> Path:
         f"Fashion-MNIST file {root / (stem + '.gz')} not found. Install the Debian package with "
         f"`{_INSTALL}` (files go to {DEFAULT_ROOT}), or point root= or ${ENV_VAR} at a folder "
         f"holding {stem}.gz")
+
+
+def fashion_mnist_available(root: str | os.PathLike | None = None) -> bool:
+    """Whether all four idx files are present (their contents are checked when loaded)."""
+    folder = fashion_mnist_root(root)
+    try:
+        for pair in FILES.values():
+            for stem in pair:
+                _find(folder, stem)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def load_fashion_mnist(split: str = "train", *, root: str | os.PathLike | None = None,

@@ -68,7 +68,7 @@ def test_missing_files_name_path_and_package(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError) as e:
         load_fashion_mnist("train")
     msg = str(e.value)
-    assert str(tmp_path / "nowhere") in msg and "apt-get install dataset-fashion-mnist" in msg
+    assert str(tmp_path / "nowhere") in msg and "apt-get install -y dataset-fashion-mnist" in msg
 
 
 def test_truncated_gzip_names_the_file(tmp_path):
@@ -109,17 +109,7 @@ def test_mismatched_images_and_labels(tmp_path):
         load_fashion_mnist("train", root=tmp_path, check_counts=False)
 
 
-def _real_files_present():
-    try:
-        return all(fm._find(fm.fashion_mnist_root(), stem) for pair in fm.FILES.values()
-                   for stem in pair)
-    except FileNotFoundError:
-        return False
-
-
-@pytest.mark.skipif(not _real_files_present(),
-                    reason="Fashion-MNIST files absent: apt-get install dataset-fashion-mnist "
-                           f"(or set {fm.ENV_VAR})")
+@pytest.mark.needs_fashion_mnist
 def test_real_fashion_mnist():
     x, y = load_fashion_mnist("test", pad_to=32)
     assert x.shape == (10000, 1, 32, 32) and y.shape == (10000,)

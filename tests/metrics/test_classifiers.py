@@ -29,6 +29,7 @@ def test_committed_weights_match_their_cards(name):
     assert net.features(x).shape == (2, 128)
 
 
+@pytest.mark.needs_fashion_mnist
 def test_fmnist_classifier_reaches_90_percent():
     card = _card("fmnist")
     assert card["test_accuracy"] >= 0.90 and card["n_test"] == 10_000
@@ -56,6 +57,7 @@ def test_shapes_classifier_attribute_accuracy():
             assert value >= 0.85, (head, value)
 
 
+@pytest.mark.needs_fashion_mnist
 def test_fashion_mnist_at_28_px_is_padded_like_the_loader():
     x28 = load_dataset("fashion_mnist", "test").images[:4]
     x32 = load_dataset("fashion_mnist", "test", pad_to=32).images[:4]
