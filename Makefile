@@ -26,7 +26,7 @@ demo: $(STAMP) data
 	$(PY) -m difflab demo
 
 test: $(STAMP) data
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest tests -n $(JOBS) --durations=15 -rs
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest tests -n $(JOBS) --dist worksteal --durations=15 -rs
 
 bench: $(STAMP)
 	$(PY) bench/samplers.py

@@ -9,6 +9,7 @@ import json
 import sys
 from pathlib import Path
 
+from difflab.core.validation import FINITE, LR, NONNEG_INT, POS_INT, POSITIVE, SEED, UNIT
 
 # --------------------------------------------------------------------------------------------
 # difflab train
@@ -56,7 +57,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from difflab.train import train
 
     cfg = _train_config(args)
-    out = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
+    out = train(cfg, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     print(f"run folder: {out} (config.json, model.safetensors, checkpoint.safetensors, loss.png)")
     return 0
 
@@ -185,15 +186,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", help="digits | fashion_mnist | shapes | folder:PATH (default fashion_mnist)")
     t.add_argument("--model", help="unet-xs | unet-s | unet-m | DiT-T/2 ... (default unet-s)")
     t.add_argument("--out", required=True, help="run folder to write (or to resume)")
-    t.add_argument("--steps", type=int, help="budget in optimizer steps (default 2000)")
-    t.add_argument("--minutes", type=float, help="budget in minutes instead of steps (see --clock)")
+    t.add_argument("--steps", type=POS_INT, help="budget in optimizer steps (default 2000)")
+    t.add_argument("--minutes", type=POSITIVE, help="budget in minutes instead of steps (see --clock)")
     t.add_argument("--clock", choices=("wall", "cpu"),
                    help="what --minutes counts: wall time (default) or this process's CPU time, a fair "
                         "budget on a shared machine (20 CPU-minutes = 10 minutes of 2 cores)")
-    t.add_argument("--batch-size", type=int)
-    t.add_argument("--lr", type=float)
-    t.add_argument("--seed", type=int)
-    t.add_argument("--save-every", type=int, help="steps between checkpoints")
+    t.add_argument("--batch-size", type=POS_INT)
+    t.add_argument("--lr", type=LR)
+    t.add_argument("--seed", type=SEED)
+    t.add_argument("--save-every", type=NONNEG_INT, help="steps between checkpoints")
     t.add_argument("--bf16", action="store_true", help="bf16 autocast (CPU or GPU)")
     t.add_argument("--unconditional", action="store_true", help="ignore class labels (= --conditioning none)")
     t.add_argument("--conditioning", choices=("class", "text", "none"),
@@ -201,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--text-encoder", choices=("minilm", "word"),
                    help="text: frozen pretrained MiniLM (default; token states cached per caption) or a small "
                         "word-level encoder trained jointly")
-    t.add_argument("--caption-dropout", type=float,
+    t.add_argument("--caption-dropout", type=UNIT,
                    help="text: probability of replacing a caption by the empty prompt, for classifier-free "
                         "guidance (default 0.1)")
     t.add_argument("--autoencoder", metavar="FOLDER",
@@ -209,28 +210,30 @@ def build_parser() -> argparse.ArgumentParser:
                         "(difflab train-autoencoder); sampling decodes with its copy in the run folder")
     t.add_argument("--config", help="JSON config file (TrainConfig fields)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace the run in --out (without it, or --resume, an existing run is never touched)")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=_cmd_train)
 
     s = sub.add_parser("sample", help="sample a grid of images from a run folder")
     s.add_argument("--run", required=True, help="run folder (config.json + model.safetensors)")
     s.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=sorted(SAMPLERS))
-    s.add_argument("--steps", type=int, default=20)
-    s.add_argument("--n", type=int, default=64)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--label", type=int, help="class label for every image (default: cycle through classes)")
+    s.add_argument("--steps", type=POS_INT, default=20)
+    s.add_argument("--n", type=POS_INT, default=64)
+    s.add_argument("--seed", type=SEED, default=0)
+    s.add_argument("--label", type=NONNEG_INT, help="class label for every image (default: cycle through classes)")
     s.add_argument("--prompt", action="append",
                    help="text models: the prompt (repeat the flag to cycle through several); none = the empty prompt")
     s.add_argument("--negative-prompt", help="text models: the unconditional branch of guidance instead of \"\"")
     s.add_argument("--truncate", action="store_true",
                    help="cut prompts longer than the text encoder takes (default: an error)")
-    s.add_argument("--guidance-scale", "--guidance", dest="guidance_scale", type=float, default=1.0, metavar="S",
+    s.add_argument("--guidance-scale", "--guidance", dest="guidance_scale", type=FINITE, default=1.0, metavar="S",
                    help="classifier-free guidance in the library convention D_u + S (D_c - D_u): S = 1 + w, where "
                         "w is Ho & Salimans' paper weight in (1 + w) eps_c - w eps_u; S = 1 (w = 0) is no guidance")
-    s.add_argument("--guidance-rescale", type=float, default=0.0, metavar="PHI",
+    s.add_argument("--guidance-rescale", type=UNIT, default=0.0, metavar="PHI",
                    help="guidance rescale phi in [0, 1] (Lin et al. 2024): match the guided x0's std to the "
                         "conditional one's; acts only with S != 1 (default 0)")
-    s.add_argument("--classifier-guidance", type=float, metavar="SCALE",
+    s.add_argument("--classifier-guidance", type=FINITE, metavar="SCALE",
                    help="ADM classifier guidance: D + SCALE sigma^2 grad log p(y | x) with --classifier "
                         "(class-conditional or unconditional pixel models; labels from --label or cycled)")
     s.add_argument("--classifier", metavar="FOLDER", help="noise-aware classifier folder (difflab train-classifier)")
@@ -245,10 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
                                     "and extractor under $DIFFLAB_CACHE (default ~/.cache/difflab).")
     ev.add_argument("--run", required=True, help="run folder (config.json + model.safetensors)")
     ev.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=sorted(SAMPLERS))
-    ev.add_argument("--steps", type=int, default=20)
-    ev.add_argument("--n", type=int, default=10000, help="samples to score (default 10000)")
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--guidance-scale", type=float, default=1.0,
+    ev.add_argument("--steps", type=POS_INT, default=20)
+    ev.add_argument("--n", type=POS_INT, default=10000, help="samples to score (default 10000)")
+    ev.add_argument("--seed", type=SEED, default=0)
+    ev.add_argument("--guidance-scale", type=FINITE, default=1.0,
                     help="classifier-free guidance s (1 = none; the paper's w = s - 1)")
     ev.add_argument("--extractor", choices=["fmnist", "digits", "shapes", "inception"],
                     help="feature network (default: the run's data set's classifier)")
@@ -256,12 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="standard Inception-v3 weights file (pt_inception-2015-12-05 .pth or torchvision's)")
     ev.add_argument("--bpd", choices=["vlb", "ode", "none"], default="vlb",
                     help="bits/dim by the DDPM variational bound, the probability-flow ODE, or not at all")
-    ev.add_argument("--bpd-n", type=int, default=256, help="test images for bits/dim (default 256)")
+    ev.add_argument("--bpd-n", type=POS_INT, default=256, help="test images for bits/dim (default 256)")
     ev.add_argument("--bpd-timesteps", default="100",
                     help="VLB: strata over the schedule's T timesteps (an unbiased estimate), or 'all' (default 100)")
-    ev.add_argument("--hutchinson", type=int, default=1, help="ODE: Hutchinson probes (0 = exact divergence)")
+    ev.add_argument("--hutchinson", type=NONNEG_INT, default=1, help="ODE: Hutchinson probes (0 = exact divergence)")
     ev.add_argument("--recompute-stats", action="store_true", help="rebuild the cached reference statistics")
-    ev.add_argument("--batch-size", type=int, default=256)
+    ev.add_argument("--batch-size", type=POS_INT, default=256)
     ev.add_argument("--out", help="JSON report (default RUN/eval.json)")
     ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(func=_cmd_eval)
@@ -275,16 +278,16 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "\"a small blue star on the right\" (repeat for several)")
     d.add_argument("--data", choices=("fashion_mnist", "digits"),
                    help="data of the image sections (default fashion_mnist; digits if it is not installed)")
-    d.add_argument("--train-steps", type=int, help="optimizer steps of the from-scratch run (default 250)")
-    d.add_argument("--n-eval", type=int, help="samples scored per sampler (default 300)")
-    d.add_argument("--steps", type=int, help="sampler steps (default 10)")
+    d.add_argument("--train-steps", type=POS_INT, help="optimizer steps of the from-scratch run (default 250)")
+    d.add_argument("--n-eval", type=POS_INT, help="samples scored per sampler (default 300)")
+    d.add_argument("--steps", type=POS_INT, help="sampler steps (default 10)")
     d.add_argument("--quick", action="store_true", help="tiny budgets: a plumbing run in about a minute")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=SEED, default=0)
     d.set_defaults(func=_cmd_demo)
 
     dt = sub.add_parser("demo-toy", help="sampler demo on a 2-D Gaussian mixture (writes a PNG)")
     dt.add_argument("--out", default="toy_samplers.png")
-    dt.add_argument("--seed", type=int, default=0)
+    dt.add_argument("--seed", type=SEED, default=0)
     dt.set_defaults(func=_cmd_demo_toy)
 
     from difflab.train.components import add_commands as add_component_commands

@@ -45,6 +45,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from difflab.core.validation import FINITE, POS_INT, SEED, check_finite_tensor, check_number, number_arg
+
 __all__ = ["METHODS", "EditResult", "edit", "load_edit_image", "load_edit_mask", "save_clip", "load_clip",
            "add_edit_parser"]
 
@@ -77,6 +79,9 @@ class Method:
     sampler: str | None  # default sampler; None: the method's own, fixed
     knobs: tuple[Knob, ...] = field(default_factory=tuple)
 
+
+# argparse types of the knobs: floats must be finite, ints integers (each method checks its ranges)
+_KNOB_TYPES = {float: FINITE, int: number_arg(integer=True)}
 
 _STRENGTH = "fraction of the sigma grid re-run from the noised input (SDEdit's t0), in (0, 1]"
 
@@ -378,6 +383,9 @@ def _knob_values(method: str, knobs: dict) -> dict:
     for k in spec.knobs:
         if k.choices is not None and values[k.name] not in k.choices:
             raise ValueError(f"{method} {k.name} must be one of {list(k.choices)}, got {values[k.name]!r}")
+    for k in spec.knobs:  # numbers are finite (the API too: a NaN strength must not sample a black image)
+        if k.type in (int, float) and values[k.name] is not None:
+            check_number(f"{method} {k.name}", values[k.name], integer=k.type is int)
     for name in ("n_aug", "candidates", "n_draws", "self_max_pixels"):
         if name in values and values[name] < 1:
             raise ValueError(f"{method} {name} must be >= 1, got {values[name]}")
@@ -536,6 +544,7 @@ def edit(pipe, method: str, image: Tensor, *, mask: Tensor | None = None, prompt
                                 "keeps the source's layout through self-attention injection only")
         if method != "blended":
             tiles.append(("output", out))
+    check_finite_tensor(f"the {method} output", out, "(the model or a parameter gave NaN/inf)")
     out = out.clamp(-1, 1).cpu()
     tiles = [(caption, t.detach().clamp(-1, 1).cpu()) for caption, t in tiles]
     return EditResult(out, tiles, info)
@@ -639,15 +648,15 @@ def add_edit_parser(subparsers) -> argparse.ArgumentParser:
                                    + (" (default '': the unconditional model)" if spec.source_prompt == "optional"
                                       else ""))
         run = m.add_argument_group("sampling")
-        run.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
-        run.add_argument("--steps", type=int, default=20, help="steps of the sigma grid (default 20)")
+        run.add_argument("--seed", type=SEED, default=0, help="seed of every random draw (default 0)")
+        run.add_argument("--steps", type=POS_INT, default=20, help="steps of the sigma grid (default 20)")
         if spec.sampler is not None:
             run.add_argument("--sampler", default=spec.sampler, choices=sorted(SAMPLERS), metavar="SAMPLER",
                              help=f"one of {', '.join(sorted(SAMPLERS))} (default {spec.sampler})")
         run.add_argument("--no-progress", action="store_true")
         knobs = m.add_argument_group(f"{name} parameters")
         for kn in spec.knobs:
-            knobs.add_argument("--" + kn.name.replace("_", "-"), dest=kn.name, type=kn.type, default=kn.default,
+            knobs.add_argument("--" + kn.name.replace("_", "-"), dest=kn.name, type=_KNOB_TYPES.get(kn.type, kn.type), default=kn.default,
                                choices=kn.choices, metavar=kn.metavar,
                                help=kn.help + ("" if kn.default is None else f" (default {kn.default})"))
         m.set_defaults(func=_cmd_edit)

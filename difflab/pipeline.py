@@ -33,6 +33,7 @@ from difflab.core.guidance import classifier_guidance
 from difflab.core import sample, sigmas_karras
 from difflab.core.sampling import DEFAULT_SAMPLER, SAMPLERS
 from difflab.core.schedules import DiscreteVP, sigmas_spaced
+from difflab.core.validation import check_finite_tensor, check_number
 from difflab.train.checkpoint import CHECKPOINT_FORMAT, atomic_save_safetensors, read_json, write_json
 from difflab.train.conditioning import TRAINABLE_PREFIX, load_run_latent_space, load_text_encoder
 from difflab.train.loop import load_run
@@ -82,7 +83,7 @@ class Pipeline:
             from difflab.methods.ldm import save_latent_space
 
             save_latent_space(self.latent_space, path / self.config["autoencoder"].get("folder", "autoencoder"))
-        write_json(path / "config.json", self.config)
+        write_json(path / "config.json", {k: v for k, v in self.config.items() if k != "saved_step"})
         return path
 
     @property
@@ -204,10 +205,13 @@ class Pipeline:
         """
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; known: {', '.join(sorted(SAMPLERS))}")
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
-        if not 0.0 <= guidance_rescale <= 1.0:
-            raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
+        check_number("n", n, lo=1, integer=True)
+        check_number("steps", steps, lo=1, integer=True)
+        check_number("batch_size", batch_size, lo=1, integer=True)
+        check_number("seed", seed, lo=0, integer=True)
+        check_number("guidance_scale", guidance_scale)
+        check_number("guidance_rescale", guidance_rescale, lo=0, hi=1)
+        check_number("classifier_scale", classifier_scale)
         text = self.conditioning == "text"
         if not text and (prompt is not None or negative_prompt is not None):
             raise self._not_text()
@@ -263,6 +267,7 @@ class Pipeline:
             x = sample(D, x, sig, method=sampler, cond=cond, noise=noise_g, **sampler_kw)
             if self.latent_space is not None:
                 x = self.latent_space.decode(x)
+                check_finite_tensor("the decoded images", x, f"(images {a}-{b - 1})")
             out.append(x.cpu())
         return torch.cat(out).clamp(-1, 1)
 

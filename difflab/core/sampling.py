@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from difflab.core.schedules import DiscreteVP
+from difflab.core.validation import check_finite_tensor
 
 __all__ = [
     "Step",
@@ -655,4 +656,7 @@ def sample(denoiser, x, sigmas, method: str = DEFAULT_SAMPLER, **kw: Any) -> Ten
     """Run the sampler named `method` (see SAMPLERS)."""
     if method not in SAMPLERS:
         raise ValueError(f"unknown sampler {method!r}; known: {', '.join(sorted(SAMPLERS))}")
-    return SAMPLERS[method](denoiser, x, sigmas, **kw)
+    out = SAMPLERS[method](denoiser, x, sigmas, **kw)
+    check_finite_tensor("the sampler's output", out, f"({method}, {len(sigmas) - 1} steps): the denoiser or its "
+                        "guidance returned NaN/inf")
+    return out

@@ -34,6 +34,7 @@ from difflab.core.denoiser import Preconditioned
 from difflab.core.guidance import classifier_guidance
 from difflab.core.losses import lognormal
 from difflab.core.sampling import check_grid, noise_source, StepRunner, progress_range, ancestral_step, euler_step
+from difflab.core.validation import MAX_LR, check_budget, check_number, check_training_state
 from difflab.data import ImageData, batch_indices
 from difflab.data._hash import seed_from
 from difflab.nn.classifier import ClassifierConfig, NoisyClassifier
@@ -91,8 +92,8 @@ def train_classifier(data: ImageData, denoiser: Preconditioned, *, steps: int | 
     """
     if data.labels is None:
         raise ValueError(f"dataset {data.name!r} has no labels to classify")
-    if steps is None and minutes is None:
-        raise ValueError("give a budget: steps or minutes")
+    check_budget(steps, minutes)
+    check_number("lr", lr, lo=0, lo_open=True, hi=MAX_LR)
     C, H = data.images.shape[1], data.images.shape[-1]
     k = len(data.class_names) or int(data.labels.max()) + 1
     config = config or ClassifierConfig(image_size=H, in_channels=C, num_classes=k)
@@ -123,6 +124,7 @@ def train_classifier(data: ImageData, denoiser: Preconditioned, *, steps: int | 
         opt.step()
         losses.append(loss.item())
         step += 1
+        check_training_state(step, losses[-1], clf.parameters(), f"lower lr (now {lr})")
         if bar is not None:
             bar.update(1)
     if bar is not None:

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from difflab.core.validation import MAX_LR, check_budget, check_number, check_training_state
 from difflab.data import batch_indices
 from difflab.data._hash import seed_from
 from difflab.nn.autoencoder import AutoencoderConfig, AutoencoderKL, scale_factor
@@ -75,8 +76,8 @@ def train_autoencoder(images: Tensor, config: AutoencoderConfig, *, steps: int |
     if images.ndim != 4 or images.shape[1] != config.in_channels or images.shape[-1] != config.image_size:
         raise ValueError(f"images of shape {tuple(images.shape)} do not fit the autoencoder config "
                          f"({config.in_channels} channels, {config.image_size} px)")
-    if steps is None and minutes is None:
-        raise ValueError("give a budget: steps or minutes")
+    check_budget(steps, minutes)
+    check_number("lr", lr, lo=0, lo_open=True, hi=MAX_LR)
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(seed)
     ae = AutoencoderKL(config).to(device)
@@ -96,6 +97,7 @@ def train_autoencoder(images: Tensor, config: AutoencoderConfig, *, steps: int |
         loss.backward()
         opt.step()
         step += 1
+        check_training_state(step, loss.item(), ae.parameters(), f"lower lr (now {lr})")
         if bar is not None:
             bar.update(1)
     if bar is not None:

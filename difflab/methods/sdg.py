@@ -33,6 +33,7 @@ from torch import Tensor
 
 from difflab.core.guidance import classifier_guidance
 from difflab.core.sampling import progress_range
+from difflab.core.validation import MAX_LR, check_budget, check_number, check_training_state
 from difflab.data import ImageData, batch_indices
 from difflab.data._hash import seed_from
 from difflab.nn.clip import SmallCLIP, SmallCLIPConfig
@@ -62,6 +63,8 @@ def train_clip(data: ImageData, *, steps: int = 2000, batch_size: int = 128, lr:
     """Contrastive image-caption training on clean images (CLIP's objective)."""
     if data.captions is None:
         raise ValueError(f"dataset {data.name!r} has no captions")
+    check_budget(steps, None)
+    check_number("lr", lr, lo=0, lo_open=True, hi=MAX_LR)
     config = config or SmallCLIPConfig(vocab=caption_vocabulary(data.captions), in_channels=data.images.shape[1],
                                        image_size=data.images.shape[-1])
     torch.manual_seed(seed)
@@ -73,6 +76,7 @@ def train_clip(data: ImageData, *, steps: int = 2000, batch_size: int = 128, lr:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        check_training_state(step + 1, loss.item(), model.parameters(), f"lower lr (now {lr})")
     return model.eval()
 
 

@@ -9,15 +9,22 @@ A run folder holds
 
 Every file is written to a temporary name in the same folder and renamed over the old one
 (`os.replace` is atomic on POSIX), so a run killed at any instant leaves the previous complete
-checkpoint. Only safetensors and JSON are read back: no pickles.
+checkpoint. The three files of one save carry the same `save_id` (safetensors metadata and
+config.json), so a reader can tell a folder caught between two saves from a consistent one. One
+writer at a time: `RunLock` (an flock on RUN/.difflab.lock, which the kernel releases when the
+holder dies, so a killed run leaves no stale lock). Only safetensors and JSON are read back: no
+pickles.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +34,82 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 __all__ = ["atomic_write_bytes", "atomic_save_safetensors", "write_json", "read_json", "read_safetensors",
-           "remove_stale_temps", "CHECKPOINT_FORMAT"]
+           "remove_stale_temps", "CHECKPOINT_FORMAT", "RunLock", "RunFolderError", "check_new_folder", "LOCK_NAME",
+           "new_folder"]
 
 CHECKPOINT_FORMAT = "difflab-checkpoint-1"
+LOCK_NAME = ".difflab.lock"
+
+
+class RunFolderError(ValueError):
+    """A run folder that cannot be written now: held by another writer, or holding a finished run."""
+
+
+class RunLock:
+    """Exclusive write access to a run folder, for one process at a time.
+
+        with RunLock("runs/x"):       # a second writer gets RunFolderError naming this one
+            ...
+
+    An flock on RUN/.difflab.lock: the kernel drops it when the holder exits or is killed, so
+    there is never a stale lock to clean up; the file names the holder (pid, host, start time)."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        self._fd: int | None = None
+        self._created = False
+
+    def __enter__(self) -> "RunLock":
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no locking
+            return self
+        self._created = not self.folder.exists()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / LOCK_NAME
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+            except (ValueError, UnicodeDecodeError):
+                holder = {}
+            os.close(fd)
+            who = (f"process {holder.get('pid')} on {holder.get('host')} (since {holder.get('started')})"
+                   if holder else "another process")
+            raise RunFolderError(f"run folder {self.folder} is being written by {who}; wait for it to end or "
+                                 "write elsewhere (--out)") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                  "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            import fcntl
+
+            if self._created and [p.name for p in self.folder.iterdir()] == [LOCK_NAME]:
+                (self.folder / LOCK_NAME).unlink()  # a failed first write leaves no empty folder behind
+                self.folder.rmdir()
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def check_new_folder(folder: str | os.PathLike, *, overwrite: bool = False, what: str = "a run",
+                     files: tuple[str, ...] = ("config.json", "model.safetensors", "checkpoint.safetensors")) -> bool:
+    """Before any work: refuse to replace a folder that already holds a `what` (one of `files`)
+    unless `overwrite`; refuse a path that is a file. Returns whether one was there."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise RunFolderError(f"{folder} is a file, not a folder")
+    found = [name for name in files if (folder / name).exists()]
+    if found and not overwrite:
+        raise RunFolderError(f"{folder} already holds {what} ({', '.join(found)}); continue it with --resume, "
+                             f"replace it with --overwrite, or write elsewhere")
+    return bool(found)
 
 
 def _tmp_in(path: Path) -> str:
@@ -55,6 +135,17 @@ def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
+
+
+@contextlib.contextmanager
+def new_folder(folder: str | os.PathLike, *, overwrite: bool = False, what: str = "a model",
+               files: tuple[str, ...] = ("config.json", "model.safetensors")):
+    """`check_new_folder`, then hold `RunLock` on the folder (checked again under the lock) while
+    the body trains and writes it."""
+    check_new_folder(folder, overwrite=overwrite, what=what, files=files)
+    with RunLock(folder):
+        check_new_folder(folder, overwrite=overwrite, what=what, files=files)
+        yield Path(folder)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

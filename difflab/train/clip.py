@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from difflab.core.validation import LR, NONNEG_INT, POS_INT, SEED
 from difflab.data import ImageData
 
 __all__ = ["save_clip", "load_clip", "clip_metrics", "train_clip_folder", "add_command"]
@@ -243,11 +244,19 @@ def format_metrics(m: dict) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def train_clip_folder(out: str | os.PathLike, *, data: str = "shapes", data_kwargs: dict | None = None,
-                      steps: int = 2000, noise_steps: int = 1000, batch_size: int = 128, lr: float = 2e-3,
-                      noise_lr: float = 1e-3, seed: int = 0, eval_n: int = 2000, progress: bool = True) -> Path:
+def train_clip_folder(out: str | os.PathLike, *, overwrite: bool = False, **kw) -> Path:
     """Train SmallCLIP contrastively (`steps`), fine-tune its noise-aware image tower
-    (`noise_steps`; 0 = none), measure it on the test split, and write the folder."""
+    (`noise_steps`; 0 = none), measure it on the test split, and write the folder (replacing one
+    that holds a model only with `overwrite`; one writer at a time)."""
+    from difflab.train.checkpoint import new_folder
+
+    with new_folder(out, overwrite=overwrite, what="a CLIP model"):
+        return _train_clip_folder(out, **kw)
+
+
+def _train_clip_folder(out: str | os.PathLike, *, data: str = "shapes", data_kwargs: dict | None = None,
+                       steps: int = 2000, noise_steps: int = 1000, batch_size: int = 128, lr: float = 2e-3,
+                       noise_lr: float = 1e-3, seed: int = 0, eval_n: int = 2000, progress: bool = True) -> Path:
     from difflab.methods.sdg import finetune_noise_aware, train_clip
     from difflab.train.components import _data_info, _load_images
 
@@ -302,7 +311,8 @@ def _cmd_train_clip(args: argparse.Namespace) -> int:
 
     out = train_clip_folder(args.out, data=args.data, data_kwargs=_json_arg(args.data_kwargs, "--data-kwargs"),
                             steps=args.steps, noise_steps=args.noise_steps, batch_size=args.batch_size, lr=args.lr,
-                            noise_lr=args.noise_lr, seed=args.seed, eval_n=args.eval_n, progress=not args.no_progress)
+                            noise_lr=args.noise_lr, seed=args.seed, eval_n=args.eval_n, progress=not args.no_progress,
+                            overwrite=args.overwrite)
     info = json.loads((out / "config.json").read_text())["info"]
     print(f"CLIP folder: {out} (config.json, model.safetensors); {info['steps']} + {info['noise_steps']} steps in "
           f"{info['seconds'] + info['noise_seconds']:.0f} s")
@@ -324,13 +334,14 @@ def add_command(sub) -> None:
     c.add_argument("--data", default="shapes", help="a captioned data set (default shapes)")
     c.add_argument("--data-kwargs", metavar="JSON", help='loader arguments, e.g. \'{"n": 2000, "size": 32}\'')
     c.add_argument("--out", required=True, help="folder to write (config.json + model.safetensors)")
-    c.add_argument("--steps", type=int, default=2000, help="contrastive training steps (default 2000)")
-    c.add_argument("--noise-steps", type=int, default=1000,
+    c.add_argument("--steps", type=POS_INT, default=2000, help="contrastive training steps (default 2000)")
+    c.add_argument("--noise-steps", type=NONNEG_INT, default=1000,
                    help="noise-aware fine-tuning steps of the image tower (default 1000; 0 = none)")
-    c.add_argument("--batch-size", type=int, default=128, help="image-caption pairs per step (default 128)")
-    c.add_argument("--lr", type=float, default=2e-3, help="contrastive learning rate (default 2e-3)")
-    c.add_argument("--noise-lr", type=float, default=1e-3, help="fine-tuning learning rate (default 1e-3)")
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--eval-n", type=int, default=2000, help="held-out test pairs for the metrics (default 2000)")
+    c.add_argument("--batch-size", type=POS_INT, default=128, help="image-caption pairs per step (default 128)")
+    c.add_argument("--lr", type=LR, default=2e-3, help="contrastive learning rate (default 2e-3)")
+    c.add_argument("--noise-lr", type=LR, default=1e-3, help="fine-tuning learning rate (default 1e-3)")
+    c.add_argument("--seed", type=SEED, default=0)
+    c.add_argument("--eval-n", type=POS_INT, default=2000, help="held-out test pairs for the metrics (default 2000)")
+    c.add_argument("--overwrite", action="store_true", help="replace the folder --out if it already holds one")
     c.add_argument("--no-progress", action="store_true")
     c.set_defaults(func=_cmd_train_clip)

@@ -26,7 +26,9 @@ from typing import Any
 
 import torch
 
+from difflab.core.validation import LR, NONNEG, POS_INT, POSITIVE, SEED
 from difflab.data import ImageData, load_dataset
+from difflab.train.checkpoint import new_folder
 
 __all__ = ["train_autoencoder_folder", "train_classifier_folder", "add_commands"]
 
@@ -43,13 +45,19 @@ def _data_info(data: ImageData, name: str, data_kwargs: dict | None) -> dict:
             "size": int(data.images.shape[-1]), "class_names": list(data.class_names)}
 
 
-def train_autoencoder_folder(out: str | os.PathLike, *, data: str = "shapes", data_kwargs: dict | None = None,
-                             factor: int = 4, z_channels: int = 4, channels: int = 32, kl_weight: float = 1e-6,
-                             steps: int | None = 2000, minutes: float | None = None, batch_size: int = 64,
-                             lr: float = 1e-3, seed: int = 0, scale_images: int = 2048,
-                             progress: bool = True, device: str | None = None) -> Path:
+def train_autoencoder_folder(out: str | os.PathLike, *, overwrite: bool = False, **kw) -> Path:
     """Train a KL autoencoder with downsampling `factor`; write config.json (with scale_factor),
-    model.safetensors and reconstructions.png (top: images, bottom: reconstructions)."""
+    model.safetensors and reconstructions.png (top: images, bottom: reconstructions). A folder
+    that already holds an autoencoder is replaced only with `overwrite`; one writer at a time."""
+    with new_folder(out, overwrite=overwrite, what="an autoencoder"):
+        return _train_autoencoder_folder(out, **kw)
+
+
+def _train_autoencoder_folder(out: str | os.PathLike, *, data: str = "shapes", data_kwargs: dict | None = None,
+                              factor: int = 4, z_channels: int = 4, channels: int = 32, kl_weight: float = 1e-6,
+                              steps: int | None = 2000, minutes: float | None = None, batch_size: int = 64,
+                              lr: float = 1e-3, seed: int = 0, scale_images: int = 2048,
+                              progress: bool = True, device: str | None = None) -> Path:
     from difflab.data import save_image_grid
     from difflab.methods.ldm import LatentSpace, save_latent_space, scale_factor, train_autoencoder
     from difflab.nn.autoencoder import AutoencoderConfig
@@ -74,15 +82,21 @@ def train_autoencoder_folder(out: str | os.PathLike, *, data: str = "shapes", da
     return out
 
 
-def train_classifier_folder(out: str | os.PathLike, *, data: str = "shapes", data_kwargs: dict | None = None,
-                            run: str | os.PathLike | None = None, steps: int | None = 2000,
-                            minutes: float | None = None, batch_size: int = 128, lr: float = 1e-3, seed: int = 0,
-                            channels: int = 32, progress: bool = True) -> Path:
+def train_classifier_folder(out: str | os.PathLike, *, overwrite: bool = False, **kw) -> Path:
     """Train a noise-aware classifier of the data set's labels on noised images; write config.json
     (classifier config, preconditioning, data, info with test accuracy) and model.safetensors.
 
     `run`: the diffusion run to be guided, whose preconditioning the classifier's inputs follow
-    (default: TrainConfig's, EDM)."""
+    (default: TrainConfig's, EDM). A folder that already holds a classifier is replaced only with
+    `overwrite`; one writer at a time."""
+    with new_folder(out, overwrite=overwrite, what="a classifier"):
+        return _train_classifier_folder(out, **kw)
+
+
+def _train_classifier_folder(out: str | os.PathLike, *, data: str = "shapes", data_kwargs: dict | None = None,
+                             run: str | os.PathLike | None = None, steps: int | None = 2000,
+                             minutes: float | None = None, batch_size: int = 128, lr: float = 1e-3, seed: int = 0,
+                             channels: int = 32, progress: bool = True) -> Path:
     from difflab.core.denoiser import Preconditioned
     from difflab.core.schedules import schedule_from_config
     from difflab.methods.adm import preconditioning_of, save_classifier, train_classifier
@@ -161,7 +175,8 @@ def _cmd_train_autoencoder(args: argparse.Namespace) -> int:
     out = train_autoencoder_folder(args.out, data=args.data, data_kwargs=_json_arg(args.data_kwargs, "--data-kwargs"),
                                    factor=args.factor, z_channels=args.z_channels, channels=args.channels,
                                    kl_weight=args.kl_weight, steps=steps, minutes=minutes, batch_size=args.batch_size,
-                                   lr=args.lr, seed=args.seed, progress=not args.no_progress, device=args.device)
+                                   lr=args.lr, seed=args.seed, progress=not args.no_progress, device=args.device,
+                                   overwrite=args.overwrite)
     meta = json.loads((out / "config.json").read_text())
     print(f"autoencoder folder: {out} (config.json with scale_factor {meta['scale_factor']:.4f}, model.safetensors, "
           f"reconstructions.png; reconstruction L1 {meta['info']['rec_l1']:.4f})")
@@ -172,7 +187,8 @@ def _cmd_train_classifier(args: argparse.Namespace) -> int:
     steps, minutes = _budget(args)
     out = train_classifier_folder(args.out, data=args.data, data_kwargs=_json_arg(args.data_kwargs, "--data-kwargs"),
                                   run=args.run, steps=steps, minutes=minutes, batch_size=args.batch_size, lr=args.lr,
-                                  seed=args.seed, channels=args.channels, progress=not args.no_progress)
+                                  seed=args.seed, channels=args.channels, progress=not args.no_progress,
+                                  overwrite=args.overwrite)
     info = json.loads((out / "config.json").read_text())["info"]
     acc = ", ".join(f"{k[len('test_accuracy_'):]}: {v:.3f}" for k, v in info.items() if k.startswith("test_accuracy"))
     print(f"classifier folder: {out} (config.json, model.safetensors)" + (f"; test accuracy {acc}" if acc else ""))
@@ -183,11 +199,12 @@ def _common(p: argparse.ArgumentParser, batch_size: int) -> None:
     p.add_argument("--data", default="shapes", help="digits | fashion_mnist | shapes | folder:PATH (default shapes)")
     p.add_argument("--data-kwargs", metavar="JSON", help='loader arguments, e.g. \'{"n": 2000, "size": 32}\'')
     p.add_argument("--out", required=True, help="folder to write (config.json + model.safetensors)")
-    p.add_argument("--steps", type=int, help="budget in optimizer steps (default 2000)")
-    p.add_argument("--minutes", type=float, help="budget in minutes of wall time (with --steps: whichever ends first)")
-    p.add_argument("--batch-size", type=int, default=batch_size)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=POS_INT, help="budget in optimizer steps (default 2000)")
+    p.add_argument("--minutes", type=POSITIVE, help="budget in minutes of wall time (with --steps: whichever ends first)")
+    p.add_argument("--batch-size", type=POS_INT, default=batch_size)
+    p.add_argument("--lr", type=LR, default=1e-3)
+    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace the folder --out if it already holds one")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -199,10 +216,10 @@ def add_commands(sub) -> None:
                                    "OUT/model.safetensors and OUT/reconstructions.png. Use the folder with "
                                    "`difflab train --autoencoder OUT`.")
     _common(a, 64)
-    a.add_argument("--factor", type=int, default=4, help="spatial downsampling f, a power of 2 (LDM's best: 4 or 8)")
-    a.add_argument("--z-channels", type=int, default=4, help="latent channels (default 4)")
-    a.add_argument("--channels", type=int, default=32, help="base width (default 32)")
-    a.add_argument("--kl-weight", type=float, default=1e-6, help="weight of the KL term (default 1e-6)")
+    a.add_argument("--factor", type=POS_INT, default=4, help="spatial downsampling f, a power of 2 (LDM's best: 4 or 8)")
+    a.add_argument("--z-channels", type=POS_INT, default=4, help="latent channels (default 4)")
+    a.add_argument("--channels", type=POS_INT, default=32, help="base width (default 32)")
+    a.add_argument("--kl-weight", type=NONNEG, default=1e-6, help="weight of the KL term (default 1e-6)")
     a.add_argument("--device", help="where to train, e.g. cpu or cuda (default: cuda when available)")
     a.set_defaults(func=_cmd_train_autoencoder)
 
@@ -214,5 +231,5 @@ def add_commands(sub) -> None:
     _common(c, 128)
     c.add_argument("--run", help="the diffusion run to guide: the classifier is fed its preconditioned inputs "
                                  "(default: difflab train's default, EDM)")
-    c.add_argument("--channels", type=int, default=32, help="base width (default 32)")
+    c.add_argument("--channels", type=POS_INT, default=32, help="base width (default 32)")
     c.set_defaults(func=_cmd_train_classifier)

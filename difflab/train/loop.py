@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from difflab.core.denoiser import Preconditioned
 from difflab.core.losses import DenoisingLoss, discrete_uniform, lognormal
 from difflab.core.schedules import EDM, Schedule, schedule_from_config
+from difflab.core.validation import MAX_LR, check_budget, check_number, check_training_state
 from difflab.data import ImageData, batch_indices, load_dataset
 from difflab.data._hash import seed_from
 from difflab.nn import create_model, create_model_from_config
@@ -50,8 +51,8 @@ from difflab.train.conditioning import (
     open_autoencoder,
 )
 from difflab.train.checkpoint import (
-    CHECKPOINT_FORMAT, atomic_save_safetensors, atomic_write_bytes, read_json, read_safetensors, remove_stale_temps,
-    write_json,
+    CHECKPOINT_FORMAT, RunLock, atomic_save_safetensors, atomic_write_bytes, check_new_folder, read_json,
+    read_safetensors, remove_stale_temps, write_json,
 )
 
 __all__ = ["TrainConfig", "train", "build_denoiser", "load_run", "load_training_data"]
@@ -123,8 +124,16 @@ class TrainConfig:
                              "give conditioning alone")
 
     def validate(self) -> None:
-        if self.steps is None and self.minutes is None:
-            raise ValueError("give a budget: steps or minutes")
+        check_budget(self.steps, self.minutes)
+        check_number("lr", self.lr, lo=0, lo_open=True, hi=MAX_LR)
+        for name, lo, lo_open, integer in (("warmup", 0, False, True),
+                                           ("weight_decay", 0, False, False), ("grad_clip", 0, False, False),
+                                           ("p_mean", None, False, False), ("p_std", 0, True, False),
+                                           ("seed", 0, False, True), ("save_every", 0, False, True),
+                                           ("log_every", 1, False, True), ("ema_decay", 0, False, False)):
+            check_number(name, getattr(self, name), lo=lo, lo_open=lo_open, integer=integer)
+        if self.sigma_data is not None:
+            check_number("sigma_data", self.sigma_data, lo=0, lo_open=True)
         for name in ("batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -296,7 +305,9 @@ def _save(out: Path, cfg: TrainConfig, denoiser, ema: dict[str, Tensor], opt, pa
     atomic_save_safetensors({**raw, **ema_t, **_optimizer_tensors(opt, params)},
                             out / "checkpoint.safetensors", metadata=meta)
     atomic_save_safetensors(ema, out / "model.safetensors", metadata={"format": CHECKPOINT_FORMAT, "step": str(step)})
-    write_json(out / "config.json", _run_config(cfg, denoiser, inputs))
+    # written last, naming the save: a reader that finds other steps in the weights' metadata caught
+    # the folder between two saves (load_run waits for the writer, or says so)
+    write_json(out / "config.json", {**_run_config(cfg, denoiser, inputs), "saved_step": step})
 
 
 def _log_rows_upto(log_path: Path, step: int) -> list[str]:
@@ -310,6 +321,9 @@ def _log_rows_upto(log_path: Path, step: int) -> list[str]:
         if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
             rows.append(line)
     return rows
+
+
+_SAVE_WAIT_TRIES = 10  # x 0.2 s: how long load_run waits for a writer to finish a save
 
 
 def load_run(run: str | os.PathLike, weights: str = "ema") -> tuple[Preconditioned, dict]:
@@ -332,13 +346,20 @@ def load_run(run: str | os.PathLike, weights: str = "ema") -> tuple[Precondition
         denoiser = build_denoiser(config["model"], config["schedule"], config["prediction"], config.get("sigma_data"))
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{config_path} does not describe a buildable model: {type(e).__name__}: {e}") from None
-    if weights == "ema":
-        path = run / "model.safetensors"
-        state, _ = read_safetensors(path)
-    else:
-        path = run / "checkpoint.safetensors"
-        tensors, _ = read_safetensors(path)
-        state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    path = run / ("model.safetensors" if weights == "ema" else "checkpoint.safetensors")
+    for attempt in range(_SAVE_WAIT_TRIES):  # the files of one save: see _save
+        tensors, meta = read_safetensors(path)
+        saved = config.get("saved_step")
+        if saved is None or meta.get("step") is None or str(saved) == meta["step"]:
+            break
+        if attempt == _SAVE_WAIT_TRIES - 1:
+            raise ValueError(f"{run} is caught between two saves: {path.name} is from step {meta['step']}, "
+                             f"config.json from step {saved}. Is a training writing it? A run killed in the "
+                             "middle of a save is repaired by `difflab train --resume`")
+        time.sleep(0.2)
+        config = read_json(config_path)
+    state = tensors if weights == "ema" else {k[len("model."):]: v for k, v in tensors.items()
+                                              if k.startswith("model.")}
     if (config.get("text_encoder") or {}).get("kind") == "word":  # its weights: Pipeline.from_pretrained
         state = {k: v for k, v in state.items() if not k.startswith(TRAINABLE_PREFIX)}
     _load_weights(denoiser.net, state, path)
@@ -383,23 +404,50 @@ def _default_device(world: int) -> torch.device:
     return torch.device("cuda")
 
 
-def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, progress: bool = True,
-          device: str | torch.device | None = None, data: ImageData | None = None,
+def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, overwrite: bool = False,
+          progress: bool = True, device: str | torch.device | None = None, data: ImageData | None = None,
           stop_after: int | None = None) -> Path:
     """Train per `cfg`, writing the run folder `out`. Returns the folder.
 
-    `stop_after` ends this call after that many steps (for tests: a run "killed" mid-way).
+    A folder that already holds a run is continued (`resume`) or replaced (`overwrite`), never
+    silently overwritten; one writer at a time (`RunLock`: a second one is refused, naming the
+    first). `stop_after` ends this call after that many steps (for tests: a run "killed" mid-way).
     """
     cfg.validate()
     out = Path(out)
+    if resume and overwrite:
+        raise ValueError("resume and overwrite contradict each other: --resume continues the run in --out, "
+                         "--overwrite replaces it")
+    if resume and not out.is_dir():
+        raise FileNotFoundError(f"--resume: run folder {out} does not exist")
+    if not resume:
+        check_new_folder(out, overwrite=overwrite)  # before loading any data
     rank, world = _dist()
+    if rank != 0:  # rank 0 holds the folder for every rank
+        return _train(cfg, out, resume, progress, device, data, stop_after, rank, world)
+    with RunLock(out):
+        if not resume and check_new_folder(out, overwrite=overwrite):
+            _remove_run_files(out)
+        return _train(cfg, out, resume, progress, device, data, stop_after, rank, world)
+
+
+def _remove_run_files(out: Path) -> None:
+    """What `train` writes, so that an overwritten folder never mixes two runs."""
+    import shutil
+
+    for name in ("checkpoint.safetensors", "model.safetensors", "config.json", "log.jsonl", "loss.png"):
+        (out / name).unlink(missing_ok=True)
+    if (out / AUTOENCODER_FOLDER).is_dir():
+        shutil.rmtree(out / AUTOENCODER_FOLDER)
+
+
+def _train(cfg: TrainConfig, out: Path, resume: bool, progress: bool, device, data: ImageData | None,
+           stop_after: int | None, rank: int, world: int) -> Path:
     device = torch.device(device) if device is not None else _default_device(world)
     micro = cfg.batch_size // cfg.grad_accum
     if micro % world:
         raise ValueError(f"micro-batch {micro} (batch_size {cfg.batch_size} / grad_accum {cfg.grad_accum}) "
                          f"is not divisible by the {world} processes")
-    if resume and not out.is_dir():
-        raise FileNotFoundError(f"--resume: run folder {out} does not exist")
     if cfg.autoencoder and not resume and not Path(cfg.autoencoder).is_dir():  # before loading the data
         raise FileNotFoundError(f"autoencoder folder {cfg.autoencoder} does not exist "
                                 f"(train one with `difflab train-autoencoder --out {cfg.autoencoder}`)")
@@ -515,11 +563,13 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, pro
             torch.distributed.all_reduce(total)
             total /= world
         total = total.item()
+        hint = f"lower lr (now {cfg.lr}); the last checkpoint in {out} is the last good state"
         if not math.isfinite(total):
-            raise FloatingPointError(f"loss is {total} at step {step + 1}; lower lr (now {cfg.lr})")
+            raise FloatingPointError(f"loss is {total} at step {step + 1}; {hint}")
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
+        check_training_state(step + 1, total, params, hint)
         decay = _ema_decay_at(cfg, step)
         with torch.no_grad():
             for k, v in _model_state(denoiser, text_encoder).items():

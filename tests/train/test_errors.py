@@ -115,8 +115,15 @@ def test_nan_in_data(tmp_path):
 
 
 def test_diverging_loss_stops_with_a_clear_error(tmp_path):
-    with pytest.raises(FloatingPointError, match="loss is (nan|inf) at step 2; lower lr"):
+    with pytest.raises(ValueError, match=r"lr must be a finite number in \(0, 1\], got inf"):
         train(tiny_config(lr=float("inf"), warmup=1, grad_clip=0.0, steps=3), tmp_path / "inf", progress=False)
+    with pytest.raises(ValueError, match=r"lr must be a finite number in \(0, 1\], got 1e\+38"):
+        train(tiny_config(lr=1e38), tmp_path / "huge", progress=False)
+    # finite data whose squares overflow float32: the loss of the first step is inf
+    data = load_dataset("digits", "train")
+    huge = ImageData(data.images * 1e20, data.labels, data.class_names, name="digits")
+    with pytest.raises(FloatingPointError, match="loss is (nan|inf) at step 1; lower lr"):
+        train(tiny_config(steps=3), tmp_path / "overflow", data=huge, progress=False)
 
 
 def test_bad_sampling_arguments(tiny_run):

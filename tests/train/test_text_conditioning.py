@@ -224,7 +224,7 @@ def test_bad_conditioning_inputs(tmp_path, tiny_run, word_run, autoencoder):
         text_pipe(1, prompt="a crimson rhombus", steps=2)
     with pytest.raises(ValueError, match="guidance_scale needs a prompt"):
         text_pipe(1, guidance_scale=3.0, steps=2)
-    with pytest.raises(ValueError, match=r"guidance_rescale must be in \[0, 1\], got 1.5"):
+    with pytest.raises(ValueError, match=r"guidance_rescale must be a finite number in \[0, 1\], got 1.5"):
         text_pipe(1, prompt=PROMPT, guidance_scale=3.0, guidance_rescale=1.5, steps=2)
 
 
