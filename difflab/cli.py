@@ -9,7 +9,8 @@ import json
 import sys
 from pathlib import Path
 
-from difflab.core.validation import FINITE, LR, NONNEG_INT, POS_INT, POSITIVE, SEED, UNIT
+from difflab.core.validation import (FINITE, LR, NONNEG_INT, POS_INT, POSITIVE, SEED, UNIT, check_output_file,
+                                     check_output_folder)
 
 # --------------------------------------------------------------------------------------------
 # difflab train
@@ -56,6 +57,7 @@ def _train_config(args: argparse.Namespace):
 def _cmd_train(args: argparse.Namespace) -> int:
     from difflab.train import train
 
+    check_output_folder(args.out, what="--out")
     cfg = _train_config(args)
     out = train(cfg, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     print(f"run folder: {out} (config.json, model.safetensors, checkpoint.safetensors, loss.png)")
@@ -71,6 +73,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from difflab.data import save_image_grid
     from difflab.pipeline import Pipeline
 
+    check_output_file(args.out, what="--out")
     if (args.classifier is None) != (args.classifier_guidance is None):
         raise ValueError("--classifier-guidance SCALE and --classifier FOLDER go together")
     pipe = Pipeline.from_pretrained(args.run)
@@ -109,6 +112,8 @@ def _cmd_demo_toy(args: argparse.Namespace) -> int:
 
     from difflab.core import GaussianMixture, sample, sigmas_karras
 
+    check_output_file(args.out, suffixes={".png", ".pdf", ".svg", ".jpg", ".jpeg"}, what="--out")
+
     gm = GaussianMixture.random(dim=2, k=6, seed=args.seed, spread=2.0, std_range=(0.05, 0.3))
     g = torch.Generator().manual_seed(args.seed)
     x = torch.randn(2000, 2, generator=g, dtype=torch.float64) * 80.0
@@ -133,6 +138,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     from difflab.demo import TourBudget, run_demo
 
+    check_output_folder(args.out, what="--out")
     budget = TourBudget.tiny() if args.quick else TourBudget()
     changes = {k: v for k, v in (("n_eval", args.n_eval), ("train_steps", args.train_steps), ("steps", args.steps))
                if v is not None}
@@ -158,13 +164,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         timesteps = int(args.bpd_timesteps)
     else:
         raise ValueError(f"--bpd-timesteps must be a positive integer or 'all', got {args.bpd_timesteps!r}")
+    out = check_output_file(args.out or Path(args.run) / "eval.json", suffixes={".json"}, what="--out")
     report = evaluate_run(
         args.run, sampler=args.sampler, steps=args.steps, n=args.n, seed=args.seed,
         guidance_scale=args.guidance_scale, extractor=args.extractor, inception_weights=args.inception_weights,
         bpd=args.bpd, bpd_n=args.bpd_n, bpd_timesteps=timesteps, hutchinson=args.hutchinson,
         recompute_stats=args.recompute_stats, batch_size=args.batch_size, progress=not args.no_progress)
-    out = write_report(report, args.out or Path(args.run) / "eval.json")
-    print(format_report(report))
+    print(format_report(report), flush=True)  # the scores first: a failed write cannot lose them
+    out = write_report(report, out)
     print(f"wrote {out}")
     return 0
 
@@ -308,9 +315,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError, FloatingPointError) as e:
-        print(f"difflab {args.command}: error: {e}", file=sys.stderr)
+    except (OSError, ValueError, FloatingPointError) as e:  # OSError: missing files, full disk, read-only folder
+        print(f"difflab {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e) or type(e).__name__
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

@@ -45,7 +45,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from difflab.core.validation import FINITE, POS_INT, SEED, check_finite_tensor, check_number, number_arg
+from difflab.core.validation import (FINITE, POS_INT, SEED, check_finite_tensor, check_number, check_output_file,
+                                     number_arg)
 
 __all__ = ["METHODS", "EditResult", "edit", "load_edit_image", "load_edit_mask", "save_clip", "load_clip",
            "add_edit_parser"]
@@ -188,13 +189,9 @@ def _file(path, what: str) -> Path:
 
 def _size_and_channels(path: Path, what: str) -> tuple[int, int, int]:
     """(width, height, channels) of an image file: 1 for grey modes, 3 for colour ones."""
-    from PIL import Image, UnidentifiedImageError
+    from difflab.data.images import image_header
 
-    try:
-        with Image.open(path) as im:
-            w, h, mode = im.size[0], im.size[1], im.mode
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"cannot read {what} {path}: {e}") from None
+    w, h, mode = image_header(path)
     return w, h, 1 if mode in _GREY_MODES else 3
 
 
@@ -565,8 +562,8 @@ def _cmd_edit(args: argparse.Namespace) -> int:
 
     method = args.method
     spec = METHODS[method]
-    out = Path(args.out)
-    strip = Path(args.strip) if args.strip else _strip_path(out)
+    out = check_output_file(args.out, what="--out")
+    strip = check_output_file(args.strip if args.strip else _strip_path(out), what="--strip")
     if out.resolve() == strip.resolve():
         raise ValueError(f"--strip {strip} is the same file as --out")
     pipe = Pipeline.from_pretrained(args.run)

@@ -16,7 +16,7 @@ import math
 import numbers
 
 __all__ = ["check_number", "check_budget", "check_training_state", "number_arg", "check_finite_tensor", "POS_INT", "NONNEG_INT", "SEED", "POSITIVE", "NONNEG",
-           "FINITE", "UNIT", "LR", "MAX_LR"]
+           "FINITE", "UNIT", "LR", "MAX_LR", "IMAGE_SUFFIXES", "check_output_file", "check_output_folder"]
 
 
 def _describe(lo, hi, lo_open: bool, hi_open: bool, integer: bool) -> str:
@@ -119,3 +119,62 @@ def check_training_state(step: int, loss: float, params, hint: str = "") -> None
         bad = next(i for i, n in enumerate(norms) if not torch.isfinite(n))
         raise FloatingPointError(f"the weights became NaN/inf after the optimizer step {step} (tensor {bad} of "
                                  f"{len(params)}, shape {tuple(params[bad].shape)}){'; ' + hint if hint else ''}")
+
+
+# --------------------------------------------------------------------------------------------
+# Output paths, checked before the work that fills them
+# --------------------------------------------------------------------------------------------
+
+IMAGE_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF",
+                  ".webp": "WEBP"}
+
+
+def _nearest_existing(path):
+    from pathlib import Path
+
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _probe_writable(folder, shown) -> None:
+    """Create and delete a file in `folder`: the only check that sees read-only mounts, quotas and
+    permissions alike (root passes os.access everywhere)."""
+    import os
+    import tempfile
+
+    if not folder.is_dir():
+        raise ValueError(f"cannot write {shown}: {folder} is a file, not a folder")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".difflab-probe-", dir=folder)
+        os.close(fd)
+        os.remove(tmp)
+    except OSError as e:
+        raise ValueError(f"cannot write {shown}: {folder} is not writable ({e.strerror or e})") from None
+
+
+def check_output_file(path, suffixes=IMAGE_SUFFIXES, what: str = "output"):
+    """Before any work: `path` has one of `suffixes`, is not a folder, and its folder (or the
+    nearest one that exists, which the writer will fill) takes a new file. Returns it as a Path."""
+    from pathlib import Path
+
+    path = Path(path)
+    if path.suffix.lower() not in suffixes:
+        raise ValueError(f"{what} {path}: unknown file type {path.suffix or '(no extension)'!r}; use one of "
+                         f"{', '.join(sorted(suffixes))}")
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a folder; give a file name")
+    _probe_writable(_nearest_existing(path.parent), f"{what} {path}")
+    return path
+
+
+def check_output_folder(path, what: str = "output folder"):
+    """Before any work: `path` is a folder (or can be made one) that takes new files."""
+    from pathlib import Path
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{what} {path} is a file, not a folder")
+    _probe_writable(_nearest_existing(path), f"{what} {path}")
+    return path

@@ -82,7 +82,8 @@ def save_image_grid(images: Tensor, path: str | os.PathLike, nrow: int | None = 
                     labels: Sequence[str] | None = None, *, padding: int = 2,
                     scale: int | None = None, pad_value: int = 255,
                     label_lines: int = 3) -> Image.Image:
-    """Write images (N, C, H, W) in [-1, 1] (C = 1 or 3) as one PNG grid and return it.
+    """Write images (N, C, H, W) in [-1, 1] (C = 1 or 3) as one grid and return it; the file type
+    follows the suffix (.png, .jpg, .webp, ...; another is a ValueError).
 
     `nrow` is the number of images per row (default ceil(sqrt(N))). With `labels` (one string per
     image) a caption in PIL's default font goes under each image, word-wrapped to at most
@@ -127,9 +128,15 @@ def save_image_grid(images: Tensor, path: str | os.PathLike, nrow: int | None = 
         for k, line in enumerate(wrapped[i] if labels is not None else ()):
             draw.text((x0, y0 + h * scale + 1 + k * line_h), line,
                       fill=ink if c == 1 else (ink,) * 3, font=font)
+    from difflab.core.validation import IMAGE_SUFFIXES
+
     path = Path(path)
+    fmt = IMAGE_SUFFIXES.get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"{path}: unknown image file type {path.suffix or '(no extension)'!r}; use one of "
+                         f"{', '.join(sorted(IMAGE_SUFFIXES))}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path, format="PNG")
+    canvas.save(path, format=fmt, **({"quality": 95} if fmt in ("JPEG", "WEBP") else {}))
     return canvas
 
 
@@ -138,12 +145,39 @@ def save_image_grid(images: Tensor, path: str | os.PathLike, nrow: int | None = 
 # ---------------------------------------------------------------------------------------------
 
 
+# the largest image read: 4096 x 4096 (difflab's models take tens to hundreds of pixels a side); a
+# small file that claims more is a decompression bomb and is refused before it is decoded
+MAX_IMAGE_PIXELS = 4096 * 4096
+
+
+def _too_large(path, w: int | None = None, h: int | None = None) -> ValueError:
+    size = f"{w} x {h} = {w * h:,} pixels" if w else f"more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels"
+    return ValueError(f"image {path} is {size}, more than difflab reads ({MAX_IMAGE_PIXELS:,}): a decompression "
+                      "bomb or a photo to resize first")
+
+
+def image_header(path: str | os.PathLike) -> tuple[int, int, str]:
+    """(width, height, mode) of an image file from its header, without decoding it; a ValueError
+    for unreadable files and for images of more than MAX_IMAGE_PIXELS."""
+    try:
+        with Image.open(path) as im:
+            w, h, mode = im.size[0], im.size[1], im.mode
+    except Image.DecompressionBombError:
+        raise _too_large(path) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"cannot read image {path}: {e}") from None
+    if w * h > MAX_IMAGE_PIXELS:
+        raise _too_large(path, w, h)
+    return w, h, mode
+
+
 def _open(path: Path) -> Image.Image:
     """Open and fully decode an image; clear errors naming the file."""
     if not path.exists():
         raise FileNotFoundError(f"image file not found: {path}")
     if not path.is_file():
         raise ValueError(f"not a file: {path}")
+    image_header(path)  # refuses a bomb before decoding it
     try:
         with Image.open(path) as im:
             im.load()

@@ -169,7 +169,13 @@ def atomic_save_safetensors(tensors: dict[str, Tensor], path: str | os.PathLike,
     path = Path(path)
     tmp = _tmp_in(path)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        try:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        except SafetensorError as e:  # an I/O failure (full disk, file-size limit) as the OSError it is
+            code = re.search(r"os error (\d+)", str(e))
+            if code is None:
+                raise
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
         _usual_mode(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
@@ -192,6 +198,8 @@ def read_json(path: str | os.PathLike) -> dict:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}); the file is corrupt or foreign") from e
+    except RecursionError:
+        raise ValueError(f"{path} is nested too deeply to be a difflab config; the file is corrupt or foreign") from None
 
 
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:

@@ -342,6 +342,14 @@ def load_run(run: str | os.PathLike, weights: str = "ema") -> tuple[Precondition
     if not isinstance(config, dict) or config.get("format") != CHECKPOINT_FORMAT or "model" not in config:
         found = config.get("format") if isinstance(config, dict) else type(config).__name__
         raise ValueError(f"{config_path} is not a difflab run config (format {found!r})")
+    missing = [k for k in ("model", "schedule", "prediction", "data") if not isinstance(config.get(k), (dict, str))]
+    if missing:
+        raise ValueError(f"{config_path} lacks the field(s) {missing} of a difflab run config; the file is damaged")
+    d = config["data"]
+    if not isinstance(d, dict) or any(not isinstance(d.get(k), int) or isinstance(d.get(k), bool) or d[k] < 1
+                                      for k in ("channels", "size")):
+        raise ValueError(f"{config_path}: data must name the images' channels and size as positive integers, "
+                         f"got {d!r}")
     try:
         denoiser = build_denoiser(config["model"], config["schedule"], config["prediction"], config.get("sigma_data"))
     except (KeyError, TypeError, ValueError) as e:

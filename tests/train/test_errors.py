@@ -67,7 +67,7 @@ def test_config_json_with_a_broken_model_section(run):
         Pipeline.from_pretrained(run)
     del config["schedule"]
     (run / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="config.json does not describe a buildable model: KeyError"):
+    with pytest.raises(ValueError, match=r"config.json lacks the field\(s\) \[.schedule.\]"):
         Pipeline.from_pretrained(run)
 
 
