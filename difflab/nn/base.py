@@ -45,12 +45,36 @@ def count_flops(model: nn.Module, *args, **kwargs) -> int:
     return int(counter.get_total_flops())
 
 
+# A config read from a file is untrusted: every integer in it (widths, depths, sizes, vocabularies)
+# is bounded, and the network it describes is counted on the meta device before any memory is
+# allocated. SD's UNet has 0.86e9 parameters; nothing difflab builds from a config comes near.
+MAX_CONFIG_INT = 1 << 16
+MAX_PARAMETERS = 1_000_000_000
+
+
+def check_config_sizes(values: Any, where: str) -> None:
+    """ValueError naming the field when an integer of a JSON config (nested lists included) is
+    negative or above MAX_CONFIG_INT, or a list is longer than 64 entries."""
+    if isinstance(values, dict):
+        for k, v in values.items():
+            check_config_sizes(v, f"{where}.{k}")
+    elif isinstance(values, (list, tuple)):
+        if len(values) > 64 and all(isinstance(v, (int, float)) for v in values):
+            raise ValueError(f"{where} has {len(values)} entries; a difflab config has at most 64")
+        for i, v in enumerate(values):
+            check_config_sizes(v, f"{where}[{i}]")
+    elif isinstance(values, int) and not isinstance(values, bool) and not -1 <= values <= MAX_CONFIG_INT:
+        raise ValueError(f"{where} = {values} is out of range for a difflab model (-1 .. {MAX_CONFIG_INT})")
+
+
 def config_from_dict(config_cls: type, values: dict[str, Any]) -> Any:
-    """Rebuild a config dataclass from its JSON dict (lists back to tuples); unknown keys fail."""
+    """Rebuild a config dataclass from its JSON dict (lists back to tuples); unknown keys fail,
+    integers are bounded (`check_config_sizes`)."""
     fields = {f.name: f for f in dataclasses.fields(config_cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise ValueError(f"unknown {config_cls.__name__} field(s): {unknown}")
+    check_config_sizes(values, config_cls.__name__)
     kwargs = {}
     for name, value in values.items():
         if isinstance(value, list) and "tuple" in str(fields[name].type):
@@ -82,7 +106,13 @@ class Backbone(nn.Module):
         arch = values.pop("arch", cls.arch)
         if arch != cls.arch:
             raise ValueError(f"config is for arch {arch!r}, not {cls.arch!r}")
-        return cls(config_from_dict(cls.config_cls, values))
+        config = config_from_dict(cls.config_cls, values)
+        with torch.device("meta"):  # counted before anything is allocated
+            n = sum(t.numel() for t in cls(config).state_dict().values())
+        if n > MAX_PARAMETERS:
+            raise ValueError(f"this {cls.__name__} config describes {n:,} parameters, more than difflab builds from a "
+                             f"file ({MAX_PARAMETERS:,})")
+        return cls(config)
 
     @property
     def sample_size(self) -> int:

@@ -14,6 +14,8 @@ losses. A real CLIP from `transformers` (a local folder) fits the same interface
 
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass, field
 
 import torch
@@ -122,8 +124,10 @@ class HFCLIPWrapper(nn.Module):
         super().__init__()
         from transformers import CLIPModel, CLIPTokenizer
 
-        self.model = CLIPModel.from_pretrained(path).eval().requires_grad_(False)
-        self.tokenizer = CLIPTokenizer.from_pretrained(path)
+        if not os.path.isdir(path):  # a local folder given by the user: never a hub id to download
+            raise FileNotFoundError(f"CLIP folder {path} does not exist")
+        self.model = CLIPModel.from_pretrained(path, local_files_only=True).eval().requires_grad_(False)
+        self.tokenizer = CLIPTokenizer.from_pretrained(path, local_files_only=True)
         self.size = self.model.config.vision_config.image_size
         self.register_buffer("mean", torch.tensor([0.4815, 0.4578, 0.4082]).reshape(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor([0.2686, 0.2613, 0.2758]).reshape(1, 3, 1, 1))

@@ -69,8 +69,10 @@ class MiniLMEncoder(nn.Module):
 
         hf_logging.set_verbosity_error()
         path = path or minilm_path()
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path).eval().requires_grad_(False)
+        if not os.path.isdir(path):  # a local folder only: never a hub id to download
+            raise FileNotFoundError(f"MiniLM folder {path} does not exist")
+        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.model = AutoModel.from_pretrained(path, local_files_only=True).eval().requires_grad_(False)
         self.max_length = max_length
         self._cache: dict[tuple[str, bool], tuple[Tensor, Tensor]] = {}
 
@@ -204,10 +206,27 @@ def create_text_encoder(kind: str, captions: Sequence[str] = (), **kwargs) -> nn
     raise ValueError(f"unknown text encoder {kind!r}; known: {', '.join(TEXT_ENCODERS)}")
 
 
+# what a config file may set per encoder: never a path or a hub id (nothing read from a run folder
+# reaches the network or a file outside the package), and sizes within bounds
+_CONFIG_KEYS = {"minilm": {"max_length"}, "word": {"vocab", "dim", "depth", "heads", "max_length"}}
+
+
 def text_encoder_from_config(config: dict) -> nn.Module:
-    """Rebuild a text encoder from `config_dict()` (a word encoder freshly initialised)."""
+    """Rebuild a text encoder from `config_dict()` (a word encoder freshly initialised). Only
+    difflab's known encoders and their own fields: a config cannot name a model to download."""
+    from difflab.nn.base import check_config_sizes
+
+    if not isinstance(config, dict):
+        raise ValueError(f"text encoder config must be a JSON object, got {type(config).__name__}")
     values = dict(config)
     kind = values.pop("kind", None)
     if kind not in TEXT_ENCODERS:
         raise ValueError(f"text encoder config has kind {kind!r}; known: {', '.join(TEXT_ENCODERS)}")
+    foreign = sorted(set(values) - _CONFIG_KEYS[kind])
+    if foreign:
+        raise ValueError(f"text encoder {kind!r}: field(s) {foreign} are not allowed in a config (allowed: "
+                         f"{sorted(_CONFIG_KEYS[kind])}); a run folder cannot name its own encoder files or hub ids")
+    check_config_sizes(values, f"text_encoder ({kind})")
+    if len(values.get("vocab", ())) > 1_000_000:
+        raise ValueError(f"text encoder vocabulary of {len(values['vocab'])} words is too large")
     return create_text_encoder(kind, **values)

@@ -345,10 +345,14 @@ def load_run(run: str | os.PathLike, weights: str = "ema") -> tuple[Precondition
     missing = [k for k in ("model", "schedule", "prediction", "data") if not isinstance(config.get(k), (dict, str))]
     if missing:
         raise ValueError(f"{config_path} lacks the field(s) {missing} of a difflab run config; the file is damaged")
+    wrong = [k for k in ("text_encoder", "autoencoder", "train") if config.get(k) not in (None, {})
+             and not isinstance(config.get(k), dict)]
+    if wrong:
+        raise ValueError(f"{config_path}: the section(s) {wrong} must be JSON objects; the file is damaged")
     d = config["data"]
-    if not isinstance(d, dict) or any(not isinstance(d.get(k), int) or isinstance(d.get(k), bool) or d[k] < 1
-                                      for k in ("channels", "size")):
-        raise ValueError(f"{config_path}: data must name the images' channels and size as positive integers, "
+    if not isinstance(d, dict) or any(not isinstance(d.get(k), int) or isinstance(d.get(k), bool)
+                                      or not 1 <= d[k] <= 4096 for k in ("channels", "size")):
+        raise ValueError(f"{config_path}: data must name the images' channels and size as integers in 1 .. 4096, "
                          f"got {d!r}")
     try:
         denoiser = build_denoiser(config["model"], config["schedule"], config["prediction"], config.get("sigma_data"))
