@@ -278,10 +278,26 @@ class EDM(Schedule):
 
 def schedule_from_config(cfg: dict) -> Schedule:
     """Rebuild a schedule saved by `Schedule.to_config()`."""
+    from difflab.core.validation import check_number
+
+    if not isinstance(cfg, dict):
+        raise ValueError(f"a schedule config is a JSON object, got {type(cfg).__name__}")
     cfg = dict(cfg)
     kind = cfg.pop("type", None)
+    for name, value in cfg.items():  # read from files: numbers must be numbers
+        if name in ("sigma_min", "sigma_max", "sigma_data", "rho", "beta_min", "beta_max", "beta_d", "beta_0",
+                    "beta_1", "eps"):
+            check_number(f"schedule {name}", value, lo=0, lo_open=True)
+        elif name == "T":
+            check_number("schedule T", value, lo=1, hi=100_000, integer=True)
+    if "sigma_min" in cfg and "sigma_max" in cfg and not cfg["sigma_min"] < cfg["sigma_max"]:
+        raise ValueError(f"schedule sigma_min {cfg['sigma_min']} must be below sigma_max {cfg['sigma_max']}")
     if kind == "DiscreteVP":
         if "betas" in cfg:
+            betas = cfg["betas"]
+            if not isinstance(betas, list) or not 2 <= len(betas) <= 100_000 or not all(
+                    isinstance(b, (int, float)) and not isinstance(b, bool) and 0 < b < 1 for b in betas):
+                raise ValueError("schedule betas must be a list of 2 .. 100000 numbers in (0, 1)")
             return DiscreteVP(torch.tensor(cfg["betas"], dtype=F64), quantize=cfg.get("quantize", False))
         betas = betas_for(cfg["kind"], cfg.get("T", 1000))
         return DiscreteVP(betas, kind=cfg["kind"], quantize=cfg.get("quantize", False))

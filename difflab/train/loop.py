@@ -342,9 +342,13 @@ def load_run(run: str | os.PathLike, weights: str = "ema") -> tuple[Precondition
     if not isinstance(config, dict) or config.get("format") != CHECKPOINT_FORMAT or "model" not in config:
         found = config.get("format") if isinstance(config, dict) else type(config).__name__
         raise ValueError(f"{config_path} is not a difflab run config (format {found!r})")
-    missing = [k for k in ("model", "schedule", "prediction", "data") if not isinstance(config.get(k), (dict, str))]
+    missing = [k for k in ("model", "schedule", "prediction", "data") if k not in config]
     if missing:
         raise ValueError(f"{config_path} lacks the field(s) {missing} of a difflab run config; the file is damaged")
+    wrong = [k for k, kind in (("model", dict), ("schedule", dict), ("prediction", str), ("data", dict))
+             if not isinstance(config[k], kind)]
+    if wrong:
+        raise ValueError(f"{config_path}: the field(s) {wrong} have the wrong type; the file is damaged")
     wrong = [k for k in ("text_encoder", "autoencoder", "train") if config.get(k) not in (None, {})
              and not isinstance(config.get(k), dict)]
     if wrong:
