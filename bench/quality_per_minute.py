@@ -193,7 +193,7 @@ def evaluate(run: Path, n: int, steps: int, seed: int) -> dict:
               f"recall {q['recall']:.3f} class accuracy {q['class_accuracy']:.3f}")
     if kind == "difflab":
         meta = json.loads((run / "config.json").read_text())
-        from difflab.train.checkpoint import read_safetensors
+        from difflab.runfolder import read_safetensors
 
         result["train_steps"] = int(read_safetensors(run / "checkpoint.safetensors")[1]["step"])
         result["train"] = {"cpu_minutes": meta["train"]["minutes"]}

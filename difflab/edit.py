@@ -245,7 +245,7 @@ def load_clip(folder):
     """An image-text model from a folder: a SmallCLIP folder (`difflab train-clip`, `save_clip`;
     its clean towers, the ones Blended Diffusion scores x0 estimates with) or a transformers CLIP."""
     from difflab.nn.clip import HFCLIPWrapper
-    from difflab.train.checkpoint import read_json
+    from difflab.runfolder import read_json
     from difflab.train.clip import load_clip as _load
 
     folder = Path(folder)
@@ -425,7 +425,8 @@ def edit(pipe, method: str, image: Tensor, *, mask: Tensor | None = None, prompt
     from difflab.methods.ilvr import ilvr_callback
     from difflab.methods.p2p import P2PController, prompt_to_prompt, refine_mapper
     from difflab.methods.repaint import repaint
-    from difflab.methods.sdedit import sdedit, slice_sigmas
+    from difflab.core.sampling import slice_sigmas
+    from difflab.methods.sdedit import sdedit
     from difflab.pipeline import grid_for
 
     if method not in METHODS:

@@ -34,7 +34,7 @@ from difflab.core import sample, sigmas_karras
 from difflab.core.sampling import DEFAULT_SAMPLER, SAMPLERS
 from difflab.core.schedules import DiscreteVP, sigmas_spaced
 from difflab.core.validation import check_finite_tensor, check_number
-from difflab.train.checkpoint import CHECKPOINT_FORMAT, atomic_save_safetensors, read_json, write_json
+from difflab.runfolder import CHECKPOINT_FORMAT, atomic_save_safetensors, read_json, write_json
 from difflab.train.conditioning import TRAINABLE_PREFIX, load_run_latent_space, load_text_encoder
 from difflab.train.loop import load_run
 

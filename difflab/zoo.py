@@ -105,7 +105,7 @@ def publish(run: str | os.PathLike, name: str, command: str, *, n: int = 2000, s
     (sampled on `device`; on CUDA with TF32 off, so that CI's CPU re-check sees the same numbers),
     at classifier-free guidance `guidance_scale` (the scale the model is meant to be used at)."""
     from difflab.pipeline import Pipeline
-    from difflab.train.checkpoint import read_safetensors, write_json
+    from difflab.runfolder import read_safetensors, write_json
 
     run = Path(run)
     pipe = Pipeline.from_pretrained(run)

@@ -121,7 +121,9 @@ class Preconditioned(nn.Module):
             return torch.zeros_like(sigma), torch.ones_like(sigma), s, c_noise
         return s**2, -sigma * s, s, c_noise  # v
 
-    def _coeffs_for(self, x: Tensor, sigma) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def coeffs_for(self, x: Tensor, sigma) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(c_skip, c_out, c_in, c_noise) for a batch x at `sigma`, shaped to broadcast against x:
+        what a model fed the denoiser's inputs (a noise-aware classifier) needs."""
         sigma = sigma_batch(sigma, x)
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma.cpu() if sigma.device.type != "cpu" else sigma)
         dt = x.dtype
@@ -137,7 +139,7 @@ class Preconditioned(nn.Module):
         return out
 
     def forward(self, x: Tensor, sigma, **cond) -> Tensor:
-        c_skip, c_out, c_in, c_noise = self._coeffs_for(x, sigma)
+        c_skip, c_out, c_in, c_noise = self.coeffs_for(x, sigma)
         out = self._net(c_in * x, c_noise, cond)
         if self.learned_variance:
             out = out[:, : out.shape[1] // 2]
@@ -147,14 +149,14 @@ class Preconditioned(nn.Module):
         """(x0_hat, v) for a learned-variance network; v is the raw interpolation output."""
         if not self.learned_variance:
             raise ValueError("forward_with_variance needs a Preconditioned(..., learned_variance=True)")
-        c_skip, c_out, c_in, c_noise = self._coeffs_for(x, sigma)
+        c_skip, c_out, c_in, c_noise = self.coeffs_for(x, sigma)
         out = self._net(c_in * x, c_noise, cond)
         c = out.shape[1] // 2
         return c_skip * x + c_out * out[:, :c].to(x.dtype), out[:, c:]
 
     def target(self, x0: Tensor, x: Tensor, sigma) -> Tensor:
         """The regression target in the network's own space: (x0 - c_skip x) / c_out."""
-        c_skip, c_out, _, _ = self._coeffs_for(x, sigma)
+        c_skip, c_out, _, _ = self.coeffs_for(x, sigma)
         return (x0 - c_skip * x) / c_out
 
     def loss(self, x0: Tensor, sigma, noise: Tensor | None = None, **cond) -> Tensor:
@@ -167,7 +169,7 @@ class Preconditioned(nn.Module):
             noise = torch.randn_like(x0)
         if noise.shape != x0.shape:
             raise ValueError(f"noise shape {tuple(noise.shape)} != x0 shape {tuple(x0.shape)}")
-        c_skip, c_out, c_in, c_noise = self._coeffs_for(x0, sigma)
+        c_skip, c_out, c_in, c_noise = self.coeffs_for(x0, sigma)
         sig = _sigma_like(sigma, x0).to(x0.dtype)
         x = x0 + sig * noise
         out = self._net(c_in * x, c_noise, cond)

@@ -119,6 +119,16 @@ def check_grid(x: Tensor, sigmas: Tensor, *, increasing: bool = False) -> Tensor
     return sigmas.to(torch.float64)
 
 
+def slice_sigmas(sigmas: Tensor, strength: float) -> Tensor:
+    """The tail of a decreasing grid that an edit re-runs (SDEdit's t0, DiffEdit's encoding ratio):
+    the last round(strength * n) steps."""
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength (t0) must be in (0, 1], got {strength}")
+    n = len(sigmas) - 1
+    k = max(1, round(strength * n))
+    return sigmas[n - k:]
+
+
 def expand_cond(cond: dict | None, n: int) -> dict:
     """A cond dict for a batch of n: tensors of batch 1 are expanded to n, the rest kept as given."""
     out = {}

@@ -16,7 +16,8 @@ import math
 import numbers
 
 __all__ = ["check_number", "check_budget", "check_training_state", "number_arg", "check_finite_tensor", "POS_INT", "NONNEG_INT", "SEED", "POSITIVE", "NONNEG",
-           "FINITE", "UNIT", "LR", "MAX_LR", "IMAGE_SUFFIXES", "check_output_file", "check_output_folder"]
+           "FINITE", "UNIT", "LR", "MAX_LR", "IMAGE_SUFFIXES", "check_output_file", "check_output_folder",
+           "check_mask"]
 
 
 def _describe(lo, hi, lo_open: bool, hi_open: bool, integer: bool) -> str:
@@ -178,3 +179,18 @@ def check_output_folder(path, what: str = "output folder"):
         raise ValueError(f"{what} {path} is a file, not a folder")
     _probe_writable(_nearest_existing(path), f"{what} {path}")
     return path
+
+
+def check_mask(mask, x, name: str):
+    """A binary mask (N|1, 1|C, H, W) that fits images x (N, C, H, W), in x's dtype; a ValueError
+    naming `name` and what is wrong otherwise."""
+    import torch
+
+    if mask.ndim != x.ndim or mask.shape[-2:] != x.shape[-2:] or mask.shape[0] not in (1, x.shape[0]) \
+            or mask.shape[1] not in (1, x.shape[1]):
+        raise ValueError(f"{name} of shape {tuple(mask.shape)} does not fit images of shape {tuple(x.shape)}: "
+                         f"expected (N|1, 1|C, H, W)")
+    if not torch.all((mask == 0) | (mask == 1)):
+        bad = mask[(mask != 0) & (mask != 1)][0].item()
+        raise ValueError(f"{name} must be binary (0/1); found value {bad}")
+    return mask.to(x.dtype)

@@ -38,7 +38,7 @@ from difflab.core.validation import MAX_LR, check_budget, check_number, check_tr
 from difflab.data import ImageData, batch_indices
 from difflab.data._hash import seed_from
 from difflab.nn.classifier import ClassifierConfig, NoisyClassifier
-from difflab.train.checkpoint import atomic_save_safetensors, read_json, read_safetensors, write_json
+from difflab.runfolder import atomic_save_safetensors, read_json, read_safetensors, write_json
 
 __all__ = ["classifier_log_prob", "classifier_guidance", "sample_ancestral_guided", "train_classifier",
            "save_classifier", "load_classifier", "classifier_files", "preconditioning_of"]
@@ -51,7 +51,7 @@ def classifier_log_prob(classifier: NoisyClassifier, denoiser: Preconditioned, l
         if label_key not in cond:
             raise ValueError(f"classifier guidance needs the wanted labels as cond[{label_key!r}]")
         y = cond[label_key]
-        _, _, c_in, c_noise = denoiser._coeffs_for(x, sigma)
+        _, _, c_in, c_noise = denoiser.coeffs_for(x, sigma)
         logits = classifier(c_in * x, c_noise)
         return logits.float().log_softmax(-1).gather(1, y.long().reshape(-1, 1))[:, 0]
 
@@ -117,7 +117,7 @@ def train_classifier(data: ImageData, denoiser: Preconditioned, *, steps: int | 
         sigma = torch.cat([low(half, g).clamp(smin, smax),
                            (math.log(smin) + u * (math.log(smax) - math.log(smin))).exp()])
         x = x0 + sigma.float().reshape(-1, 1, 1, 1) * torch.randn(x0.shape, generator=g)
-        _, _, c_in, c_noise = denoiser._coeffs_for(x, sigma)
+        _, _, c_in, c_noise = denoiser.coeffs_for(x, sigma)
         loss = F.cross_entropy(clf(c_in * x, c_noise), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()

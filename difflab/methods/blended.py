@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from difflab.core.guidance import classifier_guidance
-from difflab.core.sampling import Step, expand_cond, noise_source, renoise, sample
-from difflab.methods.sdedit import _check_mask, slice_sigmas
+from difflab.core.sampling import Step, expand_cond, noise_source, renoise, sample, slice_sigmas
+from difflab.core.validation import check_mask
 
 __all__ = ["augment", "clip_loss", "range_loss", "blended_diffusion"]
 
@@ -78,7 +78,7 @@ def blended_diffusion(denoiser, clip, image: Tensor, edit_mask: Tensor, prompt: 
         raise ValueError(f"blended_diffusion edits one image of shape (1, C, H, W), got {tuple(image.shape)}")
     if not prompt or not prompt.strip():
         raise ValueError("blended_diffusion needs a non-empty prompt")
-    m = _check_mask(edit_mask, image, "edit_mask")
+    m = check_mask(edit_mask, image, "edit_mask")
     with torch.no_grad():
         text = clip.encode_text([prompt])
     draw = noise_source(noise)

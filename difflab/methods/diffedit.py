@@ -24,8 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from difflab.core.sampling import Step, expand_cond, invert_euler, sample_euler
-from difflab.methods.sdedit import slice_sigmas
+from difflab.core.sampling import Step, expand_cond, invert_euler, sample_euler, slice_sigmas
 
 __all__ = ["diffedit_mask", "diffedit"]
 

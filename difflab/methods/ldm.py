@@ -31,7 +31,7 @@ from difflab.core.validation import MAX_LR, check_budget, check_number, check_tr
 from difflab.data import batch_indices
 from difflab.data._hash import seed_from
 from difflab.nn.autoencoder import AutoencoderConfig, AutoencoderKL, scale_factor
-from difflab.train.checkpoint import atomic_save_safetensors, read_json, read_safetensors, write_json
+from difflab.runfolder import atomic_save_safetensors, read_json, read_safetensors, write_json
 
 __all__ = ["LatentSpace", "train_autoencoder", "save_latent_space", "load_latent_space", "scale_factor"]
 

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from difflab.core.sampling import noise_source, ancestral_step, euler_step, renoise
-from difflab.methods.sdedit import _check_mask
+from difflab.core.validation import check_mask
 
 __all__ = ["repaint", "jump_schedule"]
 
@@ -63,7 +63,7 @@ def repaint(denoiser, known: Tensor, keep_mask: Tensor, sigmas: Tensor, *, jump_
         raise ValueError("RePaint needs a strictly decreasing sigma grid ending in 0")
     if not torch.isfinite(known).all():
         raise ValueError("known image contains NaN/inf values")
-    m = _check_mask(keep_mask, known, "keep_mask")
+    m = check_mask(keep_mask, known, "keep_mask")
     draw = noise_source(noise)
     T = len(sigmas) - 1
     level_sigma = sigmas.flip(0)  # level l has noise sigma level_sigma[l]; level 0 is clean

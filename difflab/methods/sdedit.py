@@ -22,29 +22,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from difflab.core.sampling import Step, noise_source, renoise, sample
+from difflab.core.sampling import Step, noise_source, renoise, sample, slice_sigmas
+from difflab.core.validation import check_mask
 
-__all__ = ["sdedit", "slice_sigmas"]
-
-
-def slice_sigmas(sigmas: Tensor, strength: float) -> Tensor:
-    """The tail of a decreasing grid that SDEdit runs: the last round(strength * n) steps."""
-    if not 0.0 < strength <= 1.0:
-        raise ValueError(f"strength (t0) must be in (0, 1], got {strength}")
-    n = len(sigmas) - 1
-    k = max(1, round(strength * n))
-    return sigmas[n - k:]
-
-
-def _check_mask(mask: Tensor, x: Tensor, name: str) -> Tensor:
-    if mask.ndim != x.ndim or mask.shape[-2:] != x.shape[-2:] or mask.shape[0] not in (1, x.shape[0]) \
-            or mask.shape[1] not in (1, x.shape[1]):
-        raise ValueError(f"{name} of shape {tuple(mask.shape)} does not fit images of shape {tuple(x.shape)}: "
-                         f"expected (N|1, 1|C, H, W)")
-    if not torch.all((mask == 0) | (mask == 1)):
-        bad = mask[(mask != 0) & (mask != 1)][0].item()
-        raise ValueError(f"{name} must be binary (0/1); found value {bad}")
-    return mask.to(x.dtype)
+__all__ = ["sdedit"]
 
 
 def sdedit(denoiser, guide: Tensor, sigmas: Tensor, *, strength: float = 0.5, edit_mask: Tensor | None = None,
@@ -58,7 +39,7 @@ def sdedit(denoiser, guide: Tensor, sigmas: Tensor, *, strength: float = 0.5, ed
     x = renoise(guide, 0.0, float(tail[0]), draw(-1, guide))  # x(t0) = x^(g) + sigma(t0) z
     user_cb = callback
     if edit_mask is not None:
-        m = _check_mask(edit_mask, guide, "edit_mask")
+        m = check_mask(edit_mask, guide, "edit_mask")
 
         def keep_guide(step: Step):
             # outside the mask, reset to the guide perturbed to the current noise level

@@ -152,7 +152,7 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def save_classifier(net: FeatureNet, path: str | os.PathLike, name: str) -> Path:
-    from difflab.train.checkpoint import atomic_save_safetensors
+    from difflab.runfolder import atomic_save_safetensors
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -164,7 +164,7 @@ def save_classifier(net: FeatureNet, path: str | os.PathLike, name: str) -> Path
 def load_classifier(name_or_path: str | os.PathLike, root: str | os.PathLike | None = None) -> FeatureNet:
     """A committed classifier by name ("fmnist", "digits", "shapes") or a .safetensors path;
     eval mode, gradients off. `net.weights_sha256` and `net.name` are set."""
-    from difflab.train.checkpoint import read_safetensors
+    from difflab.runfolder import read_safetensors
 
     if str(name_or_path) in CLASSIFIERS:
         path = classifier_path(str(name_or_path), root)

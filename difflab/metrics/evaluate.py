@@ -260,7 +260,7 @@ def format_report(r: dict) -> str:
 
 
 def write_report(r: dict, path: str | os.PathLike) -> Path:
-    from difflab.train.checkpoint import write_json
+    from difflab.runfolder import write_json
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -212,7 +212,7 @@ def reference_stats(extractor: FeatureExtractor, dataset: str, split: str = "tra
     """Mean/covariance (and `keep` random features) of a data set split under `extractor`,
     read from the cache or computed and cached. `images` (a tensor or a function returning one)
     replaces `load_dataset(dataset, split, **data_kwargs)`; its geometry is part of the key."""
-    from difflab.train.checkpoint import atomic_save_safetensors, read_safetensors
+    from difflab.runfolder import atomic_save_safetensors, read_safetensors
 
     data_kwargs = dict(data_kwargs or {})
     if images is None:

@@ -241,7 +241,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"Inception weights file {path} does not exist. {INCEPTION_HELP}")
     if path.suffix == ".safetensors":
-        from difflab.train.checkpoint import read_safetensors
+        from difflab.runfolder import read_safetensors
 
         return read_safetensors(path)[0]
     try:

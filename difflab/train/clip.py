@@ -58,7 +58,7 @@ def _image_tower(state: dict[str, Tensor]) -> dict[str, Tensor]:
 def save_clip(clip, folder: str | os.PathLike, noise_aware=None, info: dict | None = None, **meta) -> Path:
     """config.json (kind, SmallCLIP config, info, `meta`) + model.safetensors (the clean model and,
     if given, the noise-aware image tower under "noise_aware."), each written atomically."""
-    from difflab.train.checkpoint import CHECKPOINT_FORMAT, atomic_save_safetensors, write_json
+    from difflab.runfolder import CHECKPOINT_FORMAT, atomic_save_safetensors, write_json
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -81,7 +81,7 @@ def load_clip(folder: str | os.PathLike, noise_aware: bool = False):
     """The SmallCLIP of a `difflab train-clip` folder (or of `difflab.edit.save_clip`'s older flat
     layout), eval mode and frozen; `noise_aware=True`: with SDG's fine-tuned image tower E'_I."""
     from difflab.nn.clip import SmallCLIP
-    from difflab.train.checkpoint import read_json, read_safetensors
+    from difflab.runfolder import read_json, read_safetensors
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -248,7 +248,7 @@ def train_clip_folder(out: str | os.PathLike, *, overwrite: bool = False, **kw) 
     """Train SmallCLIP contrastively (`steps`), fine-tune its noise-aware image tower
     (`noise_steps`; 0 = none), measure it on the test split, and write the folder (replacing one
     that holds a model only with `overwrite`; one writer at a time)."""
-    from difflab.train.checkpoint import new_folder
+    from difflab.runfolder import new_folder
 
     with new_folder(out, overwrite=overwrite, what="a CLIP model"):
         return _train_clip_folder(out, **kw)

@@ -28,7 +28,7 @@ import torch
 
 from difflab.core.validation import LR, NONNEG, POS_INT, POSITIVE, SEED
 from difflab.data import ImageData, load_dataset
-from difflab.train.checkpoint import new_folder
+from difflab.runfolder import new_folder
 
 __all__ = ["train_autoencoder_folder", "train_classifier_folder", "add_commands"]
 
@@ -142,7 +142,7 @@ def _test_accuracy(clf, denoiser, data: str, data_kwargs: dict | None, n: int = 
     for s in (0.1, 1.0):
         sigma = torch.full((len(x0),), s, dtype=torch.float64)
         x = x0 + s * torch.randn(x0.shape, generator=g)
-        _, _, c_in, c_noise = denoiser._coeffs_for(x, sigma)
+        _, _, c_in, c_noise = denoiser.coeffs_for(x, sigma)
         out[f"test_accuracy_sigma_{s}"] = (clf(c_in * x, c_noise).argmax(1) == y).float().mean().item()
     return out
 

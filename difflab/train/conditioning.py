@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from difflab.data import ImageData
 from difflab.nn.text import TEXT_ENCODERS, MiniLMEncoder, create_text_encoder, text_encoder_from_config
-from difflab.train.checkpoint import read_safetensors
+from difflab.runfolder import read_safetensors
 
 __all__ = ["CONDITIONINGS", "CaptionTable", "build_text_encoder", "encode_latents", "open_autoencoder",
            "load_text_encoder", "load_run_latent_space", "AUTOENCODER_FOLDER", "TRAINABLE_PREFIX"]

@@ -50,9 +50,9 @@ from difflab.train.conditioning import (
     AUTOENCODER_FOLDER, CONDITIONINGS, TRAINABLE_PREFIX, CaptionTable, build_text_encoder, encode_latents,
     open_autoencoder,
 )
-from difflab.train.checkpoint import (
-    CHECKPOINT_FORMAT, RunLock, atomic_save_safetensors, atomic_write_bytes, check_new_folder, read_json,
-    read_safetensors, remove_stale_temps, write_json,
+from difflab.runfolder import (
+    CHECKPOINT_FORMAT, RunLock, atomic_write_bytes, check_new_folder, read_run, read_safetensors, remove_stale_temps,
+    write_run_save,
 )
 
 __all__ = ["TrainConfig", "train", "build_denoiser", "load_run", "load_training_data"]
@@ -302,12 +302,8 @@ def _save(out: Path, cfg: TrainConfig, denoiser, ema: dict[str, Tensor], opt, pa
     ema_t = {f"ema.{k}": v for k, v in ema.items()}
     meta = {"format": CHECKPOINT_FORMAT, "step": str(step), "elapsed": f"{elapsed:.3f}",
             "config": json.dumps(dataclasses.asdict(cfg))}
-    atomic_save_safetensors({**raw, **ema_t, **_optimizer_tensors(opt, params)},
-                            out / "checkpoint.safetensors", metadata=meta)
-    atomic_save_safetensors(ema, out / "model.safetensors", metadata={"format": CHECKPOINT_FORMAT, "step": str(step)})
-    # written last, naming the save: a reader that finds other steps in the weights' metadata caught
-    # the folder between two saves (load_run waits for the writer, or says so)
-    write_json(out / "config.json", {**_run_config(cfg, denoiser, inputs), "saved_step": step})
+    write_run_save(out, step, checkpoint={**raw, **ema_t, **_optimizer_tensors(opt, params)}, checkpoint_meta=meta,
+                   weights=ema, config=_run_config(cfg, denoiser, inputs))
 
 
 def _log_rows_upto(log_path: Path, step: int) -> list[str]:
@@ -323,57 +319,14 @@ def _log_rows_upto(log_path: Path, step: int) -> list[str]:
     return rows
 
 
-_SAVE_WAIT_TRIES = 10  # x 0.2 s: how long load_run waits for a writer to finish a save
-
-
 def load_run(run: str | os.PathLike, weights: str = "ema") -> tuple[Preconditioned, dict]:
     """(denoiser in eval mode, config.json) of a run folder; weights "ema" or "raw"."""
-    run = Path(run)
-    if not run.is_dir():
-        raise FileNotFoundError(f"run folder {run} does not exist")
-    if weights not in ("ema", "raw"):
-        raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
-    config_path = run / "config.json"
-    config = read_json(config_path)
-    if isinstance(config, dict) and config.get("kind") in ("autoencoder", "classifier"):
-        kind = config["kind"]
-        raise ValueError(f"{run} is {'an' if kind[0] in 'aeiou' else 'a'} {kind} folder, not a diffusion run "
-                         "(`difflab train` writes those)")
-    if not isinstance(config, dict) or config.get("format") != CHECKPOINT_FORMAT or "model" not in config:
-        found = config.get("format") if isinstance(config, dict) else type(config).__name__
-        raise ValueError(f"{config_path} is not a difflab run config (format {found!r})")
-    missing = [k for k in ("model", "schedule", "prediction", "data") if k not in config]
-    if missing:
-        raise ValueError(f"{config_path} lacks the field(s) {missing} of a difflab run config; the file is damaged")
-    wrong = [k for k, kind in (("model", dict), ("schedule", dict), ("prediction", str), ("data", dict))
-             if not isinstance(config[k], kind)]
-    if wrong:
-        raise ValueError(f"{config_path}: the field(s) {wrong} have the wrong type; the file is damaged")
-    wrong = [k for k in ("text_encoder", "autoencoder", "train") if config.get(k) not in (None, {})
-             and not isinstance(config.get(k), dict)]
-    if wrong:
-        raise ValueError(f"{config_path}: the section(s) {wrong} must be JSON objects; the file is damaged")
-    d = config["data"]
-    if not isinstance(d, dict) or any(not isinstance(d.get(k), int) or isinstance(d.get(k), bool)
-                                      or not 1 <= d[k] <= 4096 for k in ("channels", "size")):
-        raise ValueError(f"{config_path}: data must name the images' channels and size as integers in 1 .. 4096, "
-                         f"got {d!r}")
+    config, tensors, path = read_run(run, weights)
+    config_path = Path(run) / "config.json"
     try:
         denoiser = build_denoiser(config["model"], config["schedule"], config["prediction"], config.get("sigma_data"))
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{config_path} does not describe a buildable model: {type(e).__name__}: {e}") from None
-    path = run / ("model.safetensors" if weights == "ema" else "checkpoint.safetensors")
-    for attempt in range(_SAVE_WAIT_TRIES):  # the files of one save: see _save
-        tensors, meta = read_safetensors(path)
-        saved = config.get("saved_step")
-        if saved is None or meta.get("step") is None or str(saved) == meta["step"]:
-            break
-        if attempt == _SAVE_WAIT_TRIES - 1:
-            raise ValueError(f"{run} is caught between two saves: {path.name} is from step {meta['step']}, "
-                             f"config.json from step {saved}. Is a training writing it? A run killed in the "
-                             "middle of a save is repaired by `difflab train --resume`")
-        time.sleep(0.2)
-        config = read_json(config_path)
     state = tensors if weights == "ema" else {k[len("model."):]: v for k, v in tensors.items()
                                               if k.startswith("model.")}
     if (config.get("text_encoder") or {}).get("kind") == "word":  # its weights: Pipeline.from_pretrained

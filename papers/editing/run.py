@@ -32,7 +32,8 @@ import torch  # noqa: E402
 from difflab.core.sampling import default_sigmas, sample  # noqa: E402
 from difflab.methods.ilvr import ilvr_callback, low_pass  # noqa: E402
 from difflab.methods.repaint import jump_schedule, repaint  # noqa: E402
-from difflab.methods.sdedit import sdedit, slice_sigmas  # noqa: E402
+from difflab.core.sampling import slice_sigmas  # noqa: E402
+from difflab.methods.sdedit import sdedit  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import sign_test  # noqa: E402
 

@@ -201,7 +201,7 @@ def run_classifier(pipe: Pipeline, p: dict, seed: int) -> None:
         for s in CLF_SIGMAS:
             x = x0 + s * torch.randn(x0.shape, generator=g)
             sigma = torch.full((len(x),), s, dtype=torch.float64)
-            _, _, c_in, c_noise = pipe.denoiser._coeffs_for(x, sigma)
+            _, _, c_in, c_noise = pipe.denoiser.coeffs_for(x, sigma)
             logits = torch.cat([clf(c_in[a:a + 250] * x[a:a + 250], c_noise[a:a + 250])
                                 for a in range(0, len(x), 250)])
             acc[key(s)] = (logits.argmax(1) == y).double().mean().item()

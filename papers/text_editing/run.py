@@ -51,7 +51,8 @@ from difflab.data.shapes import (ATTRIBUTES, COLORS, SHAPES, caption_for, make_s
 from difflab.methods.blended import blended_diffusion  # noqa: E402
 from difflab.methods.diffedit import diffedit, diffedit_mask  # noqa: E402
 from difflab.methods.p2p import P2PController, word_swap_mapper  # noqa: E402
-from difflab.methods.sdedit import sdedit, slice_sigmas  # noqa: E402
+from difflab.core.sampling import slice_sigmas  # noqa: E402
+from difflab.methods.sdedit import sdedit  # noqa: E402
 from difflab.metrics.classifiers import load_classifier, prepare_images  # noqa: E402
 from difflab.pipeline import Pipeline, grid_for  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

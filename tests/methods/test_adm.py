@@ -51,7 +51,7 @@ def test_noisy_classifier_learns_digits_and_round_trips(tmp_path):
     test = load_dataset("digits", "test")
     sigma = torch.full((len(test.images),), 0.1, dtype=torch.float64)
     x = test.images + 0.1 * torch.randn(test.images.shape, generator=torch.Generator().manual_seed(0))
-    _, _, c_in, c_noise = D._coeffs_for(x, sigma)
+    _, _, c_in, c_noise = D.coeffs_for(x, sigma)
     acc = (clf(c_in * x, c_noise).argmax(1) == test.labels).float().mean().item()
     assert acc > 0.6, acc  # chance is 0.1
     save_classifier(clf, tmp_path / "clf", info)

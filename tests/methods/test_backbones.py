@@ -20,7 +20,8 @@ from difflab.methods.diffedit import diffedit, diffedit_mask
 from difflab.methods.ilvr import ilvr_callback, low_pass
 from difflab.methods.p2p import P2PController, prompt_to_prompt
 from difflab.methods.repaint import repaint
-from difflab.methods.sdedit import sdedit, slice_sigmas
+from difflab.core.sampling import slice_sigmas
+from difflab.methods.sdedit import sdedit
 from difflab.nn import create_model
 from difflab.nn.clip import SmallCLIP, SmallCLIPConfig
 

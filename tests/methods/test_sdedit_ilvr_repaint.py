@@ -8,7 +8,8 @@ import torch
 from difflab.core import GaussianMixture, sample, sigmas_karras, sigmas_logsnr
 from difflab.methods.ilvr import ilvr_callback, low_pass
 from difflab.methods.repaint import jump_schedule, repaint
-from difflab.methods.sdedit import sdedit, slice_sigmas
+from difflab.core.sampling import slice_sigmas
+from difflab.methods.sdedit import sdedit
 
 
 def test_sdedit_output_distribution_is_exact_on_gaussian_data():

@@ -8,7 +8,7 @@ import torch
 
 from difflab.metrics import InceptionV3, feature_extractor, load_inception
 from difflab.metrics.inception import INCEPTION_HELP
-from difflab.train.checkpoint import atomic_save_safetensors
+from difflab.runfolder import atomic_save_safetensors
 
 
 @functools.lru_cache(maxsize=1)

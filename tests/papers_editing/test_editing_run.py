@@ -12,7 +12,7 @@ import torch
 
 from difflab.core import EDM, Preconditioned
 from difflab.methods.ilvr import low_pass
-from difflab.methods.sdedit import slice_sigmas
+from difflab.core.sampling import slice_sigmas
 from difflab.nn import create_model
 
 RUN = Path(__file__).resolve().parents[2] / "papers" / "editing" / "run.py"

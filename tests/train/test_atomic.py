@@ -6,10 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import difflab.train.checkpoint as checkpoint
+import difflab.runfolder as checkpoint
 from difflab.pipeline import Pipeline
 from difflab.train import train
-from difflab.train.checkpoint import atomic_save_safetensors, remove_stale_temps
+from difflab.runfolder import atomic_save_safetensors, remove_stale_temps
 from tests.train.helpers import tiny_config
 
 

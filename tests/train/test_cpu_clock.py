@@ -7,7 +7,7 @@ import time
 import pytest
 
 from difflab.train import TrainConfig, train
-from difflab.train.checkpoint import read_safetensors
+from difflab.runfolder import read_safetensors
 from tests.train.helpers import tiny_config
 
 

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from difflab.pipeline import Pipeline
-from difflab.train import loop, train
-from difflab.train.checkpoint import read_safetensors
+from difflab import runfolder
+from difflab.train import train
+from difflab.runfolder import read_safetensors
 from tests.train.helpers import REPO, run_tensors, subprocess_env, tiny_config, write_config
 
 STEPS, SAVE_EVERY, KILL_AT_SAVE = 9, 3, 2  # killed in the second save (step 6)
@@ -20,7 +21,7 @@ STEPS, SAVE_EVERY, KILL_AT_SAVE = 9, 3, 2  # killed in the second save (step 6)
 # temporary file is complete, before the rename that publishes it (the widest window there is)
 _CHILD = """
 import os, signal, sys
-import difflab.train.checkpoint as ck
+import difflab.runfolder as ck
 target, at = sys.argv[1], int(sys.argv[2])
 seen = {"n": 0}
 real_replace = os.replace
@@ -50,7 +51,7 @@ def test_sigkill_during_each_file_of_a_save(tmp_path, target, monkeypatch):
 
     # what a reader sees: the previous save whole, or (killed between the weights and config.json)
     # an error that says so and how to repair it -- never weights and a config of different saves
-    monkeypatch.setattr(loop, "_SAVE_WAIT_TRIES", 2)
+    monkeypatch.setattr(runfolder, "SAVE_WAIT_TRIES", 2)
     steps = {read_safetensors(run / n)[1]["step"] for n in ("checkpoint.safetensors", "model.safetensors")}
     if target == "config.json":
         assert steps == {"6"} and json.loads((run / "config.json").read_text())["saved_step"] == 3

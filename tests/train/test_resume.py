@@ -9,7 +9,7 @@ import time
 import torch
 
 from difflab.train import train
-from difflab.train.checkpoint import read_safetensors
+from difflab.runfolder import read_safetensors
 from tests.train.helpers import REPO, log_rows, run_tensors, subprocess_env, tiny_config, write_config
 
 STEPS, SAVE_EVERY = 40, 5

@@ -18,8 +18,8 @@ from safetensors import safe_open
 from difflab.cli import main
 from difflab.pipeline import Pipeline
 from difflab.train import train
-from difflab.train import loop
-from difflab.train.checkpoint import LOCK_NAME, RunFolderError, RunLock, atomic_save_safetensors, read_safetensors
+from difflab import runfolder
+from difflab.runfolder import LOCK_NAME, RunFolderError, RunLock, atomic_save_safetensors, read_safetensors
 from tests.train.helpers import subprocess_env, tiny_config
 
 FILES = ("checkpoint.safetensors", "model.safetensors", "config.json", "log.jsonl")
@@ -48,7 +48,7 @@ def test_a_second_writer_is_refused_naming_the_first_and_touches_nothing(run):
 
 
 def test_a_killed_holder_leaves_no_stale_lock(run):
-    code = ("import sys, time; from difflab.train.checkpoint import RunLock\n"
+    code = ("import sys, time; from difflab.runfolder import RunLock\n"
             f"l = RunLock({str(run)!r}).__enter__(); print('held', flush=True); time.sleep(60)")
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, env=subprocess_env(), text=True)
     try:
@@ -102,13 +102,13 @@ def test_a_reader_never_mixes_two_saves(run, monkeypatch):
     # a writer killed between model.safetensors (step 9) and config.json (still step 3)
     tensors, meta = read_safetensors(run / "model.safetensors")
     atomic_save_safetensors(tensors, run / "model.safetensors", metadata={**meta, "step": "9"})
-    monkeypatch.setattr(loop, "_SAVE_WAIT_TRIES", 2)
+    monkeypatch.setattr(runfolder, "SAVE_WAIT_TRIES", 2)
     with pytest.raises(ValueError, match=r"caught between two saves: model.safetensors is from step 9, config.json "
                                          r"from step 3.*difflab train --resume"):
         Pipeline.from_pretrained(run)
     # a live writer: config.json of the same save lands while the reader waits
     config = json.loads((run / "config.json").read_text())
-    monkeypatch.setattr(loop, "_SAVE_WAIT_TRIES", 20)
+    monkeypatch.setattr(runfolder, "SAVE_WAIT_TRIES", 20)
 
     def finish_the_save():
         time.sleep(0.5)

@@ -1,4 +1,7 @@
-"""Run folders: `from_pretrained`-style inference files and an atomic, resumable checkpoint.
+"""Run folders, the bottom layer every writer and reader of a model folder goes through: read
+(`read_run`, `read_json`, `read_safetensors`), write (`write_run_save`, atomic files), validate
+(`validate_run_config`: a config.json is untrusted input) and lock (`RunLock`). It imports
+nothing of difflab: train/, methods/, the pipeline and the metrics all stand on it.
 
 A run folder holds
 
@@ -35,7 +38,7 @@ from torch import Tensor
 
 __all__ = ["atomic_write_bytes", "atomic_save_safetensors", "write_json", "read_json", "read_safetensors",
            "remove_stale_temps", "CHECKPOINT_FORMAT", "RunLock", "RunFolderError", "check_new_folder", "LOCK_NAME",
-           "new_folder"]
+           "new_folder", "read_run", "validate_run_config", "write_run_save", "WEIGHT_FILES"]
 
 CHECKPOINT_FORMAT = "difflab-checkpoint-1"
 LOCK_NAME = ".difflab.lock"
@@ -230,3 +233,75 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[s
     except (SafetensorError, OSError, ValueError, RuntimeError, UnicodeDecodeError, RecursionError) as e:
         raise ValueError(f"{path} is not a readable safetensors file (truncated or foreign?): {e}") from None
     return tensors, metadata
+
+
+# --------------------------------------------------------------------------------------------
+# A diffusion run folder: config.json + model.safetensors (EMA) + checkpoint.safetensors
+# --------------------------------------------------------------------------------------------
+
+WEIGHT_FILES = {"ema": "model.safetensors", "raw": "checkpoint.safetensors"}
+SAVE_WAIT_TRIES = 10  # x 0.2 s: how long `read_run` waits for a writer to finish a save
+
+
+def write_run_save(out: str | os.PathLike, step: int, *, checkpoint: dict[str, Tensor], checkpoint_meta: dict[str, str],
+                   weights: dict[str, Tensor], config: dict) -> None:
+    """One save of a run: checkpoint.safetensors (everything `--resume` needs), model.safetensors
+    (the weights sampling uses) and config.json, in that order, each atomic, all three naming
+    `step`. config.json goes last: a reader that finds another step in the weights caught the
+    folder between two saves (`read_run` waits for the writer, or says so)."""
+    out = Path(out)
+    atomic_save_safetensors(checkpoint, out / WEIGHT_FILES["raw"], metadata={**checkpoint_meta, "step": str(step)})
+    atomic_save_safetensors(weights, out / WEIGHT_FILES["ema"], metadata={"format": CHECKPOINT_FORMAT, "step": str(step)})
+    write_json(out / "config.json", {**config, "saved_step": step})
+
+
+def validate_run_config(config: Any, config_path: Path) -> dict:
+    """A config.json read from a folder, checked before anything is built from it: a difflab run's
+    format, the fields a run needs with the right types, image geometry within bounds."""
+    if isinstance(config, dict) and config.get("kind") in ("autoencoder", "classifier", "clip"):
+        kind = config["kind"]
+        raise ValueError(f"{config_path.parent} is {'an' if kind[0] in 'aeiou' else 'a'} {kind} folder, not a "
+                         "diffusion run (`difflab train` writes those)")
+    if not isinstance(config, dict) or config.get("format") != CHECKPOINT_FORMAT or "model" not in config:
+        found = config.get("format") if isinstance(config, dict) else type(config).__name__
+        raise ValueError(f"{config_path} is not a difflab run config (format {found!r})")
+    missing = [k for k in ("model", "schedule", "prediction", "data") if k not in config]
+    if missing:
+        raise ValueError(f"{config_path} lacks the field(s) {missing} of a difflab run config; the file is damaged")
+    wrong = [k for k, kind in (("model", dict), ("schedule", dict), ("prediction", str), ("data", dict))
+             if not isinstance(config[k], kind)]
+    if wrong:
+        raise ValueError(f"{config_path}: the field(s) {wrong} have the wrong type; the file is damaged")
+    wrong = [k for k in ("text_encoder", "autoencoder", "train") if config.get(k) not in (None, {})
+             and not isinstance(config.get(k), dict)]
+    if wrong:
+        raise ValueError(f"{config_path}: the section(s) {wrong} must be JSON objects; the file is damaged")
+    d = config["data"]
+    if any(not isinstance(d.get(k), int) or isinstance(d.get(k), bool) or not 1 <= d[k] <= 4096
+           for k in ("channels", "size")):
+        raise ValueError(f"{config_path}: data must name the images' channels and size as integers in 1 .. 4096, "
+                         f"got {d!r}")
+    return config
+
+
+def read_run(run: str | os.PathLike, weights: str = "ema") -> tuple[dict, dict[str, Tensor], Path]:
+    """(config.json, the tensors of `weights` -- "ema": model.safetensors, "raw": checkpoint.safetensors
+    --, that file's path) of a run folder, both of one save: a folder caught between two saves
+    is waited for, and reported if no writer finishes it."""
+    run = Path(run)
+    if not run.is_dir():
+        raise FileNotFoundError(f"run folder {run} does not exist")
+    if weights not in WEIGHT_FILES:
+        raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
+    config_path, path = run / "config.json", run / WEIGHT_FILES[weights]
+    for attempt in range(SAVE_WAIT_TRIES):
+        config = validate_run_config(read_json(config_path), config_path)
+        tensors, meta = read_safetensors(path)
+        saved = config.get("saved_step")
+        if saved is None or meta.get("step") is None or str(saved) == meta["step"]:
+            return config, tensors, path
+        if attempt < SAVE_WAIT_TRIES - 1:
+            time.sleep(0.2)
+    raise ValueError(f"{run} is caught between two saves: {path.name} is from step {meta['step']}, config.json "
+                     f"from step {saved}. Is a training writing it? A run killed in the middle of a save is "
+                     "repaired by `difflab train --resume`")
