@@ -4,7 +4,6 @@ train-autoencoder, train-classifier, train-clip, edit."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path

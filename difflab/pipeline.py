@@ -80,7 +80,7 @@ class Pipeline:
             state.update({TRAINABLE_PREFIX + k: v for k, v in self.text_encoder.state_dict().items()})
         atomic_save_safetensors(state, path / "model.safetensors", metadata={"format": CHECKPOINT_FORMAT})
         if self.latent_space is not None:
-            from difflab.methods.ldm import save_latent_space
+            from difflab.nn.autoencoder import save_latent_space
 
             save_latent_space(self.latent_space, path / self.config["autoencoder"].get("folder", "autoencoder"))
         write_json(path / "config.json", {k: v for k, v in self.config.items() if k != "saved_step"})
@@ -161,7 +161,7 @@ class Pipeline:
     def load_classifier(self, folder: str | os.PathLike):
         """A noise-aware classifier folder (`difflab train-classifier`), checked against this model:
         same preconditioning (the classifier sees c_in x and c_noise), image shape and classes."""
-        from difflab.methods.adm import classifier_files, load_classifier, preconditioning_of
+        from difflab.nn.classifier import classifier_files, load_classifier, preconditioning_of
 
         if self.latent_space is not None:
             raise ValueError("classifier guidance works on pixel-space runs; this run samples latents")

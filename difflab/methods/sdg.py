@@ -24,22 +24,14 @@ Usage::
 
 from __future__ import annotations
 
-import copy
-import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from difflab.core.guidance import classifier_guidance
-from difflab.core.sampling import progress_range
-from difflab.core.validation import MAX_LR, check_budget, check_number, check_training_state
-from difflab.data import ImageData, batch_indices
-from difflab.data._hash import seed_from
-from difflab.nn.clip import SmallCLIP, SmallCLIPConfig
-from difflab.nn.text import WordEncoder
+from difflab.nn.clip import SmallCLIP
 
-__all__ = ["clip_input", "clip_c_noise", "train_clip", "finetune_noise_aware", "language_score", "content_score",
+__all__ = ["clip_input", "clip_c_noise", "language_score", "content_score",
            "style_score", "sdg", "caption_vocabulary"]
 
 
@@ -52,56 +44,6 @@ def clip_input(x: Tensor, sigma) -> Tensor:
 def clip_c_noise(sigma, like: Tensor) -> Tensor:
     s = torch.as_tensor(sigma, dtype=torch.float32, device=like.device).reshape(-1)
     return s.clamp(min=1e-5).log() / 4 if s.numel() == like.shape[0] else s.clamp(min=1e-5).log().expand(like.shape[0]) / 4
-
-
-def caption_vocabulary(captions) -> list[str]:
-    return sorted({w for c in captions for w in WordEncoder.words(c)})
-
-
-def train_clip(data: ImageData, *, steps: int = 2000, batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
-               config: SmallCLIPConfig | None = None, progress: bool = True) -> SmallCLIP:
-    """Contrastive image-caption training on clean images (CLIP's objective)."""
-    if data.captions is None:
-        raise ValueError(f"dataset {data.name!r} has no captions")
-    check_budget(steps, None)
-    check_number("lr", lr, lo=0, lo_open=True, hi=MAX_LR)
-    config = config or SmallCLIPConfig(vocab=caption_vocabulary(data.captions), in_channels=data.images.shape[1],
-                                       image_size=data.images.shape[-1])
-    torch.manual_seed(seed)
-    model = SmallCLIP(config)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    for step in progress_range(steps, progress, "train-clip"):
-        idx = batch_indices(len(data.images), batch_size, seed, step)
-        loss = model.contrastive_loss(data.images[idx], [data.captions[i] for i in idx.tolist()])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        check_training_state(step + 1, loss.item(), model.parameters(), f"lower lr (now {lr})")
-    return model.eval()
-
-
-def finetune_noise_aware(clip: SmallCLIP, data: ImageData, *, steps: int = 1000, batch_size: int = 128,
-                         lr: float = 1e-3, sigma_min: float = 0.01, sigma_max: float = 80.0, seed: int = 0,
-                         progress: bool = True) -> SmallCLIP:
-    """SDG's E'_I: fine-tune the image tower so E'_I(x_t, sigma) matches the frozen E_I(x_0)."""
-    teacher = copy.deepcopy(clip).eval().requires_grad_(False)
-    student = copy.deepcopy(clip).train()
-    params = [p for n, p in student.named_parameters() if not n.startswith(("text", "text_proj"))]
-    opt = torch.optim.AdamW(params, lr=lr)
-    for step in progress_range(steps, progress, "finetune-noise-aware"):
-        g = torch.Generator().manual_seed(seed_from(seed, step, 11))
-        x0 = data.images[batch_indices(len(data.images), batch_size, seed, step)]
-        u = torch.rand(len(x0), generator=g, dtype=torch.float64)
-        sigma = (math.log(sigma_min) + u * (math.log(sigma_max) - math.log(sigma_min))).exp()
-        x = x0 + sigma.float().reshape(-1, 1, 1, 1) * torch.randn(x0.shape, generator=g)
-        with torch.no_grad():
-            target = teacher.encode_image(x0)
-        pred = student.encode_image(clip_input(x, sigma), clip_c_noise(sigma, x))
-        loss = (1 - (pred * target).sum(-1)).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return student.eval().requires_grad_(False)
 
 
 def language_score(clip, prompt: str):

@@ -9,11 +9,23 @@
 `factor` f is the spatial downsampling (a power of 2: 4 and 8 are LDM's best). The latent scale
 factor 1/std(z) for the diffusion stage is computed from data by `scale_factor(ae, images)` and
 stored beside the weights (0.18215 is Stable Diffusion's for its own VAE).
+
+The latent space of LDM (Rombach et al. 2022, arXiv 2112.10752; official code CompVis/latent-diffusion)
+is `LatentSpace`: the autoencoder plus that scale, images <-> unit-variance latents, saved and read
+back as a folder (config.json with scale_factor + model.safetensors)::
+
+    space = LatentSpace(ae, scale_factor(ae, images))
+    save_latent_space(space, "runs/ae")     # `difflab train-autoencoder` writes the same folder
+    latents = load_latent_space("runs/ae").encode(images)
+
+Its trainer is `difflab.train.autoencoder.train_autoencoder`; latent diffusion itself is the
+training loop on these latents (`TrainConfig(autoencoder=...)`) and `Pipeline`'s decode.
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from dataclasses import dataclass
 
 import torch
@@ -22,8 +34,10 @@ from torch import Tensor, nn
 
 from difflab.nn.base import Backbone
 from difflab.nn.layers import group_norm
+from difflab.runfolder import atomic_save_safetensors, read_json, read_safetensors, write_json
 
-__all__ = ["AutoencoderConfig", "AutoencoderKL", "DiagonalGaussian", "scale_factor"]
+__all__ = ["AutoencoderConfig", "AutoencoderKL", "DiagonalGaussian", "scale_factor", "LatentSpace",
+           "save_latent_space", "load_latent_space"]
 
 
 @dataclass
@@ -156,3 +170,63 @@ def scale_factor(ae: AutoencoderKL, images: Tensor, batch_size: int = 256) -> fl
     """1 / std of the latent means over `images` (LDM's rescaling to unit variance)."""
     zs = [ae.encode(images[i:i + batch_size]).mode() for i in range(0, len(images), batch_size)]
     return float(1.0 / torch.cat(zs).float().std())
+
+
+class LatentSpace:
+    """An autoencoder plus its latent scale factor: images <-> unit-variance latents."""
+
+    def __init__(self, autoencoder: AutoencoderKL, scale: float):
+        if not scale > 0:
+            raise ValueError(f"latent scale factor must be positive, got {scale}")
+        self.autoencoder = autoencoder.eval().requires_grad_(False)
+        self.scale = float(scale)
+
+    @torch.no_grad()
+    def encode(self, images: Tensor, *, sample: bool = False, generator: torch.Generator | None = None,
+               batch_size: int = 256) -> Tensor:
+        out = []
+        for i in range(0, len(images), batch_size):
+            post = self.autoencoder.encode(images[i:i + batch_size])
+            out.append((post.sample(generator) if sample else post.mode()) * self.scale)
+        return torch.cat(out)
+
+    def decode(self, latents: Tensor, batch_size: int = 256) -> Tensor:
+        out = [self.autoencoder.decode(latents[i:i + batch_size] / self.scale)
+               for i in range(0, len(latents), batch_size)]
+        return torch.cat(out)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return self.autoencoder.latent_shape
+
+
+def save_latent_space(space: LatentSpace, folder: str | Path, info: dict | None = None, **meta) -> Path:
+    """config.json (kind, autoencoder config, scale_factor, info, `meta`) + model.safetensors."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_save_safetensors(space.autoencoder.state_dict(), folder / "model.safetensors")
+    write_json(folder / "config.json", {"kind": "autoencoder", "model": space.autoencoder.config_dict(),
+                                        "scale_factor": space.scale, "info": info or {}, **meta})
+    return folder
+
+
+def load_latent_space(folder: str | Path) -> LatentSpace:
+    """The latent space of a folder written by `save_latent_space` (or `difflab train-autoencoder`)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"autoencoder folder {folder} does not exist "
+                                f"(train one with `difflab train-autoencoder --out {folder}`)")
+    config, weights = folder / "config.json", folder / "model.safetensors"
+    if not config.exists() and (folder / "autoencoder.json").exists():  # written before config.json
+        config, weights = folder / "autoencoder.json", folder / "autoencoder.safetensors"
+    meta = read_json(config)
+    model = meta.get("model") if isinstance(meta, dict) else None
+    if not isinstance(model, dict) or model.get("arch") != AutoencoderKL.arch or "scale_factor" not in meta:
+        raise ValueError(f"{config} does not describe a difflab autoencoder with a scale factor")
+    ae = AutoencoderKL.from_config_dict(model)
+    state, _ = read_safetensors(weights)
+    try:
+        ae.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"{weights} does not fit its config: {e}") from None
+    return LatentSpace(ae, meta["scale_factor"])

@@ -11,14 +11,17 @@ Nichol 2021, Sec. 4 / guided-diffusion's EncoderUNetModel), used for classifier 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from difflab.core.denoiser import Preconditioned
 from difflab.nn.base import Backbone
 from difflab.nn.embeddings import TimestepEmbedder
 from difflab.nn.layers import Attention, group_norm
 from difflab.nn.unet import Downsample, ResBlock, SpatialAttention, Stage
+from difflab.runfolder import atomic_save_safetensors, read_json, read_safetensors, write_json
 
 __all__ = ["ClassifierConfig", "NoisyClassifier"]
 
@@ -121,3 +124,49 @@ class NoisyClassifier(Backbone):
         if not all_heads:
             return logits
         return {"class": logits, **{k: h(f) for k, h in self.extra_heads.items()}}
+
+
+# --------------------------------------------------------------------------------------------
+# A classifier folder: config.json (classifier config, the preconditioning it was trained on) + weights
+# --------------------------------------------------------------------------------------------
+
+
+def preconditioning_of(denoiser: Preconditioned) -> dict:
+    """What fixes the classifier's inputs (c_in x, c_noise): prediction, schedule, sigma_data."""
+    return {"prediction": denoiser.prediction, "schedule": denoiser.schedule.to_config(),
+            "sigma_data": denoiser.sigma_data}
+
+
+def save_classifier(clf: NoisyClassifier, folder: str | Path, info: dict | None = None, **meta) -> Path:
+    """config.json (kind, classifier config, info, `meta`) + model.safetensors."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_save_safetensors(clf.state_dict(), folder / "model.safetensors")
+    write_json(folder / "config.json", {"kind": "classifier", "model": clf.config_dict(), "info": info or {}, **meta})
+    return folder
+
+
+def classifier_files(folder: str | Path) -> tuple[Path, Path]:
+    """(config, weights) of a classifier folder; folders written before config.json keep classifier.*."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"classifier folder {folder} does not exist "
+                                f"(train one with `difflab train-classifier --out {folder}`)")
+    if not (folder / "config.json").exists() and (folder / "classifier.json").exists():
+        return folder / "classifier.json", folder / "classifier.safetensors"
+    return folder / "config.json", folder / "model.safetensors"
+
+
+def load_classifier(folder: str | Path) -> NoisyClassifier:
+    config, weights = classifier_files(folder)
+    meta = read_json(config)
+    model = meta.get("model") if isinstance(meta, dict) else None
+    if not isinstance(model, dict) or model.get("arch") != "classifier":
+        raise ValueError(f"{config} does not describe a difflab noisy classifier")
+    clf = NoisyClassifier.from_config_dict(model)
+    state, _ = read_safetensors(weights)
+    try:
+        clf.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"{weights} does not fit its config: {e}") from None
+    return clf.eval().requires_grad_(False)

@@ -27,7 +27,9 @@ noisy images x0 + sigma n, by the noise-aware tower and, for comparison, by the 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -35,8 +37,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from difflab.core.validation import LR, NONNEG_INT, POS_INT, SEED
-from difflab.data import ImageData
+from difflab.core.sampling import progress_range
+from difflab.core.validation import LR, MAX_LR, NONNEG_INT, POS_INT, SEED, check_budget, check_number, check_training_state
+from difflab.data import ImageData, batch_indices
+from difflab.data._hash import seed_from
+from difflab.methods.sdg import clip_c_noise, clip_input
+from difflab.nn.clip import SmallCLIP, SmallCLIPConfig
+from difflab.nn.text import WordEncoder
 
 __all__ = ["save_clip", "load_clip", "clip_metrics", "train_clip_folder", "add_command"]
 
@@ -122,7 +129,6 @@ def load_clip(folder: str | os.PathLike, noise_aware: bool = False):
 
 def _encode_images(clip, images: Tensor, sigma: float = 0.0, noise_aware: bool = False, batch: int = 250) -> Tensor:
     """E_I(x) (clean tower: c_noise 0) or E'_I(x, sigma), in chunks; x already noised."""
-    from difflab.methods.sdg import clip_c_noise, clip_input
 
     out = []
     for a in range(0, len(images), batch):
@@ -257,7 +263,6 @@ def train_clip_folder(out: str | os.PathLike, *, overwrite: bool = False, **kw) 
 def _train_clip_folder(out: str | os.PathLike, *, data: str = "shapes", data_kwargs: dict | None = None,
                        steps: int = 2000, noise_steps: int = 1000, batch_size: int = 128, lr: float = 2e-3,
                        noise_lr: float = 1e-3, seed: int = 0, eval_n: int = 2000, progress: bool = True) -> Path:
-    from difflab.methods.sdg import finetune_noise_aware, train_clip
     from difflab.train.components import _data_info, _load_images
 
     for name, value in (("steps", steps), ("batch_size", batch_size), ("eval_n", eval_n)):
@@ -345,3 +350,58 @@ def add_command(sub) -> None:
     c.add_argument("--overwrite", action="store_true", help="replace the folder --out if it already holds one")
     c.add_argument("--no-progress", action="store_true")
     c.set_defaults(func=_cmd_train_clip)
+
+
+# --------------------------------------------------------------------------------------------
+# The trainers: CLIP's contrastive loss, then SDG's noise-aware image tower E'_I
+# --------------------------------------------------------------------------------------------
+
+
+def caption_vocabulary(captions) -> list[str]:
+    return sorted({w for c in captions for w in WordEncoder.words(c)})
+
+
+def train_clip(data: ImageData, *, steps: int = 2000, batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
+               config: SmallCLIPConfig | None = None, progress: bool = True) -> SmallCLIP:
+    """Contrastive image-caption training on clean images (CLIP's objective)."""
+    if data.captions is None:
+        raise ValueError(f"dataset {data.name!r} has no captions")
+    check_budget(steps, None)
+    check_number("lr", lr, lo=0, lo_open=True, hi=MAX_LR)
+    config = config or SmallCLIPConfig(vocab=caption_vocabulary(data.captions), in_channels=data.images.shape[1],
+                                       image_size=data.images.shape[-1])
+    torch.manual_seed(seed)
+    model = SmallCLIP(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    for step in progress_range(steps, progress, "train-clip"):
+        idx = batch_indices(len(data.images), batch_size, seed, step)
+        loss = model.contrastive_loss(data.images[idx], [data.captions[i] for i in idx.tolist()])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        check_training_state(step + 1, loss.item(), model.parameters(), f"lower lr (now {lr})")
+    return model.eval()
+
+
+def finetune_noise_aware(clip: SmallCLIP, data: ImageData, *, steps: int = 1000, batch_size: int = 128,
+                         lr: float = 1e-3, sigma_min: float = 0.01, sigma_max: float = 80.0, seed: int = 0,
+                         progress: bool = True) -> SmallCLIP:
+    """SDG's E'_I: fine-tune the image tower so E'_I(x_t, sigma) matches the frozen E_I(x_0)."""
+    teacher = copy.deepcopy(clip).eval().requires_grad_(False)
+    student = copy.deepcopy(clip).train()
+    params = [p for n, p in student.named_parameters() if not n.startswith(("text", "text_proj"))]
+    opt = torch.optim.AdamW(params, lr=lr)
+    for step in progress_range(steps, progress, "finetune-noise-aware"):
+        g = torch.Generator().manual_seed(seed_from(seed, step, 11))
+        x0 = data.images[batch_indices(len(data.images), batch_size, seed, step)]
+        u = torch.rand(len(x0), generator=g, dtype=torch.float64)
+        sigma = (math.log(sigma_min) + u * (math.log(sigma_max) - math.log(sigma_min))).exp()
+        x = x0 + sigma.float().reshape(-1, 1, 1, 1) * torch.randn(x0.shape, generator=g)
+        with torch.no_grad():
+            target = teacher.encode_image(x0)
+        pred = student.encode_image(clip_input(x, sigma), clip_c_noise(sigma, x))
+        loss = (1 - (pred * target).sum(-1)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return student.eval().requires_grad_(False)

@@ -59,7 +59,8 @@ def _train_autoencoder_folder(out: str | os.PathLike, *, data: str = "shapes", d
                               lr: float = 1e-3, seed: int = 0, scale_images: int = 2048,
                               progress: bool = True, device: str | None = None) -> Path:
     from difflab.data import save_image_grid
-    from difflab.methods.ldm import LatentSpace, save_latent_space, scale_factor, train_autoencoder
+    from difflab.nn.autoencoder import LatentSpace, save_latent_space, scale_factor
+    from difflab.train.autoencoder import train_autoencoder
     from difflab.nn.autoencoder import AutoencoderConfig
 
     images = _load_images(data, data_kwargs)
@@ -99,7 +100,8 @@ def _train_classifier_folder(out: str | os.PathLike, *, data: str = "shapes", da
                              channels: int = 32, progress: bool = True) -> Path:
     from difflab.core.denoiser import Preconditioned
     from difflab.core.schedules import schedule_from_config
-    from difflab.methods.adm import preconditioning_of, save_classifier, train_classifier
+    from difflab.nn.classifier import preconditioning_of, save_classifier
+    from difflab.train.classifier import train_classifier
     from difflab.nn.classifier import ClassifierConfig
     from difflab.train.loop import TrainConfig, load_run
 

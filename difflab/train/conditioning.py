@@ -97,7 +97,7 @@ class CaptionTable:
 
 def open_autoencoder(source: str | Path, data: ImageData):
     """The LatentSpace of an autoencoder folder, checked against the images it is to encode."""
-    from difflab.methods.ldm import load_latent_space
+    from difflab.nn.autoencoder import load_latent_space
 
     space = load_latent_space(source)
     c = space.autoencoder.config
@@ -147,6 +147,6 @@ def load_run_latent_space(run: str | Path, config: dict):
     spec = config.get("autoencoder")
     if not spec:
         return None
-    from difflab.methods.ldm import load_latent_space
+    from difflab.nn.autoencoder import load_latent_space
 
     return load_latent_space(Path(run) / spec.get("folder", AUTOENCODER_FOLDER))

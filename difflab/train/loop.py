@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from difflab.core.denoiser import Preconditioned
 from difflab.core.losses import DenoisingLoss, discrete_uniform, lognormal
-from difflab.core.schedules import EDM, Schedule, schedule_from_config
+from difflab.core.schedules import EDM, schedule_from_config
 from difflab.core.validation import MAX_LR, check_budget, check_number, check_training_state
 from difflab.data import ImageData, batch_indices, load_dataset
 from difflab.data._hash import seed_from
@@ -216,7 +216,7 @@ def _run_inputs(cfg: TrainConfig, data: ImageData, out: Path, resume: bool, rank
         inputs.text_encoder = encoder if encoder.trainable else None
         inputs.extras["text_encoder"] = encoder.config_dict()
     if cfg.autoencoder:
-        from difflab.methods.ldm import save_latent_space
+        from difflab.nn.autoencoder import save_latent_space
 
         copy = out / AUTOENCODER_FOLDER  # a resumed run encodes with the copy it started with
         space = open_autoencoder(copy if resume else cfg.autoencoder, data)

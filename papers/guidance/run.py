@@ -177,7 +177,7 @@ def run_cfg(pipe: Pipeline, score: Scorer, p: dict, sampler: str, seed: int) -> 
 
 def run_classifier(pipe: Pipeline, p: dict, seed: int) -> None:
     """Train the noise-aware guide with `difflab train-classifier`; its test accuracy against sigma."""
-    from difflab.methods.adm import load_classifier
+    from difflab.nn.classifier import load_classifier
 
     folder = cache("classifier")
     args = ["train-classifier", "--data", "fashion_mnist", "--run", str(zoo.ZOO_DIR / MODEL), "--out", str(folder),
@@ -260,7 +260,8 @@ def run_adm_sampler(pipe: Pipeline, score: Scorer, p: dict, sampler: str, seed: 
     """The conditional ADM sweep's ends again with a first-order sampler (Euler = DDIM, ADM's own
     setting for eq. 14), n = uncond_n, also scoring the guide's own accuracy on the samples: is a
     failure the classifier's or the high-order sampler's?"""
-    from difflab.methods.adm import classifier_log_prob, load_classifier
+    from difflab.methods.adm import classifier_log_prob
+    from difflab.nn.classifier import load_classifier
 
     folder = _classifier_folder()
     guide = classifier_log_prob(load_classifier(folder), pipe.denoiser)

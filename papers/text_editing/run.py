@@ -489,7 +489,7 @@ def throwaway_clip(ctx: Ctx, steps: int = 50):
     """A tiny SmallCLIP trained for a few steps, cached: only for --quick's plumbing check."""
     from difflab.data import ImageData
     from difflab.edit import save_clip
-    from difflab.methods.sdg import caption_vocabulary, train_clip
+    from difflab.train.clip import caption_vocabulary, train_clip
     from difflab.nn.clip import SmallCLIPConfig
 
     if (THROWAWAY_CLIP / "model.safetensors").is_file():

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from difflab.cli import build_parser, main
-from difflab.methods.adm import load_classifier
-from difflab.methods.ldm import load_latent_space
+from difflab.nn.autoencoder import load_latent_space
+from difflab.nn.classifier import load_classifier
 from difflab.pipeline import Pipeline
 from difflab.train import train
 from tests.train.helpers import (

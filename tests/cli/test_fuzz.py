@@ -6,7 +6,6 @@ import json
 import math
 import shutil
 
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

@@ -4,9 +4,7 @@ checked before the work where the path is known up front, and nothing already wr
 Read-only and full disks are real: a tmpfs mounted read-only or 64 KiB small where this machine
 allows mounting (root), else a read-only permission (non-root) or a file-size limit (ulimit -f)."""
 
-import json
 import os
-import resource
 import subprocess
 import sys
 

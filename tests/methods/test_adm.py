@@ -5,10 +5,9 @@ import torch
 
 from difflab.core import EDM, GaussianMixture, Preconditioned, sigmas_karras
 from difflab.data import load_dataset
-from difflab.methods.adm import (
-    classifier_log_prob, load_classifier, sample_ancestral_guided, save_classifier, train_classifier,
-)
-from difflab.nn.classifier import ClassifierConfig, NoisyClassifier
+from difflab.methods.adm import classifier_log_prob, sample_ancestral_guided
+from difflab.nn.classifier import ClassifierConfig, NoisyClassifier, load_classifier, save_classifier
+from difflab.train.classifier import train_classifier
 
 
 def _bayes_log_prob(marginal):

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from difflab.data import load_dataset
-from difflab.methods.ldm import LatentSpace, load_latent_space, save_latent_space, scale_factor, train_autoencoder
+from difflab.nn.autoencoder import LatentSpace, load_latent_space, save_latent_space, scale_factor
+from difflab.train.autoencoder import train_autoencoder
 from difflab.nn.autoencoder import AutoencoderConfig, AutoencoderKL
 
 

@@ -14,7 +14,9 @@ import torch
 
 from difflab.core import EDM, Preconditioned
 from difflab.data import ImageData
-from difflab.methods.adm import classifier_log_prob, preconditioning_of, save_classifier, train_classifier
+from difflab.methods.adm import classifier_log_prob
+from difflab.nn.classifier import preconditioning_of, save_classifier
+from difflab.train.classifier import train_classifier
 from difflab.nn.classifier import ClassifierConfig, NoisyClassifier
 from difflab.nn.unet import UNet, UNetConfig
 from difflab.pipeline import Pipeline

@@ -92,7 +92,8 @@ def one_thread():
 def make_autoencoder(folder: Path, data_kwargs: dict = SHAPES16) -> Path:
     """A 5-step f=4 autoencoder folder for 16x16 shapes (quality irrelevant: plumbing only)."""
     from difflab.data import load_dataset
-    from difflab.methods.ldm import LatentSpace, save_latent_space, scale_factor, train_autoencoder
+    from difflab.nn.autoencoder import LatentSpace, save_latent_space, scale_factor
+    from difflab.train.autoencoder import train_autoencoder
     from difflab.nn.autoencoder import AutoencoderConfig
 
     data = load_dataset("shapes", "train", **data_kwargs)
