@@ -12,8 +12,8 @@ Notation (paper -> difflab, VE coordinates x = x0 + sigma n):
 
 Usage::
 
-    clf, info = train_classifier(data, denoiser, steps=2000)            # on noised images
-    save_classifier(clf, "runs/clf", info)      # config.json + model.safetensors (`difflab train-classifier`)
+    clf, info = train_classifier(data, denoiser, steps=2000)    # difflab.train.classifier, on noised images
+    save_classifier(clf, "runs/clf", info)      # difflab.nn.classifier (`difflab train-classifier` writes it)
     log_p = classifier_log_prob(clf, denoiser)
     guided = classifier_guidance(log_p, scale=2.0)(denoiser)            # eps (DDIM) form
     x0 = sample(guided, x, sigmas, cond={"class_labels": y})

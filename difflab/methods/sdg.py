@@ -5,7 +5,7 @@ Guidance of an *unconditional* diffusion model by the gradient of a matching sco
 
 Notation (paper -> difflab, VE coordinates x = x0 + sigma n):
     E'_I(x_t, t)               -> `clip.encode_image(clip_input(x, sigma), c_noise(sigma))`, the
-                                  image tower fine-tuned on noisy images (`finetune_noise_aware`)
+                                  image tower fine-tuned on noisy images (`difflab.train.clip.finetune_noise_aware`)
     E_T(l)                     -> `clip.encode_text([prompt])`
     language: F = cos(E'_I(x_t), E_T(l))                            -> `language_score`
     image content: F = cos(E'_I(x_t), E'_I(x'_t)), x'_t = ref + sigma n -> `content_score`
@@ -17,7 +17,8 @@ preconditioning) and c_noise = ln(sigma) / 4.
 
 Usage::
 
-    clip = train_clip(shapes, steps=2000); clip = finetune_noise_aware(clip, shapes, steps=1000)
+    clip = train_clip(shapes, steps=2000)                            # difflab.train.clip
+    clip = finetune_noise_aware(clip, shapes, steps=1000)
     guided = sdg(denoiser, language_score(clip, "a red circle"), scale=200.0)
     x0 = sample(guided, x, sigmas)
 """
@@ -32,7 +33,7 @@ from difflab.core.guidance import classifier_guidance
 from difflab.nn.clip import SmallCLIP
 
 __all__ = ["clip_input", "clip_c_noise", "language_score", "content_score",
-           "style_score", "sdg", "caption_vocabulary"]
+           "style_score", "sdg"]
 
 
 def clip_input(x: Tensor, sigma) -> Tensor:

@@ -23,7 +23,8 @@ from difflab.nn.layers import Attention, group_norm
 from difflab.nn.unet import Downsample, ResBlock, SpatialAttention, Stage
 from difflab.runfolder import atomic_save_safetensors, read_json, read_safetensors, write_json
 
-__all__ = ["ClassifierConfig", "NoisyClassifier"]
+__all__ = ["ClassifierConfig", "NoisyClassifier", "preconditioning_of", "save_classifier", "classifier_files",
+           "load_classifier"]
 
 
 @dataclass

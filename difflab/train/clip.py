@@ -45,7 +45,8 @@ from difflab.methods.sdg import clip_c_noise, clip_input
 from difflab.nn.clip import SmallCLIP, SmallCLIPConfig
 from difflab.nn.text import WordEncoder
 
-__all__ = ["save_clip", "load_clip", "clip_metrics", "train_clip_folder", "add_command"]
+__all__ = ["save_clip", "load_clip", "clip_metrics", "train_clip_folder", "add_command", "train_clip",
+           "finetune_noise_aware", "caption_vocabulary"]
 
 NOISE_AWARE_PREFIX = "noise_aware."
 _TEXT_TOWER = ("text.", "text_proj.", "logit_scale")  # shared by the clean and the noise-aware model
