@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from difflab.nn.base import Backbone
+from difflab.nn.base import Backbone, load_weights
 from difflab.nn.layers import group_norm
 from difflab.runfolder import atomic_save_safetensors, read_json, read_safetensors, write_json
 
@@ -224,9 +224,5 @@ def load_latent_space(folder: str | Path) -> LatentSpace:
     if not isinstance(model, dict) or model.get("arch") != AutoencoderKL.arch or "scale_factor" not in meta:
         raise ValueError(f"{config} does not describe a difflab autoencoder with a scale factor")
     ae = AutoencoderKL.from_config_dict(model)
-    state, _ = read_safetensors(weights)
-    try:
-        ae.load_state_dict(state)
-    except RuntimeError as e:
-        raise ValueError(f"{weights} does not fit its config: {e}") from None
+    load_weights(ae, read_safetensors(weights)[0], weights, "the autoencoder of its config")
     return LatentSpace(ae, meta["scale_factor"])

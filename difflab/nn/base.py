@@ -83,6 +83,19 @@ def config_from_dict(config_cls: type, values: dict[str, Any]) -> Any:
     return config_cls(**kwargs)
 
 
+def load_weights(net: nn.Module, state: dict[str, Tensor], path, what: str = "the network of this run") -> None:
+    """net.load_state_dict(state), with a short error naming the file when they do not fit."""
+    own = net.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        parts = [f"{len(v)} {kind} (e.g. {v[0]!r})" for kind, v in
+                 (("missing", missing), ("unexpected", unexpected), ("of another shape", wrong)) if v]
+        raise ValueError(f"{path} does not fit {what}: tensors " + ", ".join(parts))
+    net.load_state_dict(state)
+
+
 class Backbone(nn.Module):
     """Base class of difflab's denoising networks (UNet, DiT)."""
 

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from difflab.core.denoiser import Preconditioned
-from difflab.nn.base import Backbone
+from difflab.nn.base import Backbone, load_weights
 from difflab.nn.embeddings import TimestepEmbedder
 from difflab.nn.layers import Attention, group_norm
 from difflab.nn.unet import Downsample, ResBlock, SpatialAttention, Stage
@@ -165,9 +165,5 @@ def load_classifier(folder: str | Path) -> NoisyClassifier:
     if not isinstance(model, dict) or model.get("arch") != "classifier":
         raise ValueError(f"{config} does not describe a difflab noisy classifier")
     clf = NoisyClassifier.from_config_dict(model)
-    state, _ = read_safetensors(weights)
-    try:
-        clf.load_state_dict(state)
-    except RuntimeError as e:
-        raise ValueError(f"{weights} does not fit its config: {e}") from None
+    load_weights(clf, read_safetensors(weights)[0], weights, "the classifier of its config")
     return clf.eval().requires_grad_(False)

@@ -45,6 +45,7 @@ from difflab.core.validation import MAX_LR, check_budget, check_number, check_tr
 from difflab.data import ImageData, batch_indices, load_dataset
 from difflab.data._hash import seed_from
 from difflab.nn import create_model, create_model_from_config
+from difflab.nn.base import load_weights
 from difflab.nn.text import TEXT_ENCODERS
 from difflab.train.conditioning import (
     AUTOENCODER_FOLDER, CONDITIONINGS, TRAINABLE_PREFIX, CaptionTable, build_text_encoder, encode_latents,
@@ -239,11 +240,11 @@ def _model_state(denoiser: Preconditioned, text_encoder: nn.Module | None = None
 def _load_model_state(denoiser: Preconditioned, text_encoder: nn.Module | None, state: dict[str, Tensor],
                       path: Path) -> None:
     if text_encoder is None:
-        _load_weights(denoiser.net, state, path)
+        load_weights(denoiser.net, state, path)
         return
     n = len(TRAINABLE_PREFIX)
-    _load_weights(denoiser.net, {k: v for k, v in state.items() if not k.startswith(TRAINABLE_PREFIX)}, path)
-    _load_weights(text_encoder, {k[n:]: v for k, v in state.items() if k.startswith(TRAINABLE_PREFIX)}, path)
+    load_weights(denoiser.net, {k: v for k, v in state.items() if not k.startswith(TRAINABLE_PREFIX)}, path)
+    load_weights(text_encoder, {k[n:]: v for k, v in state.items() if k.startswith(TRAINABLE_PREFIX)}, path)
 
 
 def _normalised(saved: dict) -> dict:
@@ -331,21 +332,8 @@ def load_run(run: str | os.PathLike, weights: str = "ema") -> tuple[Precondition
                                               if k.startswith("model.")}
     if (config.get("text_encoder") or {}).get("kind") == "word":  # its weights: Pipeline.from_pretrained
         state = {k: v for k, v in state.items() if not k.startswith(TRAINABLE_PREFIX)}
-    _load_weights(denoiser.net, state, path)
+    load_weights(denoiser.net, state, path)
     return denoiser.eval().requires_grad_(False), config
-
-
-def _load_weights(net: nn.Module, state: dict[str, Tensor], path: Path) -> None:
-    """net.load_state_dict(state), with a short error naming the file when they do not fit."""
-    own = net.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or wrong:
-        parts = [f"{len(v)} {what} (e.g. {v[0]!r})" for what, v in
-                 (("missing", missing), ("unexpected", unexpected), ("of another shape", wrong)) if v]
-        raise ValueError(f"{path} does not fit the network of this run: tensors " + ", ".join(parts))
-    net.load_state_dict(state)
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,7 +3,6 @@ images thrown at the CLI and `Pipeline.from_pretrained`. Every outcome is exit 0
 output, or one error line with exit 2 -- never a traceback. Derandomized: CI sees the same cases."""
 
 import json
-import math
 import shutil
 
 import torch
@@ -90,7 +89,7 @@ def test_from_pretrained_with_a_corrupt_config(tiny_run, tmp_path_factory, data)
         pipe = Pipeline.from_pretrained(run)
         x = pipe(2, steps=2)
     except (ValueError, FileNotFoundError) as e:  # the two errors the CLI turns into one line
-        assert "\n" not in str(e).strip() or "Traceback" not in str(e)
+        assert str(e) and "Traceback" not in str(e)  # any other exception type fails the test
         return
     assert torch.isfinite(x).all() and x.shape[0] == 2
 
@@ -139,4 +138,3 @@ def test_finite_but_huge_guidance_is_an_error_not_a_black_grid(tiny_run, tmp_pat
     code, lines = _outcome(capsys, ["sample", "--run", tiny_run, "--n", 2, "--steps", 3, "--guidance-scale", "1e308",
                                     "--out", tmp_path / "g.png"])
     assert code == 2 and "NaN/inf" in lines[-1] and not (tmp_path / "g.png").exists()
-    assert math.isfinite(1e308)
