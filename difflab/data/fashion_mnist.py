@@ -45,7 +45,6 @@ FILES = {
 }
 COUNTS = {"train": 60000, "test": 10000}
 INSTALL_COMMAND = "apt-get update && apt-get install -y dataset-fashion-mnist"
-_INSTALL = INSTALL_COMMAND
 
 # idx type codes (third byte of the magic number) -> numpy big-endian dtype
 _IDX_DTYPES = {0x08: np.dtype(">u1"), 0x09: np.dtype(">i1"), 0x0B: np.dtype(">i2"),
@@ -104,7 +103,7 @@ def _find(root: Path, stem: str) -> Path:
             return root / name
     raise FileNotFoundError(
         f"Fashion-MNIST file {root / (stem + '.gz')} not found. Install the Debian package with "
-        f"`{_INSTALL}` (files go to {DEFAULT_ROOT}), or point root= or ${ENV_VAR} at a folder "
+        f"`{INSTALL_COMMAND}` (files go to {DEFAULT_ROOT}), or point root= or ${ENV_VAR} at a folder "
         f"holding {stem}.gz")
 
 
