@@ -38,7 +38,9 @@ from difflab.runfolder import CHECKPOINT_FORMAT, atomic_save_safetensors, read_j
 from difflab.train.conditioning import TRAINABLE_PREFIX, load_run_latent_space, load_text_encoder
 from difflab.train.loop import load_run
 
-__all__ = ["Pipeline", "grid_for"]
+__all__ = ["Pipeline", "grid_for", "NULL_CLASS"]
+
+NULL_CLASS = -1  # the class label of the unconditional model (the networks map it to their null embedding)
 
 
 def grid_for(schedule, steps: int) -> Tensor:
@@ -154,6 +156,68 @@ class Pipeline:
         device = next(self.denoiser.parameters()).device
         return states.to(device), mask.to(device)
 
+    # ---- prompts -> the network's cond, written once (sampling, editing, guidance all use these) ----
+
+    @property
+    def label_dropout(self) -> float:
+        """The fraction of labels the run dropped to the null class in training (0: it has no null class)."""
+        return float(self.config.get("train", {}).get("label_dropout", 0.0) or 0.0)
+
+    def text_cond(self, prompts, truncate: bool = False) -> dict:
+        """{"context", "context_mask"} of a list of prompts (a text-conditional model)."""
+        states, mask = self.encode_prompts(prompts, truncate)
+        return {"context": states, "context_mask": mask}
+
+    def null_cond(self, why: str | None = None) -> dict:
+        """The unconditional model's cond for a batch of 1: the empty prompt's tokens, the null class
+        (label -1), or {} for an unconditional model. With `why` (what needs it), a class-conditional
+        run trained without label dropout is refused: it never learned its null class."""
+        if self.conditioning == "text":
+            return self.text_cond([""])
+        if self.num_classes is None:
+            return {}
+        if why is not None and self.label_dropout <= 0:
+            raise ValueError(f"{why}, but this run was trained without label dropout: it has no null class")
+        return {"class_labels": torch.tensor([NULL_CLASS])}
+
+    def _known_classes(self) -> str:
+        k = self.num_classes
+        names = [str(n) for n in self.class_names]
+        return (", ".join(repr(n) for n in names) + " or " if names else "") + f"an index 0..{k - 1}"
+
+    def cond(self, prompt: str | None, flag: str = "prompt") -> dict:
+        """The cond (batch 1) of one prompt: text for a text-conditional model; a class name or index
+        for a class-conditional one; "" or None is the unconditional model. `flag` names the argument
+        in errors (a prompt of an unknown class, a prompt for an unconditional model)."""
+        if self.conditioning == "text":
+            return self.text_cond([prompt or ""])
+        if self.num_classes is None:
+            if prompt:
+                raise ValueError(f"{flag} {prompt!r}: this run's model is unconditional and takes no prompt")
+            return {}
+        if prompt is None or not prompt.strip():
+            if self.label_dropout <= 0:
+                raise ValueError(f"this run was trained without label dropout, so it has no unconditional mode: "
+                                 f"give {flag} CLASS ({self._known_classes()})")
+            return {"class_labels": torch.tensor([NULL_CLASS])}
+        text = prompt.strip()
+        lowered = [str(n).lower() for n in self.class_names]
+        if text.lower() in lowered:
+            label = lowered.index(text.lower())
+        elif text.isdigit() and int(text) < self.num_classes:
+            label = int(text)
+        else:
+            raise ValueError(f"{flag} {prompt!r} names no class of this run; known: {self._known_classes()}")
+        return {"class_labels": torch.tensor([label])}
+
+    def token_ids(self, prompt: str) -> list[int]:
+        """The text encoder's token ids of a prompt, padding left out (Prompt-to-Prompt aligns them)."""
+        if self.text_encoder is None:
+            raise self._not_text()
+        out = self.text_encoder.tokenize([prompt])
+        ids, mask = (out["input_ids"], out["attention_mask"]) if isinstance(out, dict) else out
+        return ids[0][mask[0].bool()].tolist()
+
     def _not_text(self) -> ValueError:
         hint = ": pass class_labels=... (--label) instead" if self.conditioning == "class" else ""
         return ValueError(f"prompt given, but this model is {self.conditioning}-conditional{hint}")
@@ -249,15 +313,13 @@ class Pipeline:
             b = min(n, a + batch_size)
             D, cond = self.denoiser, {}
             if text:
-                states, mask = self.encode_prompts(prompts[a:b], truncate)
-                cond = {"context": states, "context_mask": mask}
+                cond = self.text_cond(prompts[a:b], truncate)
                 if guided:
-                    u_states, u_mask = self.encode_prompts(negatives[a:b], truncate)
-                    D = cfg_guidance(guidance_scale, {"context": u_states, "context_mask": u_mask}, guidance_rescale)(D)
+                    D = cfg_guidance(guidance_scale, self.text_cond(negatives[a:b], truncate), guidance_rescale)(D)
             elif labels is not None:
                 cond = {"class_labels": labels[a:b].to(device)}
                 if guided:
-                    D = cfg_guidance(guidance_scale, {"class_labels": torch.tensor([-1])}, guidance_rescale)(D)
+                    D = cfg_guidance(guidance_scale, self.null_cond(), guidance_rescale)(D)
             if clf is not None:
                 from difflab.methods.adm import classifier_log_prob
 

@@ -139,6 +139,19 @@ def expand_cond(cond: dict | None, n: int) -> dict:
     return out
 
 
+def cat_conds(*conds: dict) -> dict:
+    """Cond dicts of batch 1 -> one dict of batch len(conds), in order; token sequences of different
+    lengths are right-padded (zeros, and False in their key masks)."""
+    out = {}
+    for key in conds[0]:
+        parts = [c[key] for c in conds]
+        if parts[0].ndim >= 2:
+            T = max(p.shape[1] for p in parts)
+            parts = [torch.nn.functional.pad(p, [0, 0] * (p.ndim - 2) + [0, T - p.shape[1]]) for p in parts]
+        out[key] = torch.cat(parts)
+    return out
+
+
 class StepRunner:
     """Calls the denoiser with a (B,) sigma and the user's cond; runs the callback."""
 

@@ -24,11 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from difflab.core.editing import EditContext, EditMethod, Knob
 from difflab.core.guidance import classifier_guidance
 from difflab.core.sampling import Step, expand_cond, noise_source, renoise, sample, slice_sigmas
 from difflab.core.validation import check_mask
+from difflab.methods.sdedit import strength_knob
 
-__all__ = ["augment", "clip_loss", "range_loss", "blended_diffusion"]
+__all__ = ["augment", "clip_loss", "range_loss", "blended_diffusion", "EDIT"]
 
 
 def augment(x: Tensor, n: int, generator: torch.Generator | None = None, min_scale: float = 0.7,
@@ -104,3 +106,35 @@ def blended_diffusion(denoiser, clip, image: Tensor, edit_mask: Tensor, prompt: 
         sims = (clip.encode_image(out) @ text.reshape(-1))
     order = sims.argsort(descending=True)
     return out[order], sims[order]
+
+
+def _edit(ctx: EditContext, *, strength: float, guidance_scale: float, lambda_range: float, n_aug: int,
+          candidates: int) -> Tensor:
+    if ctx.clip is None:
+        raise ValueError("blended needs an image-text model: --clip FOLDER (see difflab.edit.save_clip)")
+    cin = getattr(getattr(ctx.clip, "config", None), "in_channels", 3)
+    if cin != ctx.image.shape[1]:
+        raise ValueError(f"the image-text model takes {cin}-channel images; this run's are {ctx.image.shape[1]}-channel")
+    outs, sims = blended_diffusion(
+        ctx.denoiser, ctx.clip, ctx.image, ctx.mask, ctx.prompt, ctx.sigmas, scale=guidance_scale,
+        lambda_range=lambda_range, n_aug=n_aug, strength=strength, n_candidates=candidates, noise=ctx.generator,
+        method=ctx.sampler, aug_generator=torch.Generator().manual_seed(ctx.seed + 1),
+        cond=ctx.prompts.null_cond("blended guides the unconditional model"))
+    ctx.info["scores"] = sims.tolist()
+    ctx.output_tiles = [(f"{'output' if i == 0 else f'#{i + 1}'} (score {s:.2f})", o[None])
+                        for i, (o, s) in enumerate(zip(outs, sims.tolist()))]
+    return outs[:1]
+
+
+EDIT = EditMethod(
+    "blended", "Blended Diffusion (Avrahami et al. 2022, arXiv 2111.14818)",
+    "Edit the white region toward --prompt with image-text (CLIP) guidance; the background is blended in every "
+    "step and pasted back exactly.",
+    mask="required", mask_keeps="black", prompt="text", source_prompt="none", sampler="euler_ancestral",
+    knobs=(strength_knob(0.75, " (the paper skips 25 of 100 steps: 0.75)"),
+           Knob("guidance_scale", 100.0, "scale of the image-text guidance gradient", metavar="S"),
+           Knob("lambda_range", 50.0, "weight of the range loss keeping x0_hat in [-1, 1]", metavar="L", lo=0.0),
+           Knob("n_aug", 8, "augmentations averaged in the image-text loss", type=int, metavar="K", lo=1),
+           Knob("candidates", 4, "outputs generated and ranked by the image-text score", type=int, metavar="K",
+                lo=1)),
+    run=_edit)

@@ -24,9 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from difflab.core.editing import EditContext, EditMethod, Knob
+from difflab.core.guidance import cfg
 from difflab.core.sampling import Step, expand_cond, invert_euler, sample_euler, slice_sigmas
 
-__all__ = ["diffedit_mask", "diffedit"]
+__all__ = ["diffedit_mask", "diffedit", "EDIT"]
 
 
 @torch.no_grad()
@@ -90,3 +92,46 @@ def diffedit(denoiser, image: Tensor, mask: Tensor, sigmas: Tensor, query_cond: 
         return mask * step.x + (1 - mask) * inverted[step.sigma_next]
 
     return sample_euler(denoiser, x_r, tail, cond=qc, callback=keep, progress=progress)
+
+
+def _same(a: dict, b: dict) -> bool:
+    return set(a) == set(b) and all(torch.equal(a[key], b[key]) for key in a)
+
+
+def _edit(ctx: EditContext, *, strength: float, threshold: float, n_draws: int, mask_clamp: float,
+          mask_noise: float, guidance_scale: float) -> Tensor:
+    qc, rc = ctx.cond(ctx.prompt, "--prompt"), ctx.cond(ctx.source_prompt or "", "--source-prompt")
+    if _same(qc, rc):
+        raise ValueError(f"--prompt {ctx.prompt!r} and --source-prompt {ctx.source_prompt or ''!r} are the same "
+                         "condition: DiffEdit needs two different ones")
+    mask = ctx.mask
+    if mask is None:
+        sigma_mask = float(slice_sigmas(ctx.sigmas, mask_noise)[0])
+        mask = diffedit_mask(ctx.denoiser, ctx.image, qc, rc, sigma=sigma_mask, n_draws=n_draws, threshold=threshold,
+                             clamp=mask_clamp, generator=ctx.generator)
+        ctx.tiles.append(("mask (automatic): white = edit", ctx.mask_tile(mask)))
+        ctx.info["mask_fraction"] = float(mask.mean())
+    # the paper: DDIM-encode with the unconditional model (empty prompt / null class), decode with
+    # the query under classifier-free guidance (which, given the null condition, is D_u)
+    uc = ctx.cond("", "--source-prompt")
+    guided = cfg(guidance_scale, uc)(ctx.denoiser) if guidance_scale != 1.0 else ctx.denoiser
+    return diffedit(guided, ctx.image, mask, ctx.sigmas, qc, uc, strength=strength, progress=ctx.progress)
+
+
+EDIT = EditMethod(
+    "diffedit", "DiffEdit (Couairon et al. 2023, arXiv 2210.11427)",
+    "Find where --prompt and --source-prompt disagree (the automatic mask), DDIM-encode to ratio r, decode under "
+    "--prompt keeping the rest on the inverted path.",
+    mask="optional", mask_keeps="black", prompt="required", source_prompt="optional", sampler=None,
+    knobs=(Knob("strength", 0.5, "r: encoding ratio, the fraction of the grid inverted and re-decoded", metavar="R",
+                lo=0.0, hi=1.0, lo_open=True),
+           Knob("threshold", 0.5, "threshold on the normalised prediction difference (automatic mask)",
+                metavar="T", lo=0.0, hi=1.0),
+           Knob("n_draws", 10, "noise draws averaged for the automatic mask", type=int, metavar="K", lo=1),
+           Knob("mask_clamp", 3.0, "the mask's difference map is clipped at this multiple of its mean, then rescaled "
+                                   "to [0, 1] (the paper's removal of extreme values)", metavar="C", lo=0.0),
+           Knob("mask_noise", 0.5, "noise level of the automatic mask, as a fraction of the grid (paper: 50%%)",
+                metavar="FRAC", lo=0.0, hi=1.0, lo_open=True),
+           Knob("guidance_scale", 1.0, "classifier-free guidance s of the decoding under --prompt (the paper decodes "
+                                       "with CFG; 1 = none)", metavar="S")),
+    run=_edit)

@@ -36,9 +36,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from difflab.core.attention import AttentionHook, AttnContext, attention_hooks
-from difflab.core.sampling import Step, expand_cond, noise_source, sample
+from difflab.core.editing import EditContext, EditMethod, Knob
+from difflab.core.sampling import Step, cat_conds, expand_cond, invert_euler, noise_source, sample, slice_sigmas
 
-__all__ = ["P2PController", "prompt_to_prompt", "word_swap_mapper", "refine_mapper"]
+__all__ = ["P2PController", "prompt_to_prompt", "word_swap_mapper", "refine_mapper", "EDIT"]
 
 
 def word_swap_mapper(source_tokens: list, edit_tokens: list) -> Tensor:
@@ -200,3 +201,57 @@ def prompt_to_prompt(denoiser, model: nn.Module, x: Tensor, sigmas: Tensor, cond
     with attention_hooks(model, controller):
         return sample(denoiser, x, sigmas, method=method, cond=expand_cond(cond, n), callback=controller.callback,
                       noise=shared, progress=progress, **sampler_kw)
+
+
+def _edit(ctx: EditContext, *, edit: str, cross_replace: float, self_replace: float, self_max_pixels: int,
+          strength: float, reweight_token: int | None, reweight_scale: float) -> Tensor:
+    """Invert the real image under the source prompt, then regenerate [source, edit] from that latent."""
+    mapper, reweight = None, None
+    has_tokens = ctx.prompts.conditioning == "text"
+    if edit != "swap":
+        if not has_tokens:
+            raise ValueError(f"p2p --edit {edit} works on token maps and needs a text-conditional model; this run is "
+                             f"{ctx.prompts.conditioning}-conditional: use --edit swap")
+        if edit == "refine":
+            mapper = refine_mapper(ctx.prompts.token_ids(ctx.source_prompt), ctx.prompts.token_ids(ctx.prompt))
+        else:  # reweight
+            n_tokens = len(ctx.prompts.token_ids(ctx.prompt))
+            if reweight_token is None or not 0 <= reweight_token < n_tokens:
+                raise ValueError(f"p2p --edit reweight needs --reweight-token in 0..{n_tokens - 1} (the token of "
+                                 f"--prompt to scale), got {reweight_token}")
+            reweight = {reweight_token: reweight_scale}
+    src, dst = ctx.cond(ctx.source_prompt, "--source-prompt"), ctx.cond(ctx.prompt, "--prompt")
+    tail = slice_sigmas(ctx.sigmas, strength)
+    x_T = invert_euler(ctx.denoiser, ctx.image, tail.flip(0), cond=src, progress=ctx.progress)
+    ctl = P2PController(2, len(tail) - 1, cross_replace=cross_replace, self_replace=self_replace,
+                        self_max_pixels=self_max_pixels, mapper=mapper, reweight=reweight, store=False)
+    both = prompt_to_prompt(ctx.denoiser, ctx.denoiser, x_T, tail, cat_conds(src, dst), ctl, method=ctx.sampler,
+                            noise=ctx.generator, progress=ctx.progress)
+    ctx.tiles.append(("source (inverted and regenerated)", both[:1]))
+    if not has_tokens:
+        ctx.info["note"] = ("this run's model has no cross-attention (it is not text-conditional): the edit keeps "
+                            "the source's layout through self-attention injection only")
+    return both[1:]
+
+
+_FRACTION = dict(lo=0.0, hi=1.0)
+
+EDIT = EditMethod(
+    "p2p", "Prompt-to-Prompt (Hertz et al. 2022, arXiv 2208.01626)",
+    "DDIM-invert the input under --source-prompt, then regenerate [source, edit] from the same latent, injecting "
+    "the source's attention maps into the edit.",
+    mask=None, mask_keeps=None, prompt="required", source_prompt="required", sampler="euler",
+    knobs=(Knob("edit", "swap", "edit kind: 'swap' (the edit keeps the source's maps), 'refine' (aligned tokens), "
+                                "'reweight' (scale one token's maps); refine and reweight need token maps (a "
+                                "text-conditional model)", type=str, choices=("swap", "refine", "reweight")),
+           Knob("cross_replace", 0.8, "fraction of the steps with cross-attention injected (tau_c)", metavar="FRAC",
+                **_FRACTION),
+           Knob("self_replace", 0.4, "fraction of the steps with self-attention injected (tau_s)", metavar="FRAC",
+                **_FRACTION),
+           Knob("self_max_pixels", 256, "self-attention is injected in layers of at most this many pixels (paper: "
+                                        "16x16)", type=int, metavar="P", lo=1),
+           Knob("strength", 1.0, "fraction of the grid inverted and regenerated (1: from pure noise)", metavar="FRAC",
+                lo=0.0, hi=1.0, lo_open=True),
+           Knob("reweight_token", None, "--edit reweight: the token index to scale", type=int, metavar="I", lo=0),
+           Knob("reweight_scale", 2.0, "--edit reweight: the scale c of that token's maps", metavar="C")),
+    run=_edit)

@@ -23,10 +23,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from difflab.core.sampling import noise_source, ancestral_step, euler_step, renoise
+from difflab.core.editing import EditContext, EditMethod, Knob
+from difflab.core.sampling import Step, ancestral_step, euler_step, noise_source, renoise
 from difflab.core.validation import check_mask
 
-__all__ = ["repaint", "jump_schedule"]
+__all__ = ["repaint", "jump_schedule", "EDIT"]
 
 
 def jump_schedule(T: int, jump_length: int = 10, jump_n_sample: int = 10) -> list[int]:
@@ -92,11 +93,26 @@ def repaint(denoiser, known: Tensor, keep_mask: Tensor, sigmas: Tensor, *, jump_
             k += 1
             x = m * x_known + (1 - m) * x_unknown
             if callback is not None:
-                from difflab.core.sampling import Step
-
                 out = callback(Step(i, x, s_a, s_b, x0_hat))
                 x = x if out is None else out
         else:  # resampling: undo one step, x_a -> x_b with b = a + 1
             x = renoise(x, s_a, s_b, draw(k, x))
             k += 1
     return x
+
+
+def _edit(ctx: EditContext, *, jump_length: int, jump_n_sample: int) -> Tensor:
+    return repaint(ctx.denoiser, ctx.image, ctx.mask, ctx.sigmas, jump_length=jump_length,
+                   jump_n_sample=jump_n_sample, cond=ctx.cond(ctx.prompt), noise=ctx.generator, progress=ctx.progress)
+
+
+EDIT = EditMethod(
+    "repaint", "RePaint (Lugmayr et al. 2022, arXiv 2201.09865)",
+    "Fill the unknown (black) region; each step the known region comes from the noised input, with jumps back to "
+    "harmonise.",
+    mask="required", mask_keeps="white", prompt="class", source_prompt="none", sampler=None,
+    knobs=(Knob("jump_length", 10, "j: levels to jump back (1 with --jump-n-sample 1: no resampling)", type=int,
+                metavar="J", lo=1),
+           Knob("jump_n_sample", 10, "r: passes over each jump (1: plain replacement, no resampling)", type=int,
+                metavar="R", lo=1)),
+    run=_edit)

@@ -22,10 +22,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from difflab.core.editing import EditContext, EditMethod, Knob
 from difflab.core.sampling import Step, noise_source, renoise, sample, slice_sigmas
 from difflab.core.validation import check_mask
 
-__all__ = ["sdedit"]
+__all__ = ["sdedit", "strength_knob", "EDIT"]
 
 
 def sdedit(denoiser, guide: Tensor, sigmas: Tensor, *, strength: float = 0.5, edit_mask: Tensor | None = None,
@@ -54,3 +55,21 @@ def sdedit(denoiser, guide: Tensor, sigmas: Tensor, *, strength: float = 0.5, ed
         callback = keep_guide
     return sample(denoiser, x, tail, method=method, cond=cond, noise=noise, callback=callback,
                   progress=progress, **sampler_kw)
+
+
+def strength_knob(default: float, note: str = "") -> Knob:
+    """The edit strength t0 in (0, 1] (SDEdit's; Blended Diffusion's skipped steps)."""
+    return Knob("strength", default, "fraction of the sigma grid re-run from the noised input (SDEdit's t0), "
+                "in (0, 1]" + note, metavar="T0", lo=0.0, hi=1.0, lo_open=True)
+
+
+def _edit(ctx: EditContext, *, strength: float) -> Tensor:
+    return sdedit(ctx.denoiser, ctx.image, ctx.sigmas, strength=strength, edit_mask=ctx.mask, method=ctx.sampler,
+                  cond=ctx.cond(ctx.prompt), noise=ctx.generator, progress=ctx.progress)
+
+
+EDIT = EditMethod(
+    "sdedit", "SDEdit (Meng et al. 2022, arXiv 2108.01073)",
+    "Noise the input to t0 and denoise: small t0 stays faithful, large t0 turns strokes realistic.",
+    mask="optional", mask_keeps="black", prompt="class", source_prompt="none", sampler="euler_ancestral",
+    knobs=(strength_knob(0.5, "; 0.3-0.6 is the paper's range"),), run=_edit)

@@ -198,7 +198,7 @@ def test_argument_errors_name_the_value(pipe):
         edit(pipe, "repaint", image, mask=torch.ones(1, 1, 8, 8))
     with pytest.raises(ValueError, match=r"image of shape \(3, 16, 16\) does not fit the model, which takes \(1, 16"):
         edit(pipe, "sdedit", torch.zeros(1, 3, SIZE, SIZE))
-    with pytest.raises(ValueError, match=r"strength \(t0\) must be in \(0, 1\], got 1.5"):
+    with pytest.raises(ValueError, match=r"sdedit strength must be a finite number in \(0, 1\], got 1.5"):
         edit(pipe, "sdedit", image, strength=1.5)
     with pytest.raises(ValueError, match=r"p2p --edit refine .* needs a text-conditional model"):
         edit(pipe, "p2p", image, prompt="1", source_prompt="2", edit="refine")

@@ -91,7 +91,7 @@ def test_edit_api_refuses_a_nan_strength(tiny_run):
 
     pipe = Pipeline.from_pretrained(tiny_run)
     image = torch.zeros(1, *pipe.image_shape())
-    with pytest.raises(ValueError, match="sdedit strength must be a finite number, got nan"):
+    with pytest.raises(ValueError, match=r"sdedit strength must be a finite number in \(0, 1\], got nan"):
         edit(pipe, "sdedit", image, strength=math.nan, steps=2)
 
 

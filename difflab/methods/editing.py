@@ -1,0 +1,23 @@
+"""The registry of training-free editing methods: name -> the `EditMethod` its module exports.
+
+`difflab edit` builds one subcommand per entry, with flags from its knobs; `difflab.edit.edit`
+runs an entry on one image; a UI reads the same titles, knobs, defaults and ranges. A new editor
+exports `EDIT` (a `difflab.core.editing.EditMethod`) from its module and is listed here.
+"""
+
+from __future__ import annotations
+
+from difflab.core.editing import EditMethod
+from difflab.methods import blended, diffedit, ilvr, p2p, repaint, sdedit
+
+__all__ = ["EDIT_METHODS", "edit_method"]
+
+EDIT_METHODS: dict[str, EditMethod] = {m.name: m for m in (sdedit.EDIT, ilvr.EDIT, repaint.EDIT, blended.EDIT,
+                                                            diffedit.EDIT, p2p.EDIT)}
+
+
+def edit_method(name: str) -> EditMethod:
+    """The registry's entry for `name`; a ValueError listing the known ones otherwise."""
+    if name not in EDIT_METHODS:
+        raise ValueError(f"unknown edit method {name!r}; known: {', '.join(EDIT_METHODS)}")
+    return EDIT_METHODS[name]
