@@ -3,7 +3,7 @@ DiTs on Fashion-MNIST latents -- the paper's claim that sample quality improves 
 the transformer's compute per forward pass (more depth/width, or smaller patches), at a fixed
 number of training steps.
 
-    python papers/dit/run.py                      # all parts (see FULL for the sizes; ~60 CPU-minutes)
+    python papers/dit/run.py                      # all parts (or python -m papers.dit.run) (see FULL for the sizes; ~60 CPU-minutes)
     python papers/dit/run.py --only train eval    # some parts; trained runs are reused (cache/)
     python papers/dit/run.py --quick              # plumbing check, written to _quick/
     python papers/dit/run.py --report             # rebuild report.md from results.json
@@ -20,12 +20,10 @@ Parts:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import matplotlib
@@ -36,8 +34,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import Results, cpu_seconds, log  # noqa: E402
+if __package__ in (None, ""):  # run as a file: python papers/dit/run.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from papers.runner import Paper, Results, Run, atomic_write_text, cpu_seconds, log, main, save_figure  # noqa: E402
 
 from difflab.metrics.evaluate import evaluate_run  # noqa: E402
 from difflab.pipeline import Pipeline  # noqa: E402
@@ -49,7 +48,6 @@ FULL = {"ae_steps": 1500, "models": ("DiT-T/4", "DiT-T/2", "DiT-XS/4", "DiT-XS/2
         "steps": 3000, "batch_size": 64, "lr": 3e-4, "n": 1000, "sample_steps": 20}
 QUICK = {"ae_steps": 20, "models": ("DiT-T/4", "DiT-T/2", "DiT-XS/2"), "steps": 20, "batch_size": 32, "lr": 3e-4,
          "n": 40, "sample_steps": 4}
-PARTS = ("ae", "train", "eval")
 
 
 def difflab(*args: str) -> float:
@@ -125,7 +123,7 @@ def spearman(a: list[float], b: list[float]) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def write_report(p: dict) -> None:
+def write_report(run: Run) -> None:
     res = Results(OUT).load()
     ev = res.get("eval")
     L = ["# DiT: FD against GFLOPs across tiny sizes (Peebles & Xie 2023)\n",
@@ -181,48 +179,35 @@ def write_report(p: dict) -> None:
         ax.set(xscale="log", xlabel="GFLOPs per forward pass", ylabel="FD-FMNIST", title="DiT on FMNIST latents")
         ax.legend()
         ax.grid(alpha=0.3)
-        (OUT / "figures").mkdir(exist_ok=True)
         fig.tight_layout()
-        fig.savefig(OUT / "figures" / "fd_vs_gflops.png", dpi=130)
-        plt.close(fig)
+        save_figure(fig, OUT / "figures" / "fd_vs_gflops.png", dpi=130)
         L.append("\n![FD vs GFLOPs](figures/fd_vs_gflops.png)\n")
-    (OUT / "report.md").write_text("\n".join(L))
-    log(f"wrote {OUT / 'report.md'}")
+    atomic_write_text(OUT / "report.md", "\n".join(L))
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", nargs="*", choices=PARTS, help="parts to run (default: all)")
-    ap.add_argument("--quick", action="store_true", help="tiny settings, to check the plumbing (writes to _quick/)")
-    ap.add_argument("--report", action="store_true", help="only rebuild report.md and the figure")
+def options(ap) -> None:
     ap.add_argument("--steps", type=int, help="training steps per model")
     ap.add_argument("--n", type=int, help="samples per model for FD")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=None)
-    args = ap.parse_args(argv)
+
+
+def configure(run: Run) -> None:
     global OUT
-    OUT = args.out or (HERE / "_quick" if args.quick else HERE)
-    (OUT / "cache").mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(1)
-    p = dict(QUICK if args.quick else FULL)
+    OUT = run.out
     for name in ("steps", "n"):
-        if getattr(args, name) is not None:
-            p[name] = getattr(args, name)
-    results = Results(OUT)
-    if not args.report:
-        for part in args.only or PARTS:
-            t0, c0 = time.perf_counter(), cpu_seconds()
-            value = {"ae": part_ae, "train": part_train}[part](p) if part != "eval" else part_eval(p, args.seed)
-            if part == "train":
-                value = {**results.load().get("train", {}), **value}
-            results.save(part, value)
-            if part == "eval":
-                results.save("settings", {k: p[k] for k in ("steps", "batch_size", "lr", "n", "sample_steps")})
-            runs = results.load().get("runs", {})
-            runs[part] = {"wall_s": round(time.perf_counter() - t0, 1), "cpu_s": round(cpu_seconds() - c0, 1)}
-            results.save("runs", runs)
-    write_report(p)
+        if getattr(run.args, name) is not None:
+            run.settings[name] = getattr(run.args, name)
+
+
+def eval_part(run: Run) -> dict:
+    value = part_eval(run.settings, run.seed)
+    run.results.save("settings", {k: run.settings[k] for k in ("steps", "batch_size", "lr", "n", "sample_steps")})
+    return value
+
+
+PAPER = Paper("dit", __doc__, parts={"ae": lambda run: part_ae(run.settings), "train": lambda run: part_train(run.settings),
+                                     "eval": eval_part},
+              report=write_report, full=FULL, quick=QUICK, options=options, configure=configure, merge=("train",))
 
 
 if __name__ == "__main__":
-    main()
+    main(PAPER)

@@ -16,11 +16,8 @@ agreement with the label of the test image an edit started from. Seeds are fixed
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import sys
-import time
 from pathlib import Path
 
 import matplotlib
@@ -34,13 +31,15 @@ from difflab.methods.ilvr import ilvr_callback, low_pass  # noqa: E402
 from difflab.methods.repaint import jump_schedule, repaint  # noqa: E402
 from difflab.core.sampling import slice_sigmas  # noqa: E402
 from difflab.methods.sdedit import sdedit  # noqa: E402
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import sign_test  # noqa: E402
+
+if __package__ in (None, ""):  # run as a file: python papers/editing/run.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from papers.runner import (Paper, Results, Run, atomic_write_text, load_tensor, log, main,  # noqa: E402
+                           save_figure, save_tensor, sign_test, timing)
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE  # --quick writes to _quick/
-RESULTS = OUT / "results.json"
-FIG = OUT / "figures"
+SORT = False  # results.json in the order the parts ran
 MODEL = "fmnist-unet-s"
 F64 = torch.float64
 NULL = -1  # the null class label: unconditional sampling
@@ -77,31 +76,6 @@ MASK_TEXT = {
 # --------------------------------------------------------------------------------------------
 # Plumbing
 # --------------------------------------------------------------------------------------------
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def load_results() -> dict:
-    return json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-
-
-def save_result(part: str, value: dict) -> None:
-    res = load_results()
-    res[part] = value
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(res, indent=1))
-
-
-def save_tensor(name: str, t: torch.Tensor) -> None:
-    (OUT / "cache").mkdir(parents=True, exist_ok=True)
-    torch.save(t.detach().cpu(), OUT / "cache" / f"{name}.pt")
-
-
-def load_tensor(name: str) -> torch.Tensor | None:
-    p = OUT / "cache" / f"{name}.pt"
-    return torch.load(p, weights_only=True) if p.exists() else None
 
 
 class Counted:
@@ -230,7 +204,7 @@ def run_sdedit(pipe, scorer, cfg: dict, seed: int = 0) -> dict:
                           "l2_to_original": float(l2(x, images).mean()), **scorer(x, labels)}
         log(f"sdedit t0={s:g}: FD {rows[f'{s:g}']['fd']:.2f}, L2 to guide {d.mean():.2f}")
     k = 8
-    save_tensor("sdedit_examples", torch.stack([images[:k], guides[:k]] + [outs[s][:k] for s in outs]))
+    save_tensor(OUT, "sdedit_examples", torch.stack([images[:k], guides[:k]] + [outs[s][:k] for s in outs]))
     return {"config": cfg, "rows": rows, "grid": "VP SDE time grid (beta 0.1 -> 20), euler_ancestral"}
 
 
@@ -313,8 +287,8 @@ def run_ilvr(pipe, scorer, cfg: dict, seed: int = 0) -> dict:
                 f"diversity {out[filt][str(N)]['diversity']:.2f}")
             if filt == "area":
                 examples[N] = x.reshape(R, k, *x.shape[1:])
-    save_tensor("ilvr_examples", torch.stack([examples[N][:, :4] for N in cfg["factors"]]))  # (nN, R, 4, C, H, W)
-    save_tensor("ilvr_refs", refs)
+    save_tensor(OUT, "ilvr_examples", torch.stack([examples[N][:, :4] for N in cfg["factors"]]))  # (nN, R, 4, C, H, W)
+    save_tensor(OUT, "ilvr_refs", refs)
     out["config"] = cfg
     out["sampler"] = f"euler_ancestral, default_sigmas ({cfg['steps']} steps), refinement at every step"
     return out
@@ -403,7 +377,7 @@ def run_repaint(pipe, scorer, cfg: dict, seed: int = 0, *, images_fn=None, cond=
             log(f"repaint {kind} {name} (T={T}, j={j}, r={r}, {calls:.0f} calls): FD {row[name]['fd']:.2f}, "
                 f"agreement {row[name]['class_agreement']:.3f}, known max diff {row[name]['known_max_abs_diff']:.1e}")
         res["masks"][kind] = row
-        save_tensor(f"{prefix}_examples_{kind}", torch.stack(ex))
+        save_tensor(OUT, f"{prefix}_examples_{kind}", torch.stack(ex))
     images, labels = torch.cat(all_images), torch.cat(all_labels)
     res["pooled"] = {"original": scorer(images, labels)}
     for name in variants:
@@ -489,7 +463,7 @@ def run_repaint_paper(pipe, scorer, cfg: dict, seed: int = 0) -> dict:
         out = repaint(D, images, keep, sig, jump_length=cfg["jump_length"], jump_n_sample=cfg["jump_n_sample"],
                       cond=null_cond(len(images)), noise=torch.Generator().manual_seed(seed))
     pred = scorer.predict(out)
-    save_tensor("repaint_paper", torch.stack([images, images * keep, out]))
+    save_tensor(OUT, "repaint_paper", torch.stack([images, images * keep, out]))
     return {"config": cfg, "calls": D.per_image(len(images)), "masks": [m for m in MASKS for _ in range(k)],
             "known_max_abs_diff": known_max_diff(out, images, keep),
             "agreement": (pred == labels).tolist(), "original_correct": (scorer.predict(images) == labels).tolist()}
@@ -509,16 +483,12 @@ def _show(ax, img: torch.Tensor, title: str | None = None) -> None:
 
 
 def _save(fig, name: str) -> Path:
-    FIG.mkdir(parents=True, exist_ok=True)
-    path = FIG / name
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_figure(fig, OUT / "figures" / name, dpi=100, bbox_inches="tight")
 
 
 def figure_sdedit(res: dict) -> Path | None:
     r = res.get("sdedit")
-    ex = load_tensor("sdedit_examples")
+    ex = load_tensor(OUT, "sdedit_examples")
     if not r or ex is None:
         return None
     rows = r["rows"]
@@ -547,7 +517,7 @@ def figure_sdedit(res: dict) -> Path | None:
 
 def figure_ilvr(res: dict) -> Path | None:
     r = res.get("ilvr")
-    ex, refs = load_tensor("ilvr_examples"), load_tensor("ilvr_refs")
+    ex, refs = load_tensor(OUT, "ilvr_examples"), load_tensor(OUT, "ilvr_refs")
     if not r or ex is None:
         return None
     Ns = sorted(int(n) for n in r["area"])
@@ -600,7 +570,7 @@ def figure_repaint(res: dict) -> Path | None:
     r = res.get("repaint")
     if not r:
         return None
-    exs = {kind: load_tensor(f"repaint_examples_{kind}") for kind in MASKS}
+    exs = {kind: load_tensor(OUT, f"repaint_examples_{kind}") for kind in MASKS}
     if any(v is None for v in exs.values()):
         return None
     names = ["original", "known region", "replace\n(same T)", "replace\n(equal calls)", "resample\n(RePaint)"]
@@ -621,7 +591,7 @@ def figure_repaint(res: dict) -> Path | None:
 
 def figure_repaint_rgb(p: dict, prefix: str) -> Path | None:
     """Two examples per mask: original, known region, replace, replace (equal calls), resample (RGB)."""
-    exs = {kind: load_tensor(f"{prefix}_examples_{kind}") for kind in MASKS}
+    exs = {kind: load_tensor(OUT, f"{prefix}_examples_{kind}") for kind in MASKS}
     if any(v is None for v in exs.values()):
         return None
     names = ["original", "known", "replace", "replace\n(equal calls)", "resample\n(RePaint)"]
@@ -643,7 +613,7 @@ def figure_repaint_rgb(p: dict, prefix: str) -> Path | None:
 
 
 def figure_repaint_paper(res: dict) -> Path | None:
-    r, ex = res.get("repaint_paper"), load_tensor("repaint_paper")
+    r, ex = res.get("repaint_paper"), load_tensor(OUT, "repaint_paper")
     if not r or ex is None:
         return None
     n = ex.shape[1]
@@ -813,9 +783,9 @@ def _repaint_table(p: dict, fd_name: str) -> list[str]:
 
 
 def write_report() -> None:
-    res = load_results()
+    res = Results(OUT, SORT).load()
     L = ["# Editing with a pretrained model: SDEdit, ILVR, RePaint on Fashion-MNIST (and RePaint on shapes)\n"]
-    meta = res.get("meta", {})
+    meta = timing(res, PAPER.parts)
     L.append(
         f"Produced by `python papers/editing/run.py` (numbers from `results.json`; `--report` rebuilds this "
         f"page). Model: the zoo's `{MODEL}` (class-conditional UNet, 32x32 padded Fashion-MNIST, EDM "
@@ -937,7 +907,7 @@ def write_report() -> None:
         if fig:
             L.append(f"\n![repaint shapes](figures/{fig.name})\n")
     L.extend(notes(res))
-    (OUT / "report.md").write_text("\n".join(L) + "\n")
+    atomic_write_text(OUT / "report.md", "\n".join(L) + "\n")
     log(f"wrote {OUT / 'report.md'}")
 
 
@@ -989,7 +959,7 @@ def notes(res: dict) -> list[str]:
              "code's jumps start one level above clean. Fixed in `difflab/methods/repaint.py` (jumps at levels 1, "
              "1 + j, ...; tested in tests/methods) before the RePaint numbers above were produced; the number of "
              "network calls is unchanged (2410 at 250/10/10).")
-    meta = res.get("meta", {})
+    meta = timing(res, PAPER.parts)
     parts = "; ".join(f"{k} {v['cpu_s'] / 60:.1f}" for k, v in meta.get("parts", {}).items())
     L.append("- **Budgets.** SDEdit's grid (40 steps over t in [0, 1]) and RePaint's reduced schedule are far "
              "shorter than the papers' 1000-step chains and T = 250, j = r = 10; the paper schedule is run on "
@@ -999,49 +969,38 @@ def notes(res: dict) -> list[str]:
     return L
 
 
-PARTS = {"sdedit": run_sdedit, "sdedit_floor": run_sdedit_floor, "ilvr": run_ilvr, "repaint": run_repaint,
-         "repaint_paper": run_repaint_paper, "repaint_shapes": run_repaint_shapes}
-
-
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", nargs="*", choices=list(PARTS), help="parts to run (default: all)")
-    ap.add_argument("--quick", action="store_true", help="a 1-minute smoke run (written to _quick/)")
-    ap.add_argument("--report", action="store_true", help="only rebuild report.md and the figures")
-    ap.add_argument("--out", type=Path, default=None, help="output folder (default: this folder; _quick/ with --quick)")
-    ap.add_argument("--seed", type=int, default=0)
+def options(ap) -> None:
     ap.add_argument("--shapes-model", default="shapes-text-unet",
                     help="repaint_shapes: a text-conditional shapes model (zoo name or run folder)")
-    args = ap.parse_args(argv)
-    global OUT, RESULTS, FIG, SHAPES_MODEL
-    SHAPES_MODEL = args.shapes_model
-    OUT = args.out or (HERE / "_quick" if args.quick else HERE)
-    OUT.mkdir(parents=True, exist_ok=True)
-    RESULTS, FIG = OUT / "results.json", OUT / "figures"
-    torch.set_num_threads(1)
-    if not args.report:
-        from difflab import zoo
 
-        cfgs = QUICK if args.quick else FULL
-        pipe = zoo.load(MODEL)
-        pipe.denoiser.eval()
-        scorer = Scorer(pipe)
-        w0, c0 = time.time(), time.process_time()
-        meta = load_results().get("meta", {"parts": {}})
-        for part in args.only or list(PARTS):
-            w, c = time.time(), time.process_time()
-            save_result(part, PARTS[part](pipe, scorer, cfgs[part], args.seed))
-            meta["parts"][part] = {"wall_s": round(time.time() - w, 1), "cpu_s": round(time.process_time() - c, 1)}
-            log(f"{part} done in {time.time() - w:.0f}s wall, {time.process_time() - c:.0f}s CPU")
-        meta["parts"] = {k: meta["parts"][k] for k in PARTS if k in meta["parts"]}
-        meta.update(wall_min=sum(v["wall_s"] for v in meta["parts"].values()) / 60,
-                    cpu_min=sum(v["cpu_s"] for v in meta["parts"].values()) / 60, threads=torch.get_num_threads(),
-                    torch=torch.__version__, command=" ".join(["python", "papers/editing/run.py"] + sys.argv[1:]),
-                    quick=args.quick)
-        save_result("meta", meta)
-        log(f"all done in {time.time() - w0:.0f}s wall, {time.process_time() - c0:.0f}s CPU")
-    write_report()
+
+def configure(run: Run) -> None:
+    global OUT, SHAPES_MODEL
+    SHAPES_MODEL = run.args.shapes_model
+    OUT = run.out
+
+
+def setup(run: Run) -> tuple:
+    from difflab import zoo
+
+    pipe = zoo.load(MODEL)
+    pipe.denoiser.eval()
+    Results(OUT, SORT).save("meta", {"threads": torch.get_num_threads(), "torch": torch.__version__,
+                                     "command": " ".join(["python", "papers/editing/run.py"] + sys.argv[1:]),
+                                     "quick": run.quick})
+    return pipe, Scorer(pipe)
+
+
+def _part(fn):
+    return lambda run: fn(*run.state, run.settings[fn.__name__.removeprefix("run_")], run.seed)
+
+
+PAPER = Paper("editing", __doc__, parts={name: _part(fn) for name, fn in (
+    ("sdedit", run_sdedit), ("sdedit_floor", run_sdedit_floor), ("ilvr", run_ilvr), ("repaint", run_repaint),
+    ("repaint_paper", run_repaint_paper), ("repaint_shapes", run_repaint_shapes))},
+    report=lambda run: write_report(), full=FULL, quick=QUICK, options=options, configure=configure, setup=setup,
+    sort_keys=SORT)
 
 
 if __name__ == "__main__":
-    main()
+    main(PAPER)

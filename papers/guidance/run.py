@@ -20,7 +20,6 @@ the same initial noise and label (i % 10) in every row of every sweep.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -36,8 +35,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import cpu_seconds, key, log, prop_se, trend  # noqa: E402
+if __package__ in (None, ""):  # run as a file: python papers/guidance/run.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from papers.runner import (Paper, Results, Run, atomic_write_text, cache_path, cpu_seconds, key, log,  # noqa: E402
+                           main, prop_se, save_figure, save_tensor, trend)
 
 from difflab import zoo  # noqa: E402
 from difflab.core.sampling import DEFAULT_SAMPLER  # noqa: E402
@@ -48,6 +49,7 @@ from difflab.pipeline import Pipeline  # noqa: E402
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 OUT = HERE  # --out moves results.json, cache/, figures/ and report.md (quick runs go to _quick/)
+SORT = True  # results.json keys sorted
 MODEL = "fmnist-unet-s"
 METRICS = ("fd", "precision", "recall", "class_accuracy", "inception_score")
 # the null-class sweep is the optional one: fewer samples and scales keep the run near 35 CPU-minutes
@@ -63,25 +65,6 @@ CLF_SIGMAS = (0.002, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 20.0, 80.0)  # 0.002 = sigma
 # --------------------------------------------------------------------------------------------
 # Plumbing
 # --------------------------------------------------------------------------------------------
-
-
-
-
-def load_results() -> dict:
-    path = OUT / "results.json"
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def save_result(part: str, value) -> None:
-    res = load_results()
-    res[part] = value
-    (OUT / "results.json").write_text(json.dumps(res, indent=1, sort_keys=True))
-
-
-def cache(name: str) -> Path:
-    (OUT / "cache").mkdir(parents=True, exist_ok=True)
-    return OUT / "cache" / name
-
 
 
 def unconditional_view(pipe: Pipeline) -> Pipeline:
@@ -160,7 +143,7 @@ def run_real(pipe: Pipeline, score: Scorer, p: dict, sampler: str, seed: int) ->
                       for k in METRICS}}
         res[str(n)] = out
         log(f"real, sets of {n}: " + ", ".join(f"{k} {out['mean'][k]:.4f} ± {out['sd'][k]:.4f}" for k in METRICS))
-    save_result("real", res)
+    Results(OUT, SORT).save("real", res)
 
 
 def run_cfg(pipe: Pipeline, score: Scorer, p: dict, sampler: str, seed: int) -> None:
@@ -170,8 +153,8 @@ def run_cfg(pipe: Pipeline, score: Scorer, p: dict, sampler: str, seed: int) -> 
     log(f"cfg: w in {list(p['w'])}, n {p['n']}, {p['steps']} steps {sampler}")
     rows, grids = sweep(pipe, settings, labels, steps=p["steps"], seed=seed, score=score, sampler=sampler,
                         keep=p["keep"], batch_size=p["batch_size"])
-    torch.save(grids, cache("grid_cfg.pt"))
-    save_result("cfg", {**_settings_meta(p, sampler, seed), "convention": "w (paper); guidance_scale = 1 + w",
+    save_tensor(OUT, "grid_cfg", grids)
+    Results(OUT, SORT).save("cfg", {**_settings_meta(p, sampler, seed), "convention": "w (paper); guidance_scale = 1 + w",
                         "rows": rows})
 
 
@@ -179,7 +162,7 @@ def run_classifier(pipe: Pipeline, p: dict, seed: int) -> None:
     """Train the noise-aware guide with `difflab train-classifier`; its test accuracy against sigma."""
     from difflab.nn.classifier import load_classifier
 
-    folder = cache("classifier")
+    folder = cache_path(OUT, "classifier")
     args = ["train-classifier", "--data", "fashion_mnist", "--run", str(zoo.ZOO_DIR / MODEL), "--out", str(folder),
             "--steps", str(p["clf_steps"]), "--seed", str(seed), "--no-progress"]
     shown = "difflab " + " ".join(os.path.relpath(a, REPO) if a.startswith("/") else a for a in args)
@@ -208,7 +191,7 @@ def run_classifier(pipe: Pipeline, p: dict, seed: int) -> None:
     out = {"command": shown, "folder": os.path.relpath(folder, REPO), "train_seconds": round(seconds, 1),
            "train_cpu_seconds": round(cpu, 1), "info": meta["info"], "params": sum(q.numel() for q in clf.parameters()),
            "eval_n": len(idx), "accuracy_by_sigma": acc}
-    save_result("classifier", out)
+    Results(OUT, SORT).save("classifier", out)
     log(f"classifier: {seconds:.0f} s ({cpu:.0f} CPU-s), accuracy by sigma {acc}")
 
 
@@ -229,7 +212,7 @@ def run_adm(pipe: Pipeline, score: Scorer, p: dict, sampler: str, seed: int, unc
     target = unconditional_view(pipe) if unconditional else pipe
     part = "adm_uncond" if unconditional else "adm"
     # scale 0 on the conditional model is the CFG sweep's w = 0 (same n, steps, sampler, seed): reuse it
-    done = load_results().get("cfg", {})
+    done = Results(OUT, SORT).load().get("cfg", {})
     reuse = (not unconditional and 0.0 in p["scales"] and "0" in done.get("rows", {})
              and (OUT / "cache" / "grid_cfg.pt").exists()
              and all(done.get(k, 256 if k == "batch_size" else None) == v  # 256: Pipeline's default
@@ -250,8 +233,8 @@ def run_adm(pipe: Pipeline, score: Scorer, p: dict, sampler: str, seed: int, unc
     if reuse:
         rows = {"0": {**done["rows"]["0"], "reused": "cfg w = 0"}, **rows}
         grids = {"0": torch.load(OUT / "cache" / "grid_cfg.pt", weights_only=True)["0"], **grids}
-    torch.save(grids, cache(f"grid_{part}.pt"))
-    save_result(part, {**_settings_meta(p, sampler, seed), "model_branch": "null class" if unconditional else
+    save_tensor(OUT, f"grid_{part}", grids)
+    Results(OUT, SORT).save(part, {**_settings_meta(p, sampler, seed), "model_branch": "null class" if unconditional else
                        "conditional", "guidance": "D + s sigma^2 grad log p(y | x, sigma) (ADM eq. 14, eps form)",
                        "rows": rows})
 
@@ -281,7 +264,7 @@ def run_adm_sampler(pipe: Pipeline, score: Scorer, p: dict, sampler: str, seed: 
         log(f"adm_sampler: {smp}, scales {list(p['diag_scales'])}, n {q['n']}, {q['steps']} steps")
         rows[smp], _ = sweep(pipe, settings, labels, steps=q["steps"], seed=seed, score=score_with_guide,
                              sampler=smp, keep=1, batch_size=q["batch_size"])
-    save_result("adm_sampler", {**_settings_meta(q, sampler, seed), "samplers": rows})
+    Results(OUT, SORT).save("adm_sampler", {**_settings_meta(q, sampler, seed), "samplers": rows})
 
 
 # --------------------------------------------------------------------------------------------
@@ -313,7 +296,7 @@ def figure_grid(part: str, title: str, row_label: str) -> Path | None:
     fig.tight_layout()
     (OUT / "figures").mkdir(parents=True, exist_ok=True)
     out = OUT / "figures" / f"{part}_grid.png"
-    fig.savefig(out, dpi=110)
+    save_figure(fig, out, dpi=110)
     plt.close(fig)
     return out
 
@@ -350,7 +333,7 @@ def figure_curves(res: dict) -> Path | None:
     fig.tight_layout()
     (OUT / "figures").mkdir(parents=True, exist_ok=True)
     out = OUT / "figures" / "curves.png"
-    fig.savefig(out, dpi=110)
+    save_figure(fig, out, dpi=110)
     plt.close(fig)
     return out
 
@@ -363,8 +346,6 @@ def figure_curves(res: dict) -> Path | None:
 def real_for(res: dict, n: int | None) -> dict | None:
     """The test-image row for sets of n (None if that n was not measured)."""
     return res.get("real", {}).get(str(n)) if n else None
-
-
 
 
 def _row_values(rows: dict, metric: str) -> tuple[list[str], list[float]]:
@@ -554,7 +535,7 @@ def notes(res: dict) -> list[str]:
 
 
 def write_report() -> None:
-    res = load_results()
+    res = Results(OUT, SORT).load()
     if not res:
         raise FileNotFoundError(f"no results in {OUT / 'results.json'}: run the parts first")
     figs = {p: figure_grid(p, t, lab) for p, t, lab in (
@@ -659,10 +640,10 @@ def write_report() -> None:
                  f"{c.get('batch_size', 256)} and the ADM parts in batches of {a.get('batch_size', '?')}. "
                  "Run time per part (this machine: " + runs.get("machine", "?") + "): "
                  + ", ".join(f"{p} {v['wall_s'] / 60:.1f} min wall / {v['cpu_s'] / 60:.1f} CPU-min"
-                             for p, v in sorted(runs.items(), key=lambda kv: PARTS.index(kv[0])
-                                                if kv[0] in PARTS else 99)
+                             for p, v in sorted(runs.items(), key=lambda kv: list(PAPER.parts).index(kv[0])
+                                                if kv[0] in PAPER.parts else 99)
                              if isinstance(v, dict)) + ".\n")
-    (OUT / "report.md").write_text("\n".join(L) + "\n")
+    atomic_write_text(OUT / "report.md", "\n".join(L) + "\n")
     log(f"wrote {OUT / 'report.md'}")
 
 
@@ -670,59 +651,50 @@ def write_report() -> None:
 # Main
 # --------------------------------------------------------------------------------------------
 
-PARTS = ("real", "cfg", "classifier", "adm", "adm_uncond", "adm_sampler")
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", nargs="*", choices=PARTS, help="parts to run (default: all)")
-    ap.add_argument("--quick", action="store_true", help="tiny settings, to check the plumbing (writes to _quick/)")
-    ap.add_argument("--report", action="store_true", help="only rebuild report.md and the figures")
-    ap.add_argument("--no-report", action="store_true", help="do not write report.md at the end")
+def options(ap) -> None:
     ap.add_argument("--n", type=int, help="samples per setting (default 1000; quick 30)")
     ap.add_argument("--steps", type=int, help="sampler steps (default 10; quick 4)")
     ap.add_argument("--sampler", default=DEFAULT_SAMPLER)
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=32,
                     help="sampling batch (default 32: on a small CPU, big batches spend as much time in page "
                          "faults as in compute)")
-    ap.add_argument("--out", type=Path, default=None, help="output folder (default: this folder; _quick/ with --quick)")
-    args = ap.parse_args(argv)
+
+
+def configure(run: Run) -> None:
     global OUT
-    OUT = args.out or (HERE / "_quick" if args.quick else HERE)
-    OUT.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(1)
-    p = dict(QUICK if args.quick else FULL)
+    OUT = run.out
+    p = run.settings
     for name in ("n", "steps"):
-        if getattr(args, name) is not None:
-            p[name] = getattr(args, name)
+        if getattr(run.args, name) is not None:
+            p[name] = getattr(run.args, name)
     p["uncond_n"] = min(p["uncond_n"], p["n"])
-    p["batch_size"] = args.batch_size
+    p["batch_size"] = run.args.batch_size
     if p["uncond_n"] < 10 or p["n"] % 10 or p["uncond_n"] % 10:
         raise ValueError(f"n must be a positive multiple of 10 (class-balanced), got {p['n']}")
-    if not args.report:
-        pipe = zoo.load(MODEL)
-        score = Scorer(pipe)
-        for part in args.only or PARTS:
-            t0, c0 = time.perf_counter(), cpu_seconds()
-            if part == "real":
-                run_real(pipe, score, p, args.sampler, args.seed)
-            elif part == "cfg":
-                run_cfg(pipe, score, p, args.sampler, args.seed)
-            elif part == "classifier":
-                run_classifier(pipe, p, args.seed)
-            elif part == "adm_sampler":
-                run_adm_sampler(pipe, score, p, args.sampler, args.seed)
-            else:
-                run_adm(pipe, score, p, args.sampler, args.seed, unconditional=part == "adm_uncond")
-            runs = load_results().get("runs", {})
-            runs[part] = {"wall_s": round(time.perf_counter() - t0, 1), "cpu_s": round(cpu_seconds() - c0, 1)}
-            runs["machine"] = f"{os.cpu_count()} cores, torch {torch.__version__}, 1 thread"
-            save_result("runs", runs)
-            log(f"{part} done in {runs[part]['wall_s']:.0f} s ({runs[part]['cpu_s']:.0f} CPU-s)")
-    if not args.no_report:
-        write_report()
+
+
+def setup(run: Run) -> tuple:
+    pipe = zoo.load(MODEL)
+    return pipe, Scorer(pipe)
+
+
+def _part(fn, *, scored: bool = True, **kw):
+    def part(run: Run) -> None:
+        pipe, score = run.state
+        if scored:
+            fn(pipe, score, run.settings, run.args.sampler, run.seed, **kw)
+        else:
+            fn(pipe, run.settings, run.seed, **kw)
+    return part
+
+
+PAPER = Paper("guidance", __doc__, parts={
+    "real": _part(run_real), "cfg": _part(run_cfg), "classifier": _part(run_classifier, scored=False),
+    "adm": _part(run_adm), "adm_uncond": _part(run_adm, unconditional=True), "adm_sampler": _part(run_adm_sampler)},
+    report=lambda run: write_report(), full=FULL, quick=QUICK, options=options, configure=configure, setup=setup)
 
 
 if __name__ == "__main__":
-    main()
+    main(PAPER)

@@ -31,10 +31,8 @@ per-sample differences.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -45,8 +43,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import cpu_seconds, key, log  # noqa: E402
+if __package__ in (None, ""):  # run as a file: python papers/sdg/run.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from papers.runner import (Paper, Results, Run, atomic_write_text, key, log, main,  # noqa: E402
+                           save_figure, save_tensor)
 
 from difflab.core import sample  # noqa: E402
 from difflab.core.sampling import DEFAULT_SAMPLER, SAMPLERS  # noqa: E402
@@ -58,6 +58,7 @@ from difflab.pipeline import Pipeline, grid_for  # noqa: E402
 from difflab.train.clip import load_clip  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
+SORT = True  # results.json keys sorted
 REPO = HERE.parents[1]
 OUT = HERE  # --out moves results.json, cache/, figures/ and report.md (quick runs go to _quick/)
 RUN = "runs/shapes-text-unet"
@@ -86,25 +87,6 @@ PROMPTS = ("a large red circle on the left", "a small green square at the top", 
 # --------------------------------------------------------------------------------------------
 # Plumbing
 # --------------------------------------------------------------------------------------------
-
-
-
-
-def load_results() -> dict:
-    path = OUT / "results.json"
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def save_result(part: str, value) -> None:
-    res = load_results()
-    res[part] = value
-    (OUT / "results.json").write_text(json.dumps(res, indent=1, sort_keys=True))
-
-
-def cache(name: str) -> Path:
-    (OUT / "cache").mkdir(parents=True, exist_ok=True)
-    return OUT / "cache" / name
-
 
 
 def rel(path) -> str:
@@ -285,13 +267,13 @@ def run_kind(kind: str, models: Models, p: dict, sampler: str, seed: int) -> Non
             dm, ds = mean_se(cur[f"hit_{h}"].double() - base[f"hit_{h}"].double())
             r["attributes_gain"][h], r["attributes_gain_se"][h] = dm, ds
     tiles = [t if kind != "language" else _rendered(t) for t in targets]
-    torch.save({"grids": grids, "targets": torch.cat(tiles)}, cache(f"grid_{kind}.pt"))
+    save_tensor(OUT, f"grid_{kind}", {"grids": grids, "targets": torch.cat(tiles)})
     per_target = {}
     if kind == "language":
         for j, t in enumerate(targets):
             per_target[t] = {key(s): per_sample[key(s)]["hit_all"][j * per:(j + 1) * per].double().mean().item()
                              for s in scales}
-    save_result(kind, {"n": n, "targets": k, "per_target": per, "steps": p["steps"], "sampler": sampler,
+    Results(OUT, SORT).save(kind, {"n": n, "targets": k, "per_target": per, "steps": p["steps"], "sampler": sampler,
                        "seed": seed, "scales": [key(s) for s in scales], "rows": rows,
                        "target_list": targets if kind == "language" else f"the first {k} shapes test images",
                        "target_attributes": wants, "unseen": [_unseen(w, models.exclude) for w in wants],
@@ -347,7 +329,7 @@ def figure_grid(kind: str) -> Path | None:
     fig.tight_layout()
     (OUT / "figures").mkdir(parents=True, exist_ok=True)
     out = OUT / "figures" / f"{kind}_grid.png"
-    fig.savefig(out, dpi=110)
+    save_figure(fig, out, dpi=110)
     plt.close(fig)
     return out
 
@@ -432,7 +414,7 @@ def _classifier_card() -> str:
 
 
 def write_report() -> None:
-    res = load_results()
+    res = Results(OUT, SORT).load()
     if not any(k in res for k in KINDS):
         raise FileNotFoundError(f"no results in {OUT / 'results.json'}: run the parts first")
     figs = {k: figure_grid(k) for k in KINDS}
@@ -520,7 +502,7 @@ def write_report() -> None:
         L.append("Run time per part (" + runs.get("machine", "?") + "): "
                  + ", ".join(f"{p} {v['wall_s'] / 60:.1f} min wall / {v['cpu_s'] / 60:.1f} CPU-min"
                              for p, v in runs.items() if isinstance(v, dict)) + ".\n")
-    (OUT / "report.md").write_text("\n".join(L) + "\n")
+    atomic_write_text(OUT / "report.md", "\n".join(L) + "\n")
     log(f"wrote {OUT / 'report.md'}")
 
 
@@ -529,12 +511,7 @@ def write_report() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", nargs="*", choices=KINDS, help="parts to run (default: all)")
-    ap.add_argument("--quick", action="store_true", help="tiny settings, to check the plumbing (writes to _quick/)")
-    ap.add_argument("--report", action="store_true", help="only rebuild report.md and the figures")
-    ap.add_argument("--no-report", action="store_true", help="do not write report.md at the end")
+def options(ap) -> None:
     ap.add_argument("--run", default=RUN, help=f"text-conditional pixel run folder (default {RUN})")
     ap.add_argument("--clip", default=CLIP, help=f"difflab train-clip folder (default {CLIP})")
     ap.add_argument("--n", type=int, help=f"samples per setting (default {FULL['n']}; quick {QUICK['n']})")
@@ -544,14 +521,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sampler", default=SAMPLER, choices=sorted(SAMPLERS),
                     help=f"default {SAMPLER}: DDPM's ancestral step, whose mean SDG shifts (library default: "
                          f"{DEFAULT_SAMPLER})")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=None, help="output folder (default: this folder; _quick/ with --quick)")
-    args = ap.parse_args(argv)
+
+
+def configure(run: Run) -> None:
     global OUT
-    OUT = args.out or (HERE / "_quick" if args.quick else HERE)
-    OUT.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(1)
-    p = {**(QUICK if args.quick else FULL)}
+    OUT = run.out
+    args, p = run.args, run.settings
     p["scales"] = dict(p["scales"])
     for name in ("n", "steps", "targets"):
         if getattr(args, name) is not None:
@@ -560,23 +535,22 @@ def main(argv: list[str] | None = None) -> None:
         p["scales"].update({k: tuple(args.scales) for k in args.only or KINDS})
     if p["n"] % p["targets"] or p["n"] < p["targets"]:
         raise ValueError(f"n ({p['n']}) must be a positive multiple of targets ({p['targets']})")
-    command = "python " + " ".join([rel(sys.argv[0]) if argv is None else "papers/sdg/run.py",
-                                    *(sys.argv[1:] if argv is None else argv)])
-    if not args.report:
-        models = Models(args.run, args.clip)
-        save_result("clip_info", models.clip_info)
-        p["command"] = command
-        for part in args.only or KINDS:
-            t0, c0 = time.perf_counter(), cpu_seconds()
-            run_kind(part, models, p, args.sampler, args.seed)
-            runs = load_results().get("runs", {})
-            runs[part] = {"wall_s": round(time.perf_counter() - t0, 1), "cpu_s": round(cpu_seconds() - c0, 1)}
-            runs["machine"] = f"{os.cpu_count()} cores, torch {torch.__version__}, 1 thread"
-            save_result("runs", runs)
-            log(f"{part} done in {runs[part]['wall_s']:.0f} s ({runs[part]['cpu_s']:.0f} CPU-s)")
-    if not args.no_report:
-        write_report()
+    p["command"] = "python " + " ".join([rel(sys.argv[0]) if sys.argv[0].endswith("run.py") else "papers/sdg/run.py",
+                                         *sys.argv[1:]])
+
+
+def setup(run: Run):
+    models = Models(run.args.run, run.args.clip)
+    Results(OUT, SORT).save("clip_info", models.clip_info)
+    return models
+
+
+PAPER = Paper("sdg", __doc__, parts={kind: (lambda run, kind=kind: run_kind(kind, run.state, run.settings,
+                                                                           run.args.sampler, run.seed))
+                                     for kind in KINDS},
+              report=lambda run: write_report(), full=FULL, quick=QUICK, options=options, configure=configure,
+              setup=setup)
 
 
 if __name__ == "__main__":
-    main()
+    main(PAPER)

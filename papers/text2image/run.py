@@ -19,9 +19,7 @@ prompt's. Seeds are fixed, so sample i starts from the same noise in every setti
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -34,13 +32,15 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import Results, cpu_seconds, key, log, prop_se, sign_test, trend  # noqa: E402
+if __package__ in (None, ""):  # run as a file: python papers/text2image/run.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from papers.runner import (SKIPPED, Paper, Results, Run, atomic_write_text, key, log, main,  # noqa: E402
+                           prop_se, save_figure, save_tensor, sign_test, trend)
 
 from difflab import zoo  # noqa: E402
 from difflab.core.sampling import DEFAULT_SAMPLER  # noqa: E402
 from difflab.data import SHAPES_TEST_START  # noqa: E402
-from difflab.data.shapes import ATTRIBUTES, caption_for, encode_attributes, parse_caption, sample_attributes  # noqa: E402
+from difflab.data.shapes import ATTRIBUTES, caption_for, parse_caption, sample_attributes  # noqa: E402
 from difflab.data.shapes import render_batch  # noqa: E402
 from difflab.metrics import feature_extractor, reference_stats, score_samples  # noqa: E402
 from difflab.metrics.classifiers import load_classifier, prepare_images  # noqa: E402
@@ -49,12 +49,12 @@ from difflab.pipeline import Pipeline  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE
+SORT = True  # results.json keys sorted
 FULL = {"n": 500, "steps": 10, "w": (0.0, 0.5, 1.0, 2.0, 4.0, 8.0), "heldout_n": 250, "heldout_w": (0.0, 2.0),
         "ldm_w": 2.0, "real_sets": 4, "keep": 12}
 QUICK = {"n": 20, "steps": 4, "w": (0.0, 2.0), "heldout_n": 10, "heldout_w": (0.0, 2.0), "ldm_w": 2.0,
          "real_sets": 2, "keep": 6}
 HEADS = ("shape", "color", "size", "position", "background")
-PARTS = ("real", "cfg", "heldout", "ldm", "cfg_latent", "heldout_latent", "paired")
 MODELS = {"": "pixel", "_latent": "latent"}  # part suffix -> which model (--run, --latent-run)
 
 
@@ -161,7 +161,7 @@ def run_cfg(pipe, score: Scorer, p: dict, seed: int, tag: str = "cfg") -> dict:
         rows[key(w)] = {**score(x, prompts), "sample_cpu_s": round(cpu, 1)}
         grid[key(w)] = x[:p["keep"]]
         log(f"  w = {w:g}: {fmt(rows[key(w)])} ({cpu:.0f} CPU-s)")
-    torch.save({"grid": grid, "prompts": prompts[:p["keep"]]}, OUT / "cache" / f"{tag}_grid.pt")
+    save_tensor(OUT, f"{tag}_grid", {"grid": grid, "prompts": prompts[:p["keep"]]})
     return {"n": p["n"], "steps": p["steps"], "sampler": p["sampler"], "seed": seed, "rows": rows,
             "prompts": "the first n test captions (held-in shape-colour pairs)"}
 
@@ -219,7 +219,7 @@ def run_heldout(pipe, score: Scorer, p: dict, seed: int, tag: str = "heldout") -
             res["rows"][f"{name} / w = {w:g}"] = {**score(x, prompts, fd=False), "sample_cpu_s": round(cpu, 1)}
             grid[f"{name} w={w:g}"] = (x[:p["keep"]], prompts[:p["keep"]])
             log(f"  {name}, w = {w:g}: {fmt(res['rows'][f'{name} / w = {w:g}'])}")
-    torch.save(grid, OUT / "cache" / f"{tag}_grid.pt")
+    save_tensor(OUT, f"{tag}_grid", grid)
     return res
 
 
@@ -285,7 +285,7 @@ def run_ldm(pipe, score: Scorer, p: dict, seed: int, runs: dict[str, str]) -> di
         out["models"][name] = prof
         grid[name] = (x[:p["keep"]], prompts[:p["keep"]])
         log(f"  {name}: {fmt(prof)}")
-    torch.save(grid, OUT / "cache" / "ldm_grid.pt")
+    save_tensor(OUT, "ldm_grid", grid)
     return out
 
 
@@ -314,7 +314,7 @@ def figure_rows(rows: dict[str, tuple[torch.Tensor, list[str]]], path: Path, tit
         axes[r, 0].text(-0.15, 0.5, name, transform=axes[r, 0].transAxes, ha="right", va="center", fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    save_figure(fig, path, dpi=130)
     plt.close(fig)
     return path
 
@@ -350,7 +350,7 @@ def figure_curves(cfg: dict, real: dict | None, path: Path) -> Path:
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    save_figure(fig, path, dpi=130)
     plt.close(fig)
     return path
 
@@ -541,72 +541,82 @@ def write_report() -> None:
     if runs:
         L.append("Run times: " + ", ".join(f"{k} {v['cpu_s']:.0f} CPU-s" for k, v in runs.items() if isinstance(v, dict))
                  + f" ({runs.get('machine', '')}).\n")
-    (OUT / "report.md").write_text("\n".join(L))
+    atomic_write_text(OUT / "report.md", "\n".join(L))
     log(f"wrote {OUT / 'report.md'}")
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", nargs="*", choices=PARTS, help="parts to run (default: all)")
-    ap.add_argument("--quick", action="store_true", help="tiny settings, to check the plumbing (writes to _quick/)")
-    ap.add_argument("--report", action="store_true", help="only rebuild report.md and the figures")
+def options(ap) -> None:
     ap.add_argument("--run", default="shapes-text-unet", help="pixel text model: zoo name or run folder")
     ap.add_argument("--latent-run", default="shapes-text-ldm", help="latent text model for the ldm part")
     ap.add_argument("--more-latent-runs", nargs="*", help="further latent models compared in the ldm part")
     ap.add_argument("--n", type=int, help="samples per setting (default 500; quick 20)")
     ap.add_argument("--steps", type=int, help="sampler steps (default 10; quick 4)")
     ap.add_argument("--sampler", default=DEFAULT_SAMPLER)
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=50)
-    ap.add_argument("--out", type=Path, default=None, help="output folder (default: this folder; _quick/ with --quick)")
-    args = ap.parse_args(argv)
+
+
+def configure(run: Run) -> None:
     global OUT
-    OUT = args.out or (HERE / "_quick" if args.quick else HERE)
+    OUT = run.out
     (OUT / "cache").mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(1)
-    p = dict(QUICK if args.quick else FULL)
+    p = run.settings
     for name in ("n", "steps"):
-        if getattr(args, name) is not None:
-            p[name] = getattr(args, name)
-    p.update(sampler=args.sampler, batch_size=args.batch_size)
-    results = Results(OUT)
-    if not args.report:
-        pipe = open_model(args.run)
-        score = Scorer(pipe)
-        for part in args.only or PARTS:
-            t0, c0 = time.perf_counter(), cpu_seconds()
-            log(f"part {part}")
-            if part == "real":
-                results.save(part, run_real(pipe, score, p, args.seed))
-            elif part == "cfg":
-                results.save(part, {**run_cfg(pipe, score, p, args.seed), "run": args.run})
-            elif part == "heldout":
-                results.save(part, {**run_heldout(pipe, score, p, args.seed), "run": args.run})
-            elif part in ("cfg_latent", "heldout_latent"):
-                if not model_folder(args.latent_run).is_dir():
-                    log(f"{part}: skipped, no latent model {args.latent_run!r}")
-                    continue
-                lat = open_model(args.latent_run)
-                fn = run_cfg if part == "cfg_latent" else run_heldout
-                results.save(part, {**fn(lat, score, p, args.seed, tag=part), "run": args.latent_run})
-            elif part == "paired":
-                models = {"pixel": pipe}
-                if model_folder(args.latent_run).is_dir():
-                    models["latent"] = open_model(args.latent_run)
-                results.save(part, run_paired(models, score, p, args.seed))
-            elif part == "ldm":
-                if not model_folder(args.latent_run).is_dir():
-                    log(f"ldm: skipped, no latent model {args.latent_run!r}")
-                    continue
-                models = {"pixel": args.run, "latent": args.latent_run}
-                models.update({f"latent {i + 2}": r for i, r in enumerate(args.more_latent_runs or [])})
-                results.save(part, run_ldm(pipe, score, p, args.seed, models))
-            runs = results.load().get("runs", {})
-            runs[part] = {"wall_s": round(time.perf_counter() - t0, 1), "cpu_s": round(cpu_seconds() - c0, 1)}
-            runs["machine"] = f"{os.cpu_count()} cores, torch {torch.__version__}, 1 thread"
-            results.save("runs", runs)
-    write_report()
+        if getattr(run.args, name) is not None:
+            p[name] = getattr(run.args, name)
+    p.update(sampler=run.args.sampler, batch_size=run.args.batch_size)
+
+
+def setup(run: Run) -> tuple:
+    pipe = open_model(run.args.run)
+    return pipe, Scorer(pipe)
+
+
+def part_real(run: Run):
+    pipe, score = run.state
+    return run_real(pipe, score, run.settings, run.seed)
+
+
+def part_pixel(fn):
+    def part(run: Run):
+        pipe, score = run.state
+        return {**fn(pipe, score, run.settings, run.seed), "run": run.args.run}
+    return part
+
+
+def part_latent(fn, tag: str):
+    def part(run: Run):
+        if not model_folder(run.args.latent_run).is_dir():
+            log(f"{tag}: skipped, no latent model {run.args.latent_run!r}")
+            return SKIPPED
+        lat = open_model(run.args.latent_run)
+        return {**fn(lat, run.state[1], run.settings, run.seed, tag=tag), "run": run.args.latent_run}
+    return part
+
+
+def part_paired(run: Run):
+    pipe, score = run.state
+    models = {"pixel": pipe}
+    if model_folder(run.args.latent_run).is_dir():
+        models["latent"] = open_model(run.args.latent_run)
+    return run_paired(models, score, run.settings, run.seed)
+
+
+def part_ldm(run: Run):
+    if not model_folder(run.args.latent_run).is_dir():
+        log(f"ldm: skipped, no latent model {run.args.latent_run!r}")
+        return SKIPPED
+    pipe, score = run.state
+    models = {"pixel": run.args.run, "latent": run.args.latent_run}
+    models.update({f"latent {i + 2}": r for i, r in enumerate(run.args.more_latent_runs or [])})
+    return run_ldm(pipe, score, run.settings, run.seed, models)
+
+
+PAPER = Paper("text2image", __doc__, parts={
+    "real": part_real, "cfg": part_pixel(run_cfg), "heldout": part_pixel(run_heldout), "ldm": part_ldm,
+    "cfg_latent": part_latent(run_cfg, "cfg_latent"), "heldout_latent": part_latent(run_heldout, "heldout_latent"),
+    "paired": part_paired}, report=lambda run: write_report(), full=FULL, quick=QUICK, options=options,
+    configure=configure, setup=setup)
 
 
 if __name__ == "__main__":
-    main()
+    main(PAPER)

@@ -29,11 +29,8 @@ every edit here is a trained combination. Seeds are fixed; one thread.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import sys
-import time
 from pathlib import Path
 
 import matplotlib
@@ -55,14 +52,16 @@ from difflab.core.sampling import slice_sigmas  # noqa: E402
 from difflab.methods.sdedit import sdedit  # noqa: E402
 from difflab.metrics.classifiers import load_classifier, prepare_images  # noqa: E402
 from difflab.pipeline import Pipeline, grid_for  # noqa: E402
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import key, sign_test  # noqa: E402
+
+if __package__ in (None, ""):  # run as a file: python papers/text_editing/run.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from papers.runner import (Paper, Results, Run, atomic_write_text, key, load_tensor, log, main,  # noqa: E402
+                           save_figure, save_tensor, sign_test, timing)
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 OUT = HERE  # --quick writes to _quick/
-RESULTS = OUT / "results.json"
-FIG = OUT / "figures"
+SORT = False  # results.json in the order the parts ran
 DEFAULT_RUN = "runs/shapes-text-unet"
 DEFAULT_CLIP = "checkpoints/clip/shapes"
 THROWAWAY_CLIP = HERE / "cache" / "clip_throwaway"  # --quick only, when --clip is missing
@@ -92,31 +91,6 @@ QUICK = {
 # --------------------------------------------------------------------------------------------
 # Plumbing
 # --------------------------------------------------------------------------------------------
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def load_results() -> dict:
-    return json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-
-
-def save_result(part: str, value: dict) -> None:
-    res = load_results()
-    res[part] = value
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(res, indent=1))
-
-
-def save_tensor(name: str, obj) -> None:
-    (OUT / "cache").mkdir(parents=True, exist_ok=True)
-    torch.save(obj, OUT / "cache" / f"{name}.pt")
-
-
-def load_tensor(name: str):
-    p = OUT / "cache" / f"{name}.pt"
-    return torch.load(p, weights_only=True) if p.exists() else None
 
 
 def vp_time_grid(n: int, beta_min: float = 0.1, beta_max: float = 20.0) -> torch.Tensor:
@@ -362,7 +336,7 @@ def run_diffedit(ctx: Ctx, cfg: dict, seed: int = 0, **_) -> dict:
             log(f"diffedit r={s:g} {name}: success {sm['success']['mean']:.3f}, kept {sm['kept']['mean']:.3f}, "
                 f"background error {sm['bg_error']['mean']:.4f}")
         res["strengths"][f"{s:g}"] = row
-    save_tensor("diffedit_examples", examples)
+    save_tensor(OUT, "diffedit_examples", examples)
     return res
 
 
@@ -474,9 +448,9 @@ def run_p2p(ctx: Ctx, cfg: dict, seed: int = 0, **_) -> dict:
         sm = res["sweep"][key(cr)]["summary"]
         log(f"p2p cross_replace {cr:g}: success {sm['success']['mean']:.3f}, kept {sm['kept']['mean']:.3f}, "
             f"layout IoU {sm['layout_iou']['mean']:.3f}")
-    save_tensor("p2p_examples", {"src": src[:8], "p2p": p2p[:8], "no_control": free[:8],
+    save_tensor(OUT, "p2p_examples", {"src": src[:8], "p2p": p2p[:8], "no_control": free[:8],
                                  "captions": [(e["src_caption"], e["dst_caption"]) for e in edits[:8]]})
-    save_tensor("p2p_maps", maps)
+    save_tensor(OUT, "p2p_maps", maps)
     return res
 
 
@@ -573,7 +547,7 @@ def run_blended(ctx: Ctx, cfg: dict, seed: int = 0, clip=None, clip_name: str = 
         examples[f"scale_{scale:g}"] = best[:6]
         log(f"blended scale {scale:g}: background max diff {bg_max:.1e}, success {summ['success']['mean']:.3f}, "
             f"CLIP {summ['clip_best']['mean']:.3f}")
-    save_tensor("blended_examples", examples)
+    save_tensor(OUT, "blended_examples", examples)
     return res
 
 
@@ -590,11 +564,7 @@ def _img(x: torch.Tensor):
 
 
 def _save(fig, name: str) -> Path:
-    FIG.mkdir(parents=True, exist_ok=True)
-    path = FIG / name
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_figure(fig, OUT / "figures" / name, dpi=100, bbox_inches="tight")
 
 
 def _grid(columns: list[tuple[str, torch.Tensor]], row_labels: list[str], name: str, title: str) -> Path:
@@ -617,7 +587,7 @@ def _grid(columns: list[tuple[str, torch.Tensor]], row_labels: list[str], name: 
 
 
 def figure_diffedit(res: dict) -> Path | None:
-    r, ex = res.get("diffedit"), load_tensor("diffedit_examples")
+    r, ex = res.get("diffedit"), load_tensor(OUT, "diffedit_examples")
     if not r or ex is None:
         return None
     s = f"{r['config']['strengths'][0]:g}"
@@ -631,7 +601,7 @@ def figure_diffedit(res: dict) -> Path | None:
 
 
 def figure_p2p(res: dict) -> Path | None:
-    r, ex = res.get("p2p"), load_tensor("p2p_examples")
+    r, ex = res.get("p2p"), load_tensor(OUT, "p2p_examples")
     if not r or ex is None:
         return None
     k = min(8, len(ex["src"]))
@@ -641,7 +611,7 @@ def figure_p2p(res: dict) -> Path | None:
 
 
 def figure_p2p_maps(res: dict) -> Path | None:
-    maps = load_tensor("p2p_maps")
+    maps = load_tensor(OUT, "p2p_maps")
     if not res.get("p2p") or not maps:
         return None
     rows = []
@@ -675,7 +645,7 @@ def figure_p2p_maps(res: dict) -> Path | None:
 
 
 def figure_blended(res: dict) -> Path | None:
-    r, ex = res.get("blended"), load_tensor("blended_examples")
+    r, ex = res.get("blended"), load_tensor(OUT, "blended_examples")
     if not r or ex is None:
         return None
     k = min(6, len(ex["src"]))
@@ -842,8 +812,8 @@ def claims(res: dict) -> list[str]:
 
 
 def write_report() -> None:
-    res = load_results()
-    meta = res.get("meta", {})
+    res = Results(OUT, SORT).load()
+    meta = timing(res, PAPER.parts)
     L = ["# Text-guided editing on shapes: DiffEdit, Prompt-to-Prompt, Blended Diffusion\n"]
     held_out = ", ".join(" ".join(str(r[k]) for k in ("size", "color", "shape") if k in r)
                          for r in meta.get("exclude", [])) or "none"
@@ -977,12 +947,12 @@ def write_report() -> None:
         if figs["blended"]:
             L.append(f"![blended](figures/{figs['blended'].name})\n")
     L.extend(notes(res))
-    (OUT / "report.md").write_text("\n".join(L) + "\n")
+    atomic_write_text(OUT / "report.md", "\n".join(L) + "\n")
     log(f"wrote {OUT / 'report.md'}")
 
 
 def notes(res: dict) -> list[str]:
-    meta = res.get("meta", {})
+    meta = timing(res, PAPER.parts)
     L = ["## Notes\n"]
     L.append("- **Noise levels.** DiffEdit, its SDEdit baseline and Blended Diffusion run on a grid uniform in DDPM "
              "time (`vp_time_grid`, linear betas, as papers/editing), so a strength r starts at the papers' DDPM "
@@ -1017,9 +987,6 @@ def notes(res: dict) -> list[str]:
     return L
 
 
-PARTS = {"diffedit": run_diffedit, "p2p": run_p2p, "blended": run_blended}
-
-
 def _without_only(argv: list[str]) -> list[str]:
     """The command line minus `--only PART...`: results merge by part, so the page is what the
     full command produces (parts run separately are listed with their times)."""
@@ -1035,44 +1002,41 @@ def _without_only(argv: list[str]) -> list[str]:
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", nargs="*", choices=list(PARTS), help="parts to run (default: all)")
-    ap.add_argument("--quick", action="store_true", help="a plumbing run: tiny n, few steps (written to _quick/)")
-    ap.add_argument("--report", action="store_true", help="only rebuild report.md and the figures")
+def options(ap) -> None:
     ap.add_argument("--run", default=DEFAULT_RUN, help=f"text-conditional shapes pixel run (default {DEFAULT_RUN})")
     ap.add_argument("--clip", default=DEFAULT_CLIP,
                     help=f"SmallCLIP folder for Blended Diffusion (default {DEFAULT_CLIP}, from `difflab train-clip`)")
-    ap.add_argument("--out", type=Path, default=None, help="output folder (default: this folder; _quick/ with --quick)")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
-    global OUT, RESULTS, FIG
-    OUT = args.out or (HERE / "_quick" if args.quick else HERE)
-    OUT.mkdir(parents=True, exist_ok=True)
-    RESULTS, FIG = OUT / "results.json", OUT / "figures"
-    torch.set_num_threads(1)
-    if not args.report:
-        torch.manual_seed(args.seed)
-        ctx = Ctx(args.run)
-        cfgs = QUICK if args.quick else FULL
-        parts = args.only or list(PARTS)
-        clip, clip_name = (get_clip(ctx, args.clip, args.quick) if "blended" in parts else (None, ""))
-        w0, c0 = time.time(), time.process_time()
-        meta = load_results().get("meta", {"parts": {}})
-        for part in parts:
-            w, c = time.time(), time.process_time()
-            save_result(part, PARTS[part](ctx, cfgs[part], args.seed, clip=clip, clip_name=clip_name))
-            meta["parts"][part] = {"wall_s": round(time.time() - w, 1), "cpu_s": round(time.process_time() - c, 1)}
-            log(f"{part} done in {time.time() - w:.0f}s wall, {time.process_time() - c:.0f}s CPU")
-        meta["parts"] = {k: meta["parts"][k] for k in PARTS if k in meta["parts"]}
-        meta.update(wall_min=sum(v["wall_s"] for v in meta["parts"].values()) / 60,
-                    cpu_min=sum(v["cpu_s"] for v in meta["parts"].values()) / 60, threads=torch.get_num_threads(),
-                    torch=torch.__version__, run=args.run, exclude=ctx.exclude, quick=args.quick,
-                    command=" ".join(["python", "papers/text_editing/run.py"] + _without_only(sys.argv[1:])))
-        save_result("meta", meta)
-        log(f"all done in {time.time() - w0:.0f}s wall, {time.process_time() - c0:.0f}s CPU")
-    write_report()
+
+
+def configure(run: Run) -> None:
+    global OUT
+    OUT = run.out
+
+
+def setup(run: Run) -> tuple:
+    torch.manual_seed(run.seed)
+    ctx = Ctx(run.args.run)
+    parts = run.args.only or list(PAPER.parts)
+    clip, clip_name = (get_clip(ctx, run.args.clip, run.quick) if "blended" in parts else (None, ""))
+    Results(OUT, SORT).save("meta", {
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "run": run.args.run, "exclude": ctx.exclude,
+        "quick": run.quick,
+        "command": " ".join(["python", "papers/text_editing/run.py"] + _without_only(sys.argv[1:]))})
+    return ctx, clip, clip_name
+
+
+def _part(fn, name: str):
+    def part(run: Run) -> dict:
+        ctx, clip, clip_name = run.state
+        return fn(ctx, run.settings[name], run.seed, clip=clip, clip_name=clip_name)
+    return part
+
+
+PAPER = Paper("text_editing", __doc__, parts={"diffedit": _part(run_diffedit, "diffedit"), "p2p": _part(run_p2p, "p2p"),
+                                              "blended": _part(run_blended, "blended")},
+              report=lambda run: write_report(), full=FULL, quick=QUICK, options=options, configure=configure,
+              setup=setup, sort_keys=SORT)
 
 
 if __name__ == "__main__":
-    main()
+    main(PAPER)

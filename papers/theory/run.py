@@ -17,10 +17,8 @@ fastest that way).
 
 from __future__ import annotations
 
-import argparse
-import fcntl
-import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -41,10 +39,13 @@ from difflab.methods.sohl_dickstein import SohlDickstein  # noqa: E402
 from difflab.methods.vdm import VDM, LogSNRSchedule  # noqa: E402
 from difflab.nn.toy import EnergyMLP, ToyConfig, ToyMLP  # noqa: E402
 
+if __package__ in (None, ""):  # run as a file: python papers/theory/run.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from papers.runner import (Paper, Results, Run, atomic_write_text, load_tensor, log, main,  # noqa: E402
+                           save_figure, save_tensor)
+
 HERE = Path(__file__).resolve().parent
 OUT = HERE  # --out moves results.json, cache/, figures/ and report.md (quick runs go to _quick/)
-RESULTS = OUT / "results.json"
-FIG = OUT / "figures"
 TOYS = ("swiss_roll", "8gaussians", "checkerboard", "rings")
 N_TRAIN, N_TEST, N_SAMPLES = 100_000, 2000, 2000
 SIGMA_MIN, SIGMA_MAX = 1e-3, 40.0  # likelihood range (data std ~1 per coordinate)
@@ -55,41 +56,6 @@ F64 = torch.float64
 # --------------------------------------------------------------------------------------------
 # Plumbing
 # --------------------------------------------------------------------------------------------
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def load_results() -> dict:
-    return json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-
-
-def save_result(part: str, toy: str, value: dict, merge: bool = False) -> None:
-    """Write one result into results.json under a file lock (parts may run in parallel
-    processes); merge=True updates the toy's dict key by key (EBM methods run separately)."""
-    with open(OUT / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        res = load_results()
-        if merge:
-            res.setdefault(part, {}).setdefault(toy, {}).update(value)
-        else:
-            res.setdefault(part, {})[toy] = value
-        RESULTS.write_text(json.dumps(res, indent=1, sort_keys=True))
-
-
-def _cache_dir() -> Path:
-    (OUT / "cache").mkdir(parents=True, exist_ok=True)
-    return OUT / "cache"
-
-
-def save_tensor(name: str, t: torch.Tensor) -> None:
-    torch.save(t.detach().cpu(), _cache_dir() / f"{name}.pt")
-
-
-def load_tensor(name: str) -> torch.Tensor | None:
-    p = OUT / "cache" / f"{name}.pt"
-    return torch.load(p, weights_only=True) if p.exists() else None
 
 
 def data(toy: str):
@@ -194,7 +160,7 @@ def run_oracle(toy: str, quick: bool) -> None:
                        ve.sigmas(200), sde=ve, predictor="reverse_diffusion", corrector="langevin", snr=0.16, noise=gx)
     lp = toy_log_density(toy, xs)
     out["pc_smin_1e-3_mean_logp"] = float(lp[torch.isfinite(lp)].mean())
-    save_result("oracle", toy, out)
+    Results(OUT).save_entry("oracle", toy, out)
     log(f"oracle {toy}: {out}")
 
 
@@ -227,7 +193,7 @@ def run_diffusion(toy: str, quick: bool) -> None:
     nll = -nll
     ode_s = time.time() - t0
     nll_h = ode_nll(D, x, hutchinson=1, generator=torch.Generator().manual_seed(5))
-    torch.save(D.state_dict(), _cache_dir() / f"model_diffusion_{toy}.pt")
+    save_tensor(OUT, f"model_diffusion_{toy}", D.state_dict())
     samples = {}
     with torch.no_grad():
         # PC on the VE SDE (reverse-diffusion predictor + Langevin corrector, snr 0.16), grids
@@ -242,13 +208,13 @@ def run_diffusion(toy: str, quick: bool) -> None:
         vp = VPSDE()
         x_T = torch.randn(N_SAMPLES, 2, generator=gx) * vp.sigma_max
         samples["em_vp"] = sample_reverse_sde(D, x_T, vp.sigmas(400), sde=vp, noise=gx)
-    save_tensor(f"samples_diffusion_{toy}", samples["pc_ve"])
-    save_tensor(f"grid_diffusion_{toy}", ode_grid_logp(toy, D))
+    save_tensor(OUT, f"samples_diffusion_{toy}", samples["pc_ve"])
+    save_tensor(OUT, f"grid_diffusion_{toy}", ode_grid_logp(toy, D))
     out = {"nll": float(nll.mean()), "nll_se": float(nll.std() / math.sqrt(len(nll))),
            "nll_hutchinson": float(nll_h.mean()), "nll_hutchinson_se": float(nll_h.std() / math.sqrt(len(nll_h))),
            "nfe": info["nfe"], "train_seconds": train_s, "ode_seconds": ode_s, "steps": steps}
     out.update({f"samples_{k}": sample_stats(toy, v, test) for k, v in samples.items()})
-    save_result("diffusion", toy, out)
+    Results(OUT).save_entry("diffusion", toy, out)
     log(f"diffusion {toy}: {out}")
 
 
@@ -275,7 +241,7 @@ def run_diffusion_budget(toy: str, quick: bool, budgets=(6000, 12000, 24000)) ->
         nll = ode_nll(D, test[:1000])
         out[str(steps)] = {"nll": float(nll.mean()), "nll_se": float(nll.std() / math.sqrt(len(nll)))}
         log(f"diffusion budget {toy} {steps}: {out[str(steps)]}")
-    save_result("diffusion_budget", toy, out)
+    Results(OUT).save_entry("diffusion_budget", toy, out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,7 +295,7 @@ def run_vdm_seeds(toy: str, quick: bool, seeds=(1, 2)) -> None:
         out[str(seed)] = {"fixed": float(totals["fixed"].mean()), "learned": float(totals["learned"].mean()),
                           "minus_fixed": float(d.mean()), "minus_fixed_se": float(d.std() / math.sqrt(len(d)))}
         log(f"vdm seeds {toy} seed {seed}: {out[str(seed)]}")
-    save_result("vdm_seeds", toy, out)
+    Results(OUT).save_entry("vdm_seeds", toy, out)
 
 
 def run_vdm(toy: str, quick: bool) -> None:
@@ -342,8 +308,8 @@ def run_vdm(toy: str, quick: bool) -> None:
         train_s = time.time() - t0
         x = test[: (500 if quick else N_TEST)]
         terms = vdm.nelbo(x, n_t=128, generator=torch.Generator().manual_seed(5))  # same t and noise for all
-        save_tensor(f"vdm_total_{name}_{toy}", terms["total"])
-        torch.save(vdm.state_dict(), _cache_dir() / f"model_vdm_{name}_{toy}.pt")
+        save_tensor(OUT, f"vdm_total_{name}_{toy}", terms["total"])
+        save_tensor(OUT, f"model_vdm_{name}_{toy}", vdm.state_dict())
         # the variance of the one-sample estimate of L_inf (what the learned shape minimises)
         with torch.no_grad():
             gv = torch.Generator().manual_seed(6)
@@ -364,17 +330,17 @@ def run_vdm(toy: str, quick: bool) -> None:
                 xs = sample_euler_ancestral(vdm, torch.randn(N_SAMPLES, 2, generator=gx) * vdm.schedule.prior_std,
                                             vdm.schedule.sigmas(300), noise=gx)
             res["samples"] = sample_stats(toy, xs, test)
-            save_tensor(f"samples_vdm_{toy}", xs)
+            save_tensor(OUT, f"samples_vdm_{toy}", xs)
             xo = x[: (200 if quick else 1000)]
             res["ode_nll"] = float(ode_nll(vdm, xo).mean())
-            save_tensor(f"grid_vdm_{toy}", ode_grid_logp(toy, vdm))
+            save_tensor(OUT, f"grid_vdm_{toy}", ode_grid_logp(toy, vdm))
         if name != "fixed" and "fixed" in out:  # paired: the same points, times and noise
-            d = terms["total"] - load_tensor(f"vdm_total_fixed_{toy}")
+            d = terms["total"] - load_tensor(OUT, f"vdm_total_fixed_{toy}")
             res.update(minus_fixed=float(d.mean()), minus_fixed_se=float(d.std() / math.sqrt(len(d))))
         out[name] = res
         log(f"vdm {toy} {name}: total {res['total']:.3f} +- {res['total_se']:.3f} "
             f"(g0 {res['gamma_0']:.2f}, g1 {res['gamma_1']:.2f}, std L_inf {res['ldiff_std']:.2f}, {train_s:.0f}s)")
-    save_result("vdm", toy, out)
+    Results(OUT).save_entry("vdm", toy, out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -410,14 +376,14 @@ def run_sohl_dickstein(toy: str, quick: bool) -> None:
             xs = mean + (0.5 * logvar).exp() * torch.randn(xs.shape, generator=gx)
             if t in (T // 2, T // 4, T // 10, T // 20, 0):
                 snaps[t] = xs.clone()
-    save_tensor(f"samples_sd_{toy}", xs)
-    save_tensor(f"chain_sd_{toy}", torch.stack([snaps[k] for k in sorted(snaps, reverse=True)]))
+    save_tensor(OUT, f"samples_sd_{toy}", xs)
+    save_tensor(OUT, f"chain_sd_{toy}", torch.stack([snaps[k] for k in sorted(snaps, reverse=True)]))
     H, _ = toy_entropy(toy)
     out = {"bound_nats": float(bound.mean()), "bound_se": float(bound.std() / math.sqrt(len(bound))),
            "bound_bits": float(bound.mean() / math.log(2)), "entropy_bits": H / math.log(2),
            "T": T, "steps": steps, "train_seconds": train_s, "samples": sample_stats(toy, xs, test),
            "chain_steps": sorted(snaps, reverse=True)}
-    save_result("sohl_dickstein", toy, out)
+    Results(OUT).save_entry("sohl_dickstein", toy, out)
     log(f"sohl-dickstein {toy}: {out}")
 
 
@@ -513,12 +479,12 @@ def run_ebm(toy: str, quick: bool, methods=EBM_METHODS) -> None:
         g = torch.Generator().manual_seed(8)
         long_run = _long_run(energy, toy, g, n_steps=200 if quick else 500)
         res["samples_long_run"] = sample_stats(toy, long_run, test)
-        save_tensor(f"samples_ebm_{method}_{toy}", long_run)
+        save_tensor(OUT, f"samples_ebm_{method}_{toy}", long_run)
         if "training_samples" in extra:
             res["samples_training"] = sample_stats(toy, extra["training_samples"], test)
-            save_tensor(f"samples_ebm_{method}_train_{toy}", extra["training_samples"])
-        save_tensor(f"grid_ebm_{method}_{toy}", (neg_e - log_z).float())
-        save_result("ebm", toy, {method: res}, merge=True)
+            save_tensor(OUT, f"samples_ebm_{method}_train_{toy}", extra["training_samples"])
+        save_tensor(OUT, f"grid_ebm_{method}_{toy}", (neg_e - log_z).float())
+        Results(OUT).save_entry("ebm", toy, {method: res}, merge=True)
         log(f"ebm {toy} {method}: nll {res['nll']:.3f}, logZ grid {log_z:.3f}"
             + (f", learned {res['learned_log_z']:.3f}" if "learned_log_z" in res else "")
             + f", long-run mmd {res['samples_long_run']['mmd']:.4f} ({res['train_seconds']:.0f}s)")
@@ -554,7 +520,7 @@ def figure_toy(toy: str) -> Path:
     fig, axes = plt.subplots(2, n, figsize=(2.1 * n, 4.5))
     for j, (title, grid_name, samples_name) in enumerate(COLUMNS):
         top, bottom = axes[0, j], axes[1, j]
-        grid = _true_grid(toy) if j == 0 else (load_tensor(grid_name.format(toy)) if grid_name else None)
+        grid = _true_grid(toy) if j == 0 else (load_tensor(OUT, grid_name.format(toy)) if grid_name else None)
         if grid is not None:
             top.imshow(grid.double().exp().numpy(), origin="lower", extent=(-L, L, -L, L), cmap="magma",
                        vmin=0, vmax=float(_true_grid(toy).exp().max()) * 1.2, interpolation="bilinear")
@@ -562,7 +528,7 @@ def figure_toy(toy: str) -> Path:
             top.text(0.5, 0.5, "bound only\n(no density)" if grid_name is None else "not run", ha="center",
                      va="center", transform=top.transAxes, fontsize=9)
             top.set_facecolor("#eeeeee")
-        pts = test if j == 0 else (load_tensor(samples_name.format(toy)) if samples_name else None)
+        pts = test if j == 0 else (load_tensor(OUT, samples_name.format(toy)) if samples_name else None)
         if pts is not None:
             pts = pts[torch.isfinite(pts).all(1)][:N_SAMPLES]
             bottom.scatter(pts[:, 0], pts[:, 1], s=0.6, alpha=0.5, color="C0", rasterized=True)
@@ -577,9 +543,8 @@ def figure_toy(toy: str) -> Path:
     axes[1, 0].set_ylabel("samples", fontsize=9)
     fig.suptitle(f"{toy}: model densities (top, same colour scale as the truth) and samples (bottom)", fontsize=10)
     fig.tight_layout()
-    FIG.mkdir(parents=True, exist_ok=True)
-    path = FIG / f"toy_{toy}.png"
-    fig.savefig(path, dpi=110)
+    path = OUT / "figures" / f"toy_{toy}.png"
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -610,14 +575,14 @@ def figure_vdm(res: dict) -> Path | None:
         ax.set_xlabel("step", fontsize=8)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    path = FIG / "vdm_schedules.png"
-    fig.savefig(path, dpi=110)
+    path = OUT / "figures" / "vdm_schedules.png"
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 
 
 def figure_sohl_dickstein(res: dict) -> Path | None:
-    chain = load_tensor("chain_sd_swiss_roll")
+    chain = load_tensor(OUT, "chain_sd_swiss_roll")
     if chain is None:
         return None
     steps = res["sohl_dickstein"]["swiss_roll"]["chain_steps"]
@@ -636,8 +601,8 @@ def figure_sohl_dickstein(res: dict) -> Path | None:
         ax.set_yticks([])
     fig.suptitle("Sohl-Dickstein et al. 2015 on the swiss roll: the learned reverse chain from N(0, I)", fontsize=10)
     fig.tight_layout()
-    path = FIG / "sohl_dickstein_swiss_roll.png"
-    fig.savefig(path, dpi=110)
+    path = OUT / "figures" / "sohl_dickstein_swiss_roll.png"
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -846,7 +811,7 @@ def notes(res: dict, ent: dict, toys: list[str]) -> list[str]:
 
 
 def write_report() -> None:
-    res = load_results()
+    res = Results(OUT).load()
     toys = [t for t in TOYS if any(t in res.get(p, {}) for p in res)]
     ent = {t: toy_entropy(t) for t in toys}
     figs = [figure_toy(t) for t in toys]
@@ -1018,8 +983,8 @@ def write_report() -> None:
                 r = res["ebm"].get(t, {}).get(m)
                 if r:
                     tr, lr = r["samples_training"], r["samples_long_run"]
-                    b_tr = _bulk_fraction(t, load_tensor(f"samples_ebm_{m}_train_{t}"), test)
-                    b_lr = _bulk_fraction(t, load_tensor(f"samples_ebm_{m}_{t}"), test)
+                    b_tr = _bulk_fraction(t, load_tensor(OUT, f"samples_ebm_{m}_train_{t}"), test)
+                    b_lr = _bulk_fraction(t, load_tensor(OUT, f"samples_ebm_{m}_{t}"), test)
                     L.append(f"| {t} | {m} | {r['nll']:.2f} | {tr['mmd']:.4f} | {b_tr:.3f} | "
                              f"{lr['mmd']:.4f} | {b_lr:.3f} |")
         L.append("\n'in-bulk' = the share of samples whose true log-density is at least the 1st percentile "
@@ -1028,7 +993,7 @@ def write_report() -> None:
                  "here, dominated by a few chains stranded far from the data (e.g. the 5% of buffer "
                  "entries re-initialised from uniform noise).\n")
     L.extend(notes(res, ent, toys))
-    (OUT / "report.md").write_text("\n".join(L) + "\n")
+    atomic_write_text(OUT / "report.md", "\n".join(L) + "\n")
     log(f"wrote {OUT / 'report.md'}")
 
 
@@ -1036,33 +1001,31 @@ PARTS = {"oracle": run_oracle, "diffusion": run_diffusion, "vdm": run_vdm, "sohl
          "ebm": run_ebm, "vdm_seeds": run_vdm_seeds, "diffusion_budget": run_diffusion_budget}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", nargs="*", choices=list(PARTS), help="parts to run (default: all)")
+def options(ap) -> None:
     ap.add_argument("--toys", nargs="*", choices=TOYS, default=list(TOYS))
-    ap.add_argument("--quick", action="store_true", help="short runs, to check the plumbing")
-    ap.add_argument("--report", action="store_true", help="only rebuild report.md and the figures")
     ap.add_argument("--ebm-methods", nargs="*", choices=EBM_METHODS, default=list(EBM_METHODS))
-    ap.add_argument("--no-report", action="store_true", help="do not write report.md at the end")
-    ap.add_argument("--out", type=Path, default=None, help="output folder (default: this folder; _quick/ with --quick)")
-    args = ap.parse_args()
-    global OUT, RESULTS, FIG
-    OUT = args.out or (HERE / "_quick" if args.quick else HERE)
-    OUT.mkdir(parents=True, exist_ok=True)
-    RESULTS, FIG = OUT / "results.json", OUT / "figures"
-    torch.set_num_threads(1)
-    if not args.report:
-        for part in args.only or list(PARTS):
-            for toy in args.toys:
-                t0 = time.time()
-                if part == "ebm":
-                    run_ebm(toy, args.quick, tuple(args.ebm_methods))
-                else:
-                    PARTS[part](toy, args.quick)
-                log(f"{part} {toy} done in {time.time() - t0:.0f}s")
-    if not args.no_report:
-        write_report()
+
+
+def configure(run: Run) -> None:
+    global OUT
+    OUT = run.out
+
+
+def _part(fn):
+    def part(run: Run) -> None:
+        for toy in run.args.toys:
+            t0 = time.time()
+            if fn is run_ebm:
+                run_ebm(toy, run.quick, tuple(run.args.ebm_methods))
+            else:
+                fn(toy, run.quick)
+            log(f"{fn.__name__.removeprefix('run_')} {toy} done in {time.time() - t0:.0f}s")
+    return part
+
+
+PAPER = Paper("theory", __doc__, parts={name: _part(fn) for name, fn in PARTS.items()},
+              report=lambda run: write_report(), options=options, configure=configure)
 
 
 if __name__ == "__main__":
-    main()
+    main(PAPER)

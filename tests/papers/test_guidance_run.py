@@ -5,7 +5,7 @@ The full run measures the zoo model; here the same functions (run_cfg, run_adm, 
 model small enough for a unit test, with a scorer that needs no reference statistics.
 """
 
-import importlib.util
+import importlib
 import json
 from pathlib import Path
 
@@ -21,16 +21,12 @@ from difflab.nn.classifier import ClassifierConfig, NoisyClassifier
 from difflab.nn.unet import UNet, UNetConfig
 from difflab.pipeline import Pipeline
 
-RUN = Path(__file__).resolve().parents[2] / "papers" / "guidance" / "run.py"
 K, N, STEPS = 3, 12, 8
 
 
 @pytest.fixture(scope="module")
 def run():
-    spec = importlib.util.spec_from_file_location("guidance_run", RUN)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("papers.guidance.run")
 
 
 def _pipe() -> Pipeline:

@@ -2,7 +2,7 @@
 the measurement must show on any network (exact known regions and low-pass bands, call counts,
 the paper's t0), plus the report pipeline end to end with a stand-in scorer."""
 
-import importlib.util
+import importlib
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,15 +15,11 @@ from difflab.methods.ilvr import low_pass
 from difflab.core.sampling import slice_sigmas
 from difflab.nn import create_model
 
-RUN = Path(__file__).resolve().parents[2] / "papers" / "editing" / "run.py"
 
 
 @pytest.fixture(scope="module")
 def run():
-    spec = importlib.util.spec_from_file_location("papers_editing_run", RUN)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return importlib.import_module("papers.editing.run")
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +59,6 @@ class FakeScorer:
 def patched(run, monkeypatch, tmp_path):
     monkeypatch.setattr(run, "test_images", lambda n, seed, offset=0: _images(n, seed * 100 + offset))
     monkeypatch.setattr(run, "OUT", tmp_path)
-    monkeypatch.setattr(run, "RESULTS", tmp_path / "results.json")
-    monkeypatch.setattr(run, "FIG", tmp_path / "figures")
     return run
 
 
@@ -138,12 +132,12 @@ def test_repaint_parts_keep_the_known_region_and_spend_the_stated_calls(patched,
     paper = patched.run_repaint_paper(pipe, FakeScorer(), {"n_per_mask": 1, "T": 6, "jump_length": 2,
                                                            "jump_n_sample": 2})
     assert paper["known_max_abs_diff"] == 0.0 and paper["calls"] == calls
-    patched.save_result("repaint", res)
-    patched.save_result("repaint_paper", paper)
+    patched.Results(patched.OUT, patched.SORT).save("repaint", res)
+    patched.Results(patched.OUT, patched.SORT).save("repaint_paper", paper)
     patched.write_report()
     text = (patched.OUT / "report.md").read_text()
     assert "known region is kept exactly" in text and "(bit-exact): reproduced" in text
-    assert (patched.FIG / "repaint.png").exists()
+    assert (patched.OUT / "figures" / "repaint.png").exists()
 
 
 def test_sign_test(run):
