@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench venv data clean
+.PHONY: demo test lint bench venv data clean
 
 # one pytest worker per core, each single-threaded (tests/conftest.py sets torch to one thread too)
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
@@ -25,7 +25,11 @@ data:
 demo: $(STAMP) data
 	$(PY) -m difflab demo
 
-test: $(STAMP) data
+# the linter configured in pyproject.toml ([tool.ruff]); CI runs it through `make test`
+lint: $(STAMP)
+	$(PY) -m ruff check difflab papers tests bench tools
+
+test: $(STAMP) data lint
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest tests -n $(JOBS) --dist worksteal --durations=15 -rs
 
 bench: $(STAMP)

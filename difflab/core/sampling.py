@@ -476,6 +476,7 @@ def sample_unipc(denoiser, x, sigmas, *, cond=None, callback=None, noise=None, p
     hist_x0: list[Tensor] = []  # model outputs, newest last
     hist_lam: list[float] = []
     x_prev_pred = None  # x before the last predictor step (corrector input)
+    used_order, sigma_prev = 1, 0.0  # the last predictor's order and start (set with x_prev_pred)
     for i in progress_range(n, progress, "unipc"):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         x_eval = x

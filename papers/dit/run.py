@@ -144,7 +144,7 @@ def write_report(run: Run) -> None:
         rho = spearman(g, fd) if len(models) > 2 else float("nan")
         mono = all(b < a for a, b in zip(fd, fd[1:]))
         L += ["## Claim, measured\n",
-              f"- **FD falls as GFLOPs rise.** FD-FMNIST by GFLOPs: "
+              "- **FD falls as GFLOPs rise.** FD-FMNIST by GFLOPs: "
               + ", ".join(f"{m} ({x:.4f}): {y:.2f}" for m, x, y in zip(models, g, fd))
               + f". Spearman correlation {rho:+.2f}; "
               + ("holds, monotonically." if mono else

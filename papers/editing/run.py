@@ -725,8 +725,8 @@ def claims(res: dict) -> list[str]:
         ok = _mono(divs, True)
         bic = r.get("bicubic", {})
         L.append(
-            f"- **ILVR: the outputs share the reference's low frequencies.** With difflab's default filter "
-            f"(area down, nearest up: a projection) and refinement down to sigma = 0, mean |phi_N(x) - phi_N(y)| "
+            "- **ILVR: the outputs share the reference's low frequencies.** With difflab's default filter "
+            "(area down, nearest up: a projection) and refinement down to sigma = 0, mean |phi_N(x) - phi_N(y)| "
             "= " + ", ".join(f"{r['area'][N]['lowpass_mae']:.1e} (N={N})" for N in Ns)
             + f", at most {worst:.1e} for any pixel, against "
             + ", ".join(f"{r['area'][N]['uncond_lowpass_mae']:.3f}" for N in Ns)

@@ -55,8 +55,9 @@ from difflab.pipeline import Pipeline, grid_for  # noqa: E402
 
 if __package__ in (None, ""):  # run as a file: python papers/text_editing/run.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from papers.runner import (Paper, Results, Run, atomic_write_text, key, load_tensor, log, main,  # noqa: E402
+from papers.runner import (Paper, Results, Run, atomic_write_text, load_tensor, log, main,  # noqa: E402
                            save_figure, save_tensor, sign_test, timing)
+from papers.runner import key as sweep_key  # noqa: E402  (the loops below name their variables key)
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -443,9 +444,9 @@ def run_p2p(ctx: Ctx, cfg: dict, seed: int = 0, **_) -> dict:
         sc = edit_scores(ctx, out, edits, src, object_mask(torch.cat([src, out])).reshape(2, *src_mask.shape).amax(0),
                          src_attrs=src_attrs)
         sc["layout_iou"] = iou(src_mask, object_mask(out)).tolist()
-        res["sweep"][key(cr)] = {"self_replace": min(cfg["self_replace"], cr), "rows": sc,
+        res["sweep"][sweep_key(cr)] = {"self_replace": min(cfg["self_replace"], cr), "rows": sc,
                                  "summary": summarise(sc, kinds)}
-        sm = res["sweep"][key(cr)]["summary"]
+        sm = res["sweep"][sweep_key(cr)]["summary"]
         log(f"p2p cross_replace {cr:g}: success {sm['success']['mean']:.3f}, kept {sm['kept']['mean']:.3f}, "
             f"layout IoU {sm['layout_iou']['mean']:.3f}")
     save_tensor(OUT, "p2p_examples", {"src": src[:8], "p2p": p2p[:8], "no_control": free[:8],

@@ -7,7 +7,6 @@ one end-to-end `python -m difflab sample --prompt` runs as a subprocess.
 """
 
 import json
-import shutil
 
 import pytest
 import torch

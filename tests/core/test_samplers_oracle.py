@@ -7,7 +7,7 @@ import torch
 
 from difflab.core import (
     SAMPLERS, GaussianMixture, invert_euler, sample, sample_ddpm, sample_euler, sample_euler_ancestral,
-    sample_langevin, sigmas_karras, sigmas_logsnr, sigmas_spaced, vp_linear,
+    sample_langevin, sigmas_karras, sigmas_logsnr, vp_linear,
 )
 
 SIGMA_MAX = 80.0

@@ -4,7 +4,6 @@ the paper's t0), plus the report pipeline end to end with a stand-in scorer."""
 
 import importlib
 import math
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest

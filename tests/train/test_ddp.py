@@ -1,6 +1,5 @@
 """Two-process DDP (torchrun, gloo on CPU) trains the same weights as one process on the same global batch."""
 
-import json
 import subprocess
 import sys
 

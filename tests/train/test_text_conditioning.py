@@ -16,7 +16,7 @@ from difflab.pipeline import Pipeline
 from difflab.train import TrainConfig, train
 from difflab.train import loop
 from tests.train.helpers import (
-    SHAPES16, WORD, log_rows, make_autoencoder, minilm_or_skip, one_thread, run_tensors, text_config, tiny_config,
+    WORD, log_rows, make_autoencoder, minilm_or_skip, one_thread, run_tensors, text_config, tiny_config,
 )
 
 PROMPT, OTHER = "a large red circle on the left", "a small blue square at the top"

@@ -2,7 +2,6 @@
 publishing writes a complete entry (or nothing)."""
 
 import json
-import shutil
 
 import pytest
 import torch
