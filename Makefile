@@ -25,9 +25,11 @@ data:
 demo: $(STAMP) data
 	$(PY) -m difflab demo
 
-# the linter configured in pyproject.toml ([tool.ruff]); CI runs it through `make test`
+# the linter and formatter configured in pyproject.toml ([tool.ruff]); CI runs them through `make test`
+# (`$(PY) -m ruff format difflab papers tests bench tools` formats a change)
 lint: $(STAMP)
 	$(PY) -m ruff check difflab papers tests bench tools
+	$(PY) -m ruff format --check difflab papers tests bench tools
 
 test: $(STAMP) data lint
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest tests -n $(JOBS) --dist worksteal --durations=15 -rs

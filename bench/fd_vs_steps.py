@@ -24,8 +24,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def run(run_dir: Path, n: int, steps: list[int], samplers: list[str], ancestral: int, device: str,
-        batch_size: int, seed: int) -> dict:
+def run(
+    run_dir: Path,
+    n: int,
+    steps: list[int],
+    samplers: list[str],
+    ancestral: int,
+    device: str,
+    batch_size: int,
+    seed: int,
+) -> dict:
     from difflab.metrics import default_extractor, feature_extractor, reference_stats, score_samples
     from difflab.metrics.evaluate import _data_kwargs, _run_data
     from difflab.pipeline import Pipeline
@@ -35,8 +43,9 @@ def run(run_dir: Path, n: int, steps: list[int], samplers: list[str], ancestral:
     config = pipe.config
     dataset = config["data"]["name"]
     ext = feature_extractor(default_extractor(dataset), device=device)
-    ref = reference_stats(ext, dataset, "train", images=lambda: _run_data(config, "train").images,
-                          data_kwargs=_data_kwargs(config))
+    ref = reference_stats(
+        ext, dataset, "train", images=lambda: _run_data(config, "train").images, data_kwargs=_data_kwargs(config)
+    )
     labels = None if pipe.num_classes is None else torch.arange(n) % pipe.num_classes
     plan = [(s, k) for s in samplers for k in steps] + ([("euler_ancestral", ancestral)] if ancestral else [])
     rows = []
@@ -51,11 +60,21 @@ def run(run_dir: Path, n: int, steps: list[int], samplers: list[str], ancestral:
         q = score_samples(x, ext, ref, dataset, labels=labels, num_classes=pipe.num_classes, device=device)
         q.pop("domain")
         rows.append({"sampler": sampler, "steps": k, "seconds": dt, **q})
-        print(f"{sampler:16s} {k:5d} steps  FD {q['fd']:8.3f}  precision {q['precision']:.3f}  "
-              f"recall {q['recall']:.3f}  class acc {q['class_accuracy']}  {dt:.1f} s", flush=True)
+        print(
+            f"{sampler:16s} {k:5d} steps  FD {q['fd']:8.3f}  precision {q['precision']:.3f}  "
+            f"recall {q['recall']:.3f}  class acc {q['class_accuracy']}  {dt:.1f} s",
+            flush=True,
+        )
     dev = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
-    return {"run": str(run_dir), "n": n, "seed": seed, "device": dev, "fd_name": ext.display_name, "rows": rows,
-            "torch": torch.__version__}
+    return {
+        "run": str(run_dir),
+        "n": n,
+        "seed": seed,
+        "device": dev,
+        "fd_name": ext.display_name,
+        "rows": rows,
+        "torch": torch.__version__,
+    }
 
 
 def render(result: dict, out: Path) -> None:
@@ -66,14 +85,21 @@ def render(result: dict, out: Path) -> None:
 
     rows = result["rows"]
     anc = [r for r in rows if r["sampler"] == "euler_ancestral"]
-    lines = [f"# FD against sampler steps ({result['fd_name']}, n = {result['n']})", "",
-             f"Model: `{result['run']}`; device {result['device']}, torch {result['torch']}. "
-             f"Command: `python bench/fd_vs_steps.py --run {result['run']} --n {result['n']}`.", "",
-             "| sampler | steps | FD | precision | recall | class accuracy | seconds |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# FD against sampler steps ({result['fd_name']}, n = {result['n']})",
+        "",
+        f"Model: `{result['run']}`; device {result['device']}, torch {result['torch']}. "
+        f"Command: `python bench/fd_vs_steps.py --run {result['run']} --n {result['n']}`.",
+        "",
+        "| sampler | steps | FD | precision | recall | class accuracy | seconds |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         acc = "-" if r["class_accuracy"] is None else f"{r['class_accuracy']:.3f}"
-        lines.append(f"| {r['sampler']} | {r['steps']} | {r['fd']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} | "
-                     f"{acc} | {r['seconds']:.1f} |")
+        lines.append(
+            f"| {r['sampler']} | {r['steps']} | {r['fd']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} | "
+            f"{acc} | {r['seconds']:.1f} |"
+        )
     if anc:
         ref = anc[0]["fd"]
         lines += ["", f"Against {anc[0]['steps']} ancestral steps (FD {ref:.3f}):"]

@@ -49,12 +49,27 @@ def sampler_equivalence(device: str) -> list[dict]:
             for dev in ("cpu", device):
                 D.to(dev)
                 with torch.no_grad():
-                    outs.append(sample(D, x0.to(dev), sig, method=sampler, cond={"class_labels": labels.to(dev)},
-                                       noise=torch.Generator().manual_seed(2)).cpu())
+                    outs.append(
+                        sample(
+                            D,
+                            x0.to(dev),
+                            sig,
+                            method=sampler,
+                            cond={"class_labels": labels.to(dev)},
+                            noise=torch.Generator().manual_seed(2),
+                        ).cpu()
+                    )
             diff = (outs[0] - outs[1]).abs().max().item()
             scale = outs[0].abs().max().item()
-            rows.append({"net": name, "sampler": sampler, "max_abs_diff": diff, "max_abs": scale,
-                         "ok": diff <= 1e-3 * max(1.0, scale)})
+            rows.append(
+                {
+                    "net": name,
+                    "sampler": sampler,
+                    "max_abs_diff": diff,
+                    "max_abs": scale,
+                    "ok": diff <= 1e-3 * max(1.0, scale),
+                }
+            )
     return rows
 
 
@@ -63,8 +78,17 @@ def training(device: str) -> list[dict]:
     from safetensors.torch import load_file
 
     rows = []
-    base = dict(data="digits", model="unet-xs", model_overrides={"channels": 16}, batch_size=32, lr=2e-3,
-                warmup=2, save_every=0, log_every=5, ema_decay=0.9)
+    base = dict(
+        data="digits",
+        model="unet-xs",
+        model_overrides={"channels": 16},
+        batch_size=32,
+        lr=2e-3,
+        warmup=2,
+        save_every=0,
+        log_every=5,
+        ema_decay=0.9,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         for bf16 in (False, True):
             out = Path(tmp) / f"bf16_{bf16}"
@@ -73,8 +97,15 @@ def training(device: str) -> list[dict]:
             log = [json.loads(r) for r in (out / "log.jsonl").read_text().splitlines()]
             losses = [r["loss"] for r in log]
             ok = all(map(lambda v: v == v and abs(v) < 1e6, losses)) and losses[-1] < losses[0]
-            rows.append({"check": f"train 30 steps, bf16={bf16}", "first_loss": losses[0], "last_loss": losses[-1],
-                         "seconds": time.perf_counter() - t0, "ok": ok})
+            rows.append(
+                {
+                    "check": f"train 30 steps, bf16={bf16}",
+                    "first_loss": losses[0],
+                    "last_loss": losses[-1],
+                    "seconds": time.perf_counter() - t0,
+                    "ok": ok,
+                }
+            )
         torch.use_deterministic_algorithms(True, warn_only=True)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         whole, split = Path(tmp) / "whole", Path(tmp) / "split"
@@ -83,23 +114,49 @@ def training(device: str) -> list[dict]:
         train(TrainConfig(steps=20, **{**base, "save_every": 10}), split, resume=True, progress=False, device=device)
         a, b = load_file(whole / "model.safetensors"), load_file(split / "model.safetensors")
         diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
-        rows.append({"check": "resume 10 + 10 == 20 steps (deterministic algorithms)", "max_abs_diff": diff,
-                     "ok": diff <= 1e-5})
+        rows.append(
+            {"check": "resume 10 + 10 == 20 steps (deterministic algorithms)", "max_abs_diff": diff, "ok": diff <= 1e-5}
+        )
         torch.use_deterministic_algorithms(False)
     return rows
 
 
 def torchrun_nccl() -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m", "difflab",
-               "train", "--data", "digits", "--model", "unet-xs", "--steps", "10", "--batch-size", "32",
-               "--out", str(Path(tmp) / "ddp"), "--no-progress"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=1",
+            "-m",
+            "difflab",
+            "train",
+            "--data",
+            "digits",
+            "--model",
+            "unet-xs",
+            "--steps",
+            "10",
+            "--batch-size",
+            "32",
+            "--out",
+            str(Path(tmp) / "ddp"),
+            "--no-progress",
+        ]
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         t0 = time.perf_counter()
         p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
         ok = p.returncode == 0 and (Path(tmp) / "ddp" / "model.safetensors").exists()
-        return [{"check": "torchrun --nproc_per_node=1 (NCCL) difflab train", "returncode": p.returncode,
-                 "seconds": time.perf_counter() - t0, "ok": ok, "stderr_tail": p.stderr[-600:] if not ok else ""}]
+        return [
+            {
+                "check": "torchrun --nproc_per_node=1 (NCCL) difflab train",
+                "returncode": p.returncode,
+                "seconds": time.perf_counter() - t0,
+                "ok": ok,
+                "stderr_tail": p.stderr[-600:] if not ok else "",
+            }
+        ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,20 +168,29 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     dev_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
-    result = {"device": dev_name, "torch": torch.__version__, "samplers": sampler_equivalence(args.device),
-              "training": training(args.device), "torchrun": [] if args.skip_torchrun else torchrun_nccl()}
+    result = {
+        "device": dev_name,
+        "torch": torch.__version__,
+        "samplers": sampler_equivalence(args.device),
+        "training": training(args.device),
+        "torchrun": [] if args.skip_torchrun else torchrun_nccl(),
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu_checks.json").write_text(json.dumps(result, indent=1))
     bad = 0
     print(f"device {dev_name}, torch {torch.__version__}")
     for r in result["samplers"]:
         bad += not r["ok"]
-        print(f"  {r['net']:8s} {r['sampler']:16s} max|cuda - cpu| {r['max_abs_diff']:.2e} (scale {r['max_abs']:.2f}) "
-              f"{'ok' if r['ok'] else 'FAIL'}")
+        print(
+            f"  {r['net']:8s} {r['sampler']:16s} max|cuda - cpu| {r['max_abs_diff']:.2e} (scale {r['max_abs']:.2f}) "
+            f"{'ok' if r['ok'] else 'FAIL'}"
+        )
     for r in result["training"] + result["torchrun"]:
         bad += not r["ok"]
-        print(f"  {r['check']}: {'ok' if r['ok'] else 'FAIL'} "
-              f"{ {k: v for k, v in r.items() if k not in ('check', 'ok')} }")
+        print(
+            f"  {r['check']}: {'ok' if r['ok'] else 'FAIL'} "
+            f"{ {k: v for k, v in r.items() if k not in ('check', 'ok')} }"
+        )
     return 1 if bad else 0
 
 

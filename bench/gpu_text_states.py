@@ -42,14 +42,17 @@ def export(prompts: list[str], out: Path, max_length: int = 77, chunk: int = 256
     prompts = [*prompts, ""] if "" not in prompts else list(prompts)
     rows, lengths = [], []
     for i in range(0, len(prompts), chunk):
-        states, mask = enc(prompts[i:i + chunk])
+        states, mask = enc(prompts[i : i + chunk])
         for s, m in zip(states, mask):
             n = int(m.sum())
             rows.append(s[:n])
             lengths.append(n)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"states": torch.cat(rows).half().contiguous(), "lengths": torch.tensor(lengths)}, str(out),
-              metadata={"prompts": json.dumps(prompts), "max_length": str(max_length)})
+    save_file(
+        {"states": torch.cat(rows).half().contiguous(), "lengths": torch.tensor(lengths)},
+        str(out),
+        metadata={"prompts": json.dumps(prompts), "max_length": str(max_length)},
+    )
     return {"prompts": len(prompts), "tokens": int(sum(lengths)), "bytes": out.stat().st_size}
 
 

@@ -59,8 +59,17 @@ BATCH = 64
 def train_difflab(out: Path, cpu_minutes: float, seed: int) -> None:
     from difflab.train import TrainConfig, train
 
-    cfg = TrainConfig(data="fashion_mnist", model=MODEL, batch_size=BATCH, minutes=cpu_minutes, clock="cpu",
-                      steps=None, seed=seed, save_every=250, class_conditional=True)
+    cfg = TrainConfig(
+        data="fashion_mnist",
+        model=MODEL,
+        batch_size=BATCH,
+        minutes=cpu_minutes,
+        clock="cpu",
+        steps=None,
+        seed=seed,
+        save_every=250,
+        class_conditional=True,
+    )
     train(cfg, out, progress=False)
 
 
@@ -94,7 +103,7 @@ def train_diffusers(out: Path, recipe: str, cpu_minutes: float, seed: int) -> No
     while time.process_time() - t0 < budget:
         if pos + BATCH > len(perm):
             perm, pos = torch.randperm(len(x_all), generator=g), 0
-        idx = perm[pos:pos + BATCH]
+        idx = perm[pos : pos + BATCH]
         pos += BATCH
         x0, y = x_all[idx], y_all[idx]
         flip = torch.rand(BATCH, generator=g) < 0.5
@@ -122,9 +131,20 @@ def train_diffusers(out: Path, recipe: str, cpu_minutes: float, seed: int) -> No
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(out / "ema.safetensors"))
     (out / "diffusers_config.json").write_text(json.dumps(dict(net.config), indent=1, default=str))
-    (out / "bench.json").write_text(json.dumps({"recipe": recipe, "steps": step, "cpu_minutes": cpu_minutes,
-                                                "cpu_s": time.process_time() - t0, "hp": hp, "seed": seed,
-                                                "log": log}, indent=1))
+    (out / "bench.json").write_text(
+        json.dumps(
+            {
+                "recipe": recipe,
+                "steps": step,
+                "cpu_minutes": cpu_minutes,
+                "cpu_s": time.process_time() - t0,
+                "hp": hp,
+                "seed": seed,
+                "log": log,
+            },
+            indent=1,
+        )
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,16 +200,17 @@ def evaluate(run: Path, n: int, steps: int, seed: int) -> dict:
     train_images = load_training_data(TrainConfig(data="fashion_mnist")).images
     ref = reference_stats(ext, "fashion_mnist", "train", images=train_images, data_kwargs={"pad_to": 32})
     labels = torch.arange(n) % 10
-    result = {"run": str(run), "kind": kind, "n": n, "steps": steps, "seed": seed, "sample_s": sample_s,
-              "samplers": {}}
+    result = {"run": str(run), "kind": kind, "n": n, "steps": steps, "seed": seed, "sample_s": sample_s, "samplers": {}}
     for name, x in samples.items():
         q = score_samples(x, ext, ref, "fashion_mnist", labels=labels, num_classes=10)
         q.pop("domain")
         result["samplers"][name] = q
         show = torch.cat([torch.nonzero(labels == c).flatten()[:8] for c in range(10)])
         save_image_grid(x[show], run / f"samples_{name}.png", nrow=16)
-        print(f"{run.name}: {name:14s} FD-FMNIST {q['fd']:.2f} precision {q['precision']:.3f} "
-              f"recall {q['recall']:.3f} class accuracy {q['class_accuracy']:.3f}")
+        print(
+            f"{run.name}: {name:14s} FD-FMNIST {q['fd']:.2f} precision {q['precision']:.3f} "
+            f"recall {q['recall']:.3f} class accuracy {q['class_accuracy']:.3f}"
+        )
     if kind == "difflab":
         meta = json.loads((run / "config.json").read_text())
         from difflab.runfolder import read_safetensors
@@ -215,35 +236,55 @@ def report(root: Path, out: Path) -> str:
         r = json.loads(ev.read_text())
         best = min(r["samplers"].items(), key=lambda kv: kv[1]["fd"])
         recipe = ev.parent.name.rsplit("-", 1)[0]
-        rows.append({"recipe": recipe, "budget": r["train"]["cpu_minutes"], "steps": r["train_steps"],
-                     "sampler": best[0], **best[1], "all": r["samplers"], "n": r["n"], "dir": ev.parent})
-    lines = ["# Quality per CPU-minute: difflab vs the diffusers training recipe (Fashion-MNIST)", "",
-             "Command: see the docstring of `bench/quality_per_minute.py` (train each recipe, eval, report).", "",
-             "| budget (CPU-min) | recipe | train steps | sampler (20 steps) | FD-FMNIST | precision | recall | "
-             "class accuracy | FD ratio difflab / this |", "|---|---|---|---|---|---|---|---|---|"]
+        rows.append(
+            {
+                "recipe": recipe,
+                "budget": r["train"]["cpu_minutes"],
+                "steps": r["train_steps"],
+                "sampler": best[0],
+                **best[1],
+                "all": r["samplers"],
+                "n": r["n"],
+                "dir": ev.parent,
+            }
+        )
+    lines = [
+        "# Quality per CPU-minute: difflab vs the diffusers training recipe (Fashion-MNIST)",
+        "",
+        "Command: see the docstring of `bench/quality_per_minute.py` (train each recipe, eval, report).",
+        "",
+        "| budget (CPU-min) | recipe | train steps | sampler (20 steps) | FD-FMNIST | precision | recall | "
+        "class accuracy | FD ratio difflab / this |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for budget in sorted({r["budget"] for r in rows}):
         group = [r for r in rows if r["budget"] == budget]
         ours = next((r for r in group if r["recipe"] == "difflab"), None)
         for r in sorted(group, key=lambda r: r["recipe"]):
             ratio = "" if ours is None or r is ours else f"{ours['fd'] / r['fd']:.2f}"
             others = ", ".join(f"{k} {v['fd']:.2f}" for k, v in r["all"].items() if k != r["sampler"])
-            lines.append(f"| {budget:g} | {r['recipe']} | {r['steps']} | {r['sampler']}"
-                         f"{f' ({others})' if others else ''} | {r['fd']:.2f} | {r['precision']:.3f} | "
-                         f"{r['recall']:.3f} | {r['class_accuracy']:.3f} | {ratio} |")
+            lines.append(
+                f"| {budget:g} | {r['recipe']} | {r['steps']} | {r['sampler']}"
+                f"{f' ({others})' if others else ''} | {r['fd']:.2f} | {r['precision']:.3f} | "
+                f"{r['recall']:.3f} | {r['class_accuracy']:.3f} | {ratio} |"
+            )
     lines += ["", f"n = {rows[0]['n'] if rows else '?'} class-balanced samples per model.", ""]
     out.mkdir(parents=True, exist_ok=True)
     figs = out / "quality_per_minute"
     figs.mkdir(exist_ok=True)
     for r in rows:  # every sampler's grid (first 8 samples of each class), copied beside the table
         for png in sorted(r["dir"].glob("samples_*.png")):
-            name = f"{r['dir'].name}_{png.stem[len('samples_'):]}.png"
+            name = f"{r['dir'].name}_{png.stem[len('samples_') :]}.png"
             shutil.copy(png, figs / name)
-            lines.append(f"{r['recipe']}, {r['budget']:g} CPU-min, {png.stem[len('samples_'):]}:\n\n"
-                         f"![{name}](quality_per_minute/{name})\n")
+            lines.append(
+                f"{r['recipe']}, {r['budget']:g} CPU-min, {png.stem[len('samples_') :]}:\n\n"
+                f"![{name}](quality_per_minute/{name})\n"
+            )
     text = "\n".join(lines) + "\n"
     (out / "quality_per_minute.md").write_text(text)
-    (out / "quality_per_minute.json").write_text(json.dumps(
-        [{k: v for k, v in r.items() if k != "dir"} for r in rows], indent=1))
+    (out / "quality_per_minute.json").write_text(
+        json.dumps([{k: v for k, v in r.items() if k != "dir"} for r in rows], indent=1)
+    )
     return text
 
 

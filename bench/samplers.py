@@ -104,6 +104,7 @@ def our_configs(sched) -> list[Config]:
             def run(gm, x, nfe, method=method, kw=kw, two=two, grid=grid):
                 n = _two_eval_steps(nfe) if two else nfe
                 return sample(gm.denoiser, x, grid(n), method=method, **kw), (2 * n - 1 if two else n)
+
             label = f"{sname} / {gname}"
             if method == DEFAULT_SAMPLER and gname == "default":
                 label += "  (DEFAULT)"
@@ -141,14 +142,17 @@ def kdiff_configs(sched) -> list[Config]:
     out = []
     for sname, (fn, kw, two) in samplers.items():
         for gname, grid in grids.items():
+
             def run(gm, x, nfe, fn=fn, kw=kw, two=two, grid=grid):
                 n = _two_eval_steps(nfe) if two else nfe
                 return fn(gm.denoiser, x, grid(n), disable=True, **kw), (2 * n - 1 if two else n)
+
             out.append(Config(f"k {sname} / {gname}", "k-diffusion", run))
 
     def run_fast(gm, x, nfe):  # DPM-Solver-fast to sigma_min in nfe - 1 calls, then x0_hat
         y = K.sample_dpm_fast(gm.denoiser, x, smin, smax, nfe - 1, disable=True)
         return gm.denoiser(y, smin), nfe
+
     out.append(Config("k dpm_fast (+ final x0_hat)", "k-diffusion", run_fast))
     return out
 
@@ -174,21 +178,28 @@ def diffusers_configs(sched) -> list[Config]:
     base = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
     makers = {
         "DDIM eta=0 / trailing": lambda: diffusers.DDIMScheduler(
-            **base, clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing"),
+            **base, clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing"
+        ),
         "DDIM eta=0 / leading": lambda: diffusers.DDIMScheduler(
-            **base, clip_sample=False, set_alpha_to_one=True, timestep_spacing="leading"),
+            **base, clip_sample=False, set_alpha_to_one=True, timestep_spacing="leading"
+        ),
         "DPM++(2M) / linspace": lambda: diffusers.DPMSolverMultistepScheduler(
-            **base, algorithm_type="dpmsolver++", solver_order=2),
+            **base, algorithm_type="dpmsolver++", solver_order=2
+        ),
         "DPM++(2M) / karras": lambda: diffusers.DPMSolverMultistepScheduler(
-            **base, algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True),
+            **base, algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True
+        ),
         "DPM++(2M) / exponential": lambda: diffusers.DPMSolverMultistepScheduler(
-            **base, algorithm_type="dpmsolver++", solver_order=2, use_exponential_sigmas=True),
+            **base, algorithm_type="dpmsolver++", solver_order=2, use_exponential_sigmas=True
+        ),
         "UniPC-2 bh2 / linspace": lambda: diffusers.UniPCMultistepScheduler(**base, solver_order=2),
         "UniPC-3 bh2 / linspace": lambda: diffusers.UniPCMultistepScheduler(**base, solver_order=3),
         "UniPC-2 bh2 / karras": lambda: diffusers.UniPCMultistepScheduler(
-            **base, solver_order=2, use_karras_sigmas=True),
+            **base, solver_order=2, use_karras_sigmas=True
+        ),
         "UniPC-3 bh2 / karras": lambda: diffusers.UniPCMultistepScheduler(
-            **base, solver_order=3, use_karras_sigmas=True),
+            **base, solver_order=3, use_karras_sigmas=True
+        ),
     }
     smax = sched.sigma_max
 
@@ -205,6 +216,7 @@ def diffusers_configs(sched) -> list[Config]:
                 eps = (x_ve - gm.denoiser(x_ve, sigma_t)) / sigma_t
                 x_vp = ref.step(eps.to(F64), t, x_vp).prev_sample.to(F64)
             return x_vp, len(ref.timesteps)  # ends at abar = 1, where VP and VE coincide
+
         return run
 
     return [Config(f"d {name}", "diffusers", make_run(make)) for name, make in makers.items()]
@@ -222,8 +234,9 @@ def make_mixture(spec) -> GaussianMixture:
 def measure(gm, out, ref, comp_ref) -> dict:
     err = (out - ref).norm(dim=1)
     flips = (gm.responsibilities(out, 0.0).argmax(1) != comp_ref).double().mean().item()
-    return dict(median=err.median().item(), p90=err.quantile(0.9).item(), flips=flips,
-                finite=bool(torch.isfinite(out).all()))
+    return dict(
+        median=err.median().item(), p90=err.quantile(0.9).item(), flips=flips, finite=bool(torch.isfinite(out).all())
+    )
 
 
 # State shared with forked worker processes (configurations hold closures, which do not pickle).
@@ -292,14 +305,19 @@ def run_accuracy(configs, mixtures, n_samples, nfes, log, workers: int = 2) -> d
     for i, m in enumerate(mixtures):
         for j, cfg in enumerate(configs):  # in configuration order
             results[m["dim"]][cfg.name] = dict(family=cfg.family, cells=rows[i, j])
-    log(f"{len(configs)} configurations x {len(mixtures)} mixtures x NFE {list(nfes)}: {time.time() - t0:.1f} s "
-        f"({workers} worker process{'es' if workers > 1 else ''}); accuracy part {cpu:.0f} s CPU in all")
+    log(
+        f"{len(configs)} configurations x {len(mixtures)} mixtures x NFE {list(nfes)}: {time.time() - t0:.1f} s "
+        f"({workers} worker process{'es' if workers > 1 else ''}); accuracy part {cpu:.0f} s CPU in all"
+    )
     return results
 
 
 def best(res: dict, nfe: int, family_pred) -> tuple[str, dict]:
-    cands = [(v["cells"][nfe]["median"], k) for k, v in res.items() if family_pred(v["family"])
-             and math.isfinite(v["cells"][nfe]["median"])]
+    cands = [
+        (v["cells"][nfe]["median"], k)
+        for k, v in res.items()
+        if family_pred(v["family"]) and math.isfinite(v["cells"][nfe]["median"])
+    ]
     _, name = min(cands)
     return name, res[name]["cells"][nfe]
 
@@ -316,9 +334,20 @@ def summarize(results: dict, nfes) -> list[dict]:
             peer_name, peer = best(res, nfe, lambda f: f != "ours")
             min_peer_flips = min(v["cells"][nfe]["flips"] for v in res.values() if v["family"] != "ours")
             ratio = dflt["median"] / peer["median"]
-            rows.append(dict(dim=d, nfe=nfe, default=dflt, best_ours=ours_name, best_ours_cell=ours,
-                             best_peer=peer_name, peer=peer, ratio=ratio, min_peer_flips=min_peer_flips,
-                             met=(ratio <= 0.5 and dflt["flips"] <= peer["flips"])))
+            rows.append(
+                dict(
+                    dim=d,
+                    nfe=nfe,
+                    default=dflt,
+                    best_ours=ours_name,
+                    best_ours_cell=ours,
+                    best_peer=peer_name,
+                    peer=peer,
+                    ratio=ratio,
+                    min_peer_flips=min_peer_flips,
+                    met=(ratio <= 0.5 and dflt["flips"] <= peer["flips"]),
+                )
+            )
     return rows
 
 
@@ -352,10 +381,15 @@ def run_overhead(steps: int, repeats: int, log) -> dict:
 
     K = k_sampling()
     torch.manual_seed(0)
-    unet = diffusers.UNet2DModel(sample_size=32, in_channels=3, out_channels=3, layers_per_block=1,
-                                 block_out_channels=(32, 64, 64),
-                                 down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D"),
-                                 up_block_types=("UpBlock2D", "UpBlock2D", "UpBlock2D")).eval()
+    unet = diffusers.UNet2DModel(
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(32, 64, 64),
+        down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D", "UpBlock2D"),
+    ).eval()
     n_params = sum(p.numel() for p in unet.parameters())
     x = torch.randn(64, 3, 32, 32)
     x0_cached = torch.randn(64, 3, 32, 32)
@@ -399,15 +433,28 @@ def run_overhead(steps: int, repeats: int, log) -> dict:
                 wall[name].append(w / steps)
                 cpu[name].append(c / steps)
     med = statistics.median
-    out = dict(unet_ms=1e3 * med(unet_wall), unet_cpu_ms=1e3 * med(unet_cpu), unet_params=n_params, steps=steps,
-               repeats=repeats, threads=torch.get_num_threads(), samplers={})
+    out = dict(
+        unet_ms=1e3 * med(unet_wall),
+        unet_cpu_ms=1e3 * med(unet_cpu),
+        unet_params=n_params,
+        steps=steps,
+        repeats=repeats,
+        threads=torch.get_num_threads(),
+        samplers={},
+    )
     for name in cases:
         ms, cpu_ms = 1e3 * med(wall[name]), 1e3 * med(cpu[name])
-        out["samplers"][name] = dict(ms_per_step=ms, cpu_ms_per_step=cpu_ms,
-                                     calls_per_step=calls.get(name, steps) / steps,
-                                     ratio=ms / out["unet_ms"], cpu_ratio=cpu_ms / out["unet_cpu_ms"])
-    log(f"UNet2DModel ({n_params / 1e6:.2f} M params) forward at batch 64: {out['unet_ms']:.1f} ms wall, "
-        f"{out['unet_cpu_ms']:.1f} ms CPU (median of {repeats})")
+        out["samplers"][name] = dict(
+            ms_per_step=ms,
+            cpu_ms_per_step=cpu_ms,
+            calls_per_step=calls.get(name, steps) / steps,
+            ratio=ms / out["unet_ms"],
+            cpu_ratio=cpu_ms / out["unet_cpu_ms"],
+        )
+    log(
+        f"UNet2DModel ({n_params / 1e6:.2f} M params) forward at batch 64: {out['unet_ms']:.1f} ms wall, "
+        f"{out['unet_cpu_ms']:.1f} ms CPU (median of {repeats})"
+    )
     return out
 
 
@@ -423,32 +470,47 @@ def _fmt(c):
 def write_markdown(path: Path, results, summary, overhead, args, nfes, n_samples, mixtures):
     L = []
     L.append("# Sampler accuracy against NFE: Gaussian mixtures, DDPM linear schedule\n")
-    L.append(f"Generated by `{' '.join(['bench/samplers.py'] + sys.argv[1:])}`. Samples per mixture: "
-             f"{n_samples}; start x = sigma_max * randn at sigma_max = {vp_linear().sigma_max:.2f}; "
-             "reference = exact "
-             "probability-flow endpoint (DOP853, rtol = atol = 1e-10). Error = |x - x_exact| per sample; "
-             "flips = % of samples whose argmax component at sigma = 0 differs from the exact endpoint's. "
-             f"Default recipe: `sample(D, x, default_sigmas(schedule, n))` = `{DEFAULT_SAMPLER}` on "
-             "`sigmas_soft_logsnr`.\n")
-    L.append("Mixtures: " + "; ".join(f"{m['dim']}-D, {m['k']} components, seed {m['seed']}, "
-                                       f"spread {m['spread']}, "
-                                       f"stds {STD_RANGE[0]}-{STD_RANGE[1]}" for m in mixtures) + ".\n")
+    L.append(
+        f"Generated by `{' '.join(['bench/samplers.py'] + sys.argv[1:])}`. Samples per mixture: "
+        f"{n_samples}; start x = sigma_max * randn at sigma_max = {vp_linear().sigma_max:.2f}; "
+        "reference = exact "
+        "probability-flow endpoint (DOP853, rtol = atol = 1e-10). Error = |x - x_exact| per sample; "
+        "flips = % of samples whose argmax component at sigma = 0 differs from the exact endpoint's. "
+        f"Default recipe: `sample(D, x, default_sigmas(schedule, n))` = `{DEFAULT_SAMPLER}` on "
+        "`sigmas_soft_logsnr`.\n"
+    )
+    L.append(
+        "Mixtures: "
+        + "; ".join(
+            f"{m['dim']}-D, {m['k']} components, seed {m['seed']}, "
+            f"spread {m['spread']}, "
+            f"stds {STD_RANGE[0]}-{STD_RANGE[1]}"
+            for m in mixtures
+        )
+        + ".\n"
+    )
     L.append("## Summary: the default recipe against the best peer configuration (lowest median)\n")
-    L.append("| dim | NFE | default: median / p90 / flips % | best peer | peer: median / p90 / flips % "
-             "| default / peer median | target (<= 0.5x, flips <=) | best of ours |")
+    L.append(
+        "| dim | NFE | default: median / p90 / flips % | best peer | peer: median / p90 / flips % "
+        "| default / peer median | target (<= 0.5x, flips <=) | best of ours |"
+    )
     L.append("|---|---|---|---|---|---|---|---|")
     for r in summary:
         star = "" if r["nfe"] in TARGET_NFES else " (not a target NFE)"
-        L.append(f"| {r['dim']} | {r['nfe']} | {_fmt(r['default']).replace(' | ', ' / ')} | {r['best_peer']} | "
-                 f"{_fmt(r['peer']).replace(' | ', ' / ')} | {r['ratio']:.2f} | "
-                 f"{'met' if r['met'] else 'NOT met'}{star} | {r['best_ours']} |")
+        L.append(
+            f"| {r['dim']} | {r['nfe']} | {_fmt(r['default']).replace(' | ', ' / ')} | {r['best_peer']} | "
+            f"{_fmt(r['peer']).replace(' | ', ' / ')} | {r['ratio']:.2f} | "
+            f"{'met' if r['met'] else 'NOT met'}{star} | {r['best_ours']} |"
+        )
     L.append("")
     recipes = recipes_meeting_target(results, nfes)
     n_cells = sum(1 for d in results for n in nfes if n in TARGET_NFES)
     nfe_list = ", ".join(map(str, TARGET_NFES))
     L.append(f"## Which of our fixed recipes meet the target in all {n_cells} cells (NFE {nfe_list})\n")
-    L.append("Each row is one recipe used unchanged on every mixture. Geometric mean of median / best-peer median "
-             "over the target cells.\n")
+    L.append(
+        "Each row is one recipe used unchanged on every mixture. Geometric mean of median / best-peer median "
+        "over the target cells.\n"
+    )
     L.append("| recipe | cells met | geometric-mean ratio |")
     L.append("|---|---|---|")
     for name, met, gm_ratio in recipes[:12]:
@@ -457,8 +519,10 @@ def write_markdown(path: Path, results, summary, overhead, args, nfes, n_samples
     L.append("")
     for d, res in results.items():
         L.append(f"## {d}-D: every configuration\n")
-        L.append("median | p90 | flips % at each NFE; NFE actually used in brackets where it is below the budget "
-                 "(Heun-type samplers). Ratio = median / best peer median at that NFE.\n")
+        L.append(
+            "median | p90 | flips % at each NFE; NFE actually used in brackets where it is below the budget "
+            "(Heun-type samplers). Ratio = median / best peer median at that NFE.\n"
+        )
         head = "| configuration | " + " | ".join(f"NFE {n}: median | p90 | flips % | ratio" for n in nfes) + " |"
         L.append(head)
         L.append("|---|" + "---|---|---|---|" * len(nfes))
@@ -477,21 +541,27 @@ def write_markdown(path: Path, results, summary, overhead, args, nfes, n_samples
         L.append("")
     if overhead:
         L.append("## Time outside the network\n")
-        L.append(f"Trivial denoiser (returns a cached tensor), x of shape (64, 3, 32, 32) float32, "
-                 f"{overhead['steps']} steps on the default grid, against one forward of a diffusers UNet2DModel "
-                 f"(block_out_channels (32, 64, 64), layers_per_block 1, "
-                 f"{overhead['unet_params'] / 1e6:.2f} M params) "
-                 f"at batch 64: **{overhead['unet_ms']:.1f} ms wall, {overhead['unet_cpu_ms']:.1f} ms CPU**. "
-                 f"Medians of {overhead['repeats']} interleaved runs in one process, "
-                 f"{overhead['threads']} thread(s); "
-                 "CPU time (process_time) is the figure that other load on the machine does not inflate.\n")
-        L.append("| sampler | network calls per step | ms per step outside the network (wall / CPU) "
-                 "| share of one UNet forward (wall / CPU) |")
+        L.append(
+            f"Trivial denoiser (returns a cached tensor), x of shape (64, 3, 32, 32) float32, "
+            f"{overhead['steps']} steps on the default grid, against one forward of a diffusers UNet2DModel "
+            f"(block_out_channels (32, 64, 64), layers_per_block 1, "
+            f"{overhead['unet_params'] / 1e6:.2f} M params) "
+            f"at batch 64: **{overhead['unet_ms']:.1f} ms wall, {overhead['unet_cpu_ms']:.1f} ms CPU**. "
+            f"Medians of {overhead['repeats']} interleaved runs in one process, "
+            f"{overhead['threads']} thread(s); "
+            "CPU time (process_time) is the figure that other load on the machine does not inflate.\n"
+        )
+        L.append(
+            "| sampler | network calls per step | ms per step outside the network (wall / CPU) "
+            "| share of one UNet forward (wall / CPU) |"
+        )
         L.append("|---|---|---|---|")
         for name, o in overhead["samplers"].items():
-            L.append(f"| {name} | {o['calls_per_step']:.2f} | "
-                     f"{o['ms_per_step']:.3f} / {o['cpu_ms_per_step']:.3f} | "
-                     f"{100 * o['ratio']:.3f} % / {100 * o['cpu_ratio']:.3f} % |")
+            L.append(
+                f"| {name} | {o['calls_per_step']:.2f} | "
+                f"{o['ms_per_step']:.3f} / {o['cpu_ms_per_step']:.3f} | "
+                f"{100 * o['ratio']:.3f} % / {100 * o['cpu_ratio']:.3f} % |"
+            )
         L.append("")
     path.write_text("\n".join(L))
 
@@ -505,8 +575,14 @@ def plot(path: Path, results, nfes):
 
     dims = list(results)
     fig, axes = plt.subplots(1, len(dims), figsize=(5.2 * len(dims), 5.0), squeeze=False)
-    named_peers = ["d DPM++(2M) / karras", "d UniPC-2 bh2 / linspace", "d DDIM eta=0 / trailing",
-                   "k dpmpp_2m / karras", "k dpmpp_2m / exponential", "k heun / karras"]
+    named_peers = [
+        "d DPM++(2M) / karras",
+        "d UniPC-2 bh2 / linspace",
+        "d DDIM eta=0 / trailing",
+        "k dpmpp_2m / karras",
+        "k dpmpp_2m / exponential",
+        "k heun / karras",
+    ]
     for ax, d in zip(axes[0], dims):
         res = results[d]
         xs = list(nfes)
@@ -517,8 +593,14 @@ def plot(path: Path, results, nfes):
         ours = [best(res, n, lambda f: f == "ours")[1]["median"] for n in xs]
         ax.plot(xs, peer, "k-", lw=2, label="best peer config at each NFE")
         ax.plot(xs, ours, "-", color="tab:green", lw=1.5, alpha=0.6, label="best difflab config at each NFE")
-        ax.plot(xs, [res[DEFAULT_NAME]["cells"][n]["median"] for n in xs], "o-", color="tab:red", lw=2.5,
-                label=f"difflab default ({DEFAULT_SAMPLER} + default_sigmas)")
+        ax.plot(
+            xs,
+            [res[DEFAULT_NAME]["cells"][n]["median"] for n in xs],
+            "o-",
+            color="tab:red",
+            lw=2.5,
+            label=f"difflab default ({DEFAULT_SAMPLER} + default_sigmas)",
+        )
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xticks(xs)
@@ -540,8 +622,10 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer samples and NFE 10, 20 only (~1 min)")
     p.add_argument("--out", default="bench/results", help="folder for samplers.md/.png/.json")
     p.add_argument("--samples", type=int, help="samples per mixture (default 2000, quick 500)")
-    p.add_argument("--mixture-seeds", help="comma-separated seeds replacing the three fixed ones "
-                                           "(held-out check of the one recipe)")
+    p.add_argument(
+        "--mixture-seeds",
+        help="comma-separated seeds replacing the three fixed ones (held-out check of the one recipe)",
+    )
     p.add_argument("--no-overhead", action="store_true", help="skip the time-outside-the-network part")
     p.add_argument("--workers", type=int, default=2, help="processes for the accuracy part (default 2)")
     args = p.parse_args(argv)
@@ -570,16 +654,29 @@ def main(argv=None) -> int:
 
     write_markdown(out_dir / "samplers.md", results, summary, overhead, args, nfes, n_samples, mixtures)
     plot(out_dir / "samplers.png", results, nfes)
-    (out_dir / "samplers.json").write_text(json.dumps(dict(
-        mixtures=mixtures, samples=n_samples, nfes=list(nfes), results={str(k): v for k, v in results.items()},
-        summary=summary, overhead=overhead), indent=1, default=str))
+    (out_dir / "samplers.json").write_text(
+        json.dumps(
+            dict(
+                mixtures=mixtures,
+                samples=n_samples,
+                nfes=list(nfes),
+                results={str(k): v for k, v in results.items()},
+                summary=summary,
+                overhead=overhead,
+            ),
+            indent=1,
+            default=str,
+        )
+    )
 
     print("\nDefault recipe vs best peer (median / p90 / flips %):")
     for r in summary:
         tag = ("met" if r["met"] else "NOT met") if r["nfe"] in TARGET_NFES else "-"
-        print(f"  {r['dim']:3d}-D NFE {r['nfe']:3d}: default {_fmt(r['default']).replace(' | ', ' / ')}  "
-              f"| best peer {r['best_peer']}: {_fmt(r['peer']).replace(' | ', ' / ')}  "
-              f"| ratio {r['ratio']:.2f} | target {tag}")
+        print(
+            f"  {r['dim']:3d}-D NFE {r['nfe']:3d}: default {_fmt(r['default']).replace(' | ', ' / ')}  "
+            f"| best peer {r['best_peer']}: {_fmt(r['peer']).replace(' | ', ' / ')}  "
+            f"| ratio {r['ratio']:.2f} | target {tag}"
+        )
         if r["best_ours"] != DEFAULT_NAME:
             c = r["best_ours_cell"]
             print(f"           (a non-default difflab config is better here: {r['best_ours']} {c['median']:.2e})")
@@ -589,10 +686,12 @@ def main(argv=None) -> int:
         print(f"  {name:40s} {met} / {n_cells}  {gm_ratio:.2f}")
     if overhead:
         for name, o in overhead["samplers"].items():
-            print(f"  outside the network, {name:24s}: {o['ms_per_step']:7.3f} ms wall, "
-                  f"{o['cpu_ms_per_step']:7.3f} ms CPU "
-                  f"per step = {100 * o['ratio']:.3f} % / {100 * o['cpu_ratio']:.3f} % of a UNet forward "
-                  f"({overhead['unet_ms']:.0f} / {overhead['unet_cpu_ms']:.0f} ms)")
+            print(
+                f"  outside the network, {name:24s}: {o['ms_per_step']:7.3f} ms wall, "
+                f"{o['cpu_ms_per_step']:7.3f} ms CPU "
+                f"per step = {100 * o['ratio']:.3f} % / {100 * o['cpu_ratio']:.3f} % of a UNet forward "
+                f"({overhead['unet_ms']:.0f} / {overhead['unet_cpu_ms']:.0f} ms)"
+            )
     print(f"\nwrote {out_dir / 'samplers.md'}, {out_dir / 'samplers.png'} ({time.time() - t_start:.0f} s)")
     return 0
 

@@ -46,8 +46,17 @@ def _trainer(run: str, deadline: float, save_every: int, status) -> None:
     steps = 0
     while time.time() < deadline:
         steps += 200
-        cfg = TrainConfig(data="digits", model="unet-xs", model_overrides={"channels": 16}, batch_size=16,
-                          steps=steps, lr=1e-3, warmup=10, save_every=save_every, log_every=save_every)
+        cfg = TrainConfig(
+            data="digits",
+            model="unet-xs",
+            model_overrides={"channels": 16},
+            batch_size=16,
+            steps=steps,
+            lr=1e-3,
+            warmup=10,
+            save_every=save_every,
+            log_every=save_every,
+        )
         train(cfg, run, resume=steps > 200, progress=False)
         status["step"] = steps
         status["trains"] = status.get("trains", 0) + 1
@@ -82,8 +91,12 @@ def main() -> int:
     p.add_argument("--save-every", type=int, default=10, help="optimizer steps between checkpoints")
     p.add_argument("--out", default="bench/runs/soak")
     p.add_argument("--results", default="bench/results")
-    p.add_argument("--report-from", metavar="LOG", help="rebuild the report from a finished soak's printed rows "
-                                                         "(one JSON object per line) and its run folder --out")
+    p.add_argument(
+        "--report-from",
+        metavar="LOG",
+        help="rebuild the report from a finished soak's printed rows "
+        "(one JSON object per line) and its run folder --out",
+    )
     args = p.parse_args()
     if args.report_from:
         rows = [json.loads(r) for r in Path(args.report_from).read_text().splitlines() if r.startswith("{")]
@@ -105,10 +118,14 @@ def main() -> int:
     rows, t0 = [], time.time()
     while trainer.is_alive() or reader.is_alive():
         time.sleep(min(60.0, max(1.0, deadline - time.time() + 1)))
-        row = {"minute": round((time.time() - t0) / 60, 2),
-               "trainer_rss_mb": _rss_mb(trainer.pid) if trainer.is_alive() else None,
-               "reader_rss_mb": _rss_mb(reader.pid) if reader.is_alive() else None,
-               "step": tstatus.get("step"), "loads": rstatus.get("loads"), "failures": rstatus.get("failures")}
+        row = {
+            "minute": round((time.time() - t0) / 60, 2),
+            "trainer_rss_mb": _rss_mb(trainer.pid) if trainer.is_alive() else None,
+            "reader_rss_mb": _rss_mb(reader.pid) if reader.is_alive() else None,
+            "step": tstatus.get("step"),
+            "loads": rstatus.get("loads"),
+            "failures": rstatus.get("failures"),
+        }
         rows.append(row)
         print(json.dumps(row), flush=True)
     trainer.join()
@@ -131,26 +148,44 @@ def _report(args, run: Path, rows: list[dict], exitcodes: list, rstatus: dict) -
         return (vals[-1] - vals[0]) / vals[0] if len(vals) >= 2 else None
 
     last = rows[-1] if rows else {}
-    result = {"minutes": args.minutes, "save_every": args.save_every, "final_step": log[-1]["step"] if log else None,
-              "checkpoints_written": (log[-1]["step"] // args.save_every) if log else 0,
-              "loads": rstatus.get("loads", last.get("loads")), "failures": rstatus.get("failures", last.get("failures")),
-              "last_error": rstatus.get("last_error"), "trainer_rss_growth": growth("trainer_rss_mb"),
-              "reader_rss_growth": growth("reader_rss_mb"), "exitcodes": exitcodes, "rows": rows}
-    ok = (result["failures"] == 0 and all(c in (0, None) for c in exitcodes)
-          and all(g is not None and g < 0.10 for g in (result["trainer_rss_growth"], result["reader_rss_growth"])))
+    result = {
+        "minutes": args.minutes,
+        "save_every": args.save_every,
+        "final_step": log[-1]["step"] if log else None,
+        "checkpoints_written": (log[-1]["step"] // args.save_every) if log else 0,
+        "loads": rstatus.get("loads", last.get("loads")),
+        "failures": rstatus.get("failures", last.get("failures")),
+        "last_error": rstatus.get("last_error"),
+        "trainer_rss_growth": growth("trainer_rss_mb"),
+        "reader_rss_growth": growth("reader_rss_mb"),
+        "exitcodes": exitcodes,
+        "rows": rows,
+    }
+    ok = (
+        result["failures"] == 0
+        and all(c in (0, None) for c in exitcodes)
+        and all(g is not None and g < 0.10 for g in (result["trainer_rss_growth"], result["reader_rss_growth"]))
+    )
     result["verdict"] = "pass" if ok else "fail"
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
     (out / "soak.json").write_text(json.dumps(result, indent=2))
-    lines = [f"# Soak: {args.minutes:g} minutes, a checkpoint every {args.save_every} steps, a reader in a loop",
-             "", f"Verdict: **{result['verdict']}**. Final step {result['final_step']} "
-             f"({result['checkpoints_written']} checkpoints); reader loads {result['loads']}, failures "
-             f"{result['failures']}; RSS growth from minute 2 to the end: trainer "
-             f"{(result['trainer_rss_growth'] or 0):+.1%}, reader {(result['reader_rss_growth'] or 0):+.1%}.", "",
-             "| minute | trainer RSS MB | reader RSS MB | step | loads | failures |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"# Soak: {args.minutes:g} minutes, a checkpoint every {args.save_every} steps, a reader in a loop",
+        "",
+        f"Verdict: **{result['verdict']}**. Final step {result['final_step']} "
+        f"({result['checkpoints_written']} checkpoints); reader loads {result['loads']}, failures "
+        f"{result['failures']}; RSS growth from minute 2 to the end: trainer "
+        f"{(result['trainer_rss_growth'] or 0):+.1%}, reader {(result['reader_rss_growth'] or 0):+.1%}.",
+        "",
+        "| minute | trainer RSS MB | reader RSS MB | step | loads | failures |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['minute']} | {r['trainer_rss_mb'] or '-'} | {r['reader_rss_mb'] or '-'} | {r['step']} | "
-                     f"{r['loads']} | {r['failures']} |")
+        lines.append(
+            f"| {r['minute']} | {r['trainer_rss_mb'] or '-'} | {r['reader_rss_mb'] or '-'} | {r['step']} | "
+            f"{r['loads']} | {r['failures']} |"
+        )
     (out / "soak.md").write_text("\n".join(lines) + "\n")
     print(f"verdict: {result['verdict']} (results in {out / 'soak.md'})")
     return 0 if ok else 1

@@ -57,10 +57,13 @@ def diffusers_twin(name: str, size: int, channels_in: int, **extra) -> torch.nn.
         raise ValueError("the twin needs head_channels (diffusers' attention_head_dim)")
     # BigGAN-style resampling: the attention blocks take downsample_type/upsample_type="resnet",
     # the plain ones are the Resnet{Down,Up}sampleBlock2D types (DownBlock2D ignores the flag).
-    plain_down, plain_up = (("ResnetDownsampleBlock2D", "ResnetUpsampleBlock2D") if cfg.resblock_updown
-                            else ("DownBlock2D", "UpBlock2D"))
+    plain_down, plain_up = (
+        ("ResnetDownsampleBlock2D", "ResnetUpsampleBlock2D") if cfg.resblock_updown else ("DownBlock2D", "UpBlock2D")
+    )
     return UNet2DModel(
-        sample_size=size, in_channels=channels_in, out_channels=cfg.out_channels,
+        sample_size=size,
+        in_channels=channels_in,
+        out_channels=cfg.out_channels,
         block_out_channels=tuple(cfg.channels * m for m in cfg.channel_mult),
         layers_per_block=cfg.num_res_blocks,
         down_block_types=tuple("AttnDownBlock2D" if a else plain_down for a in attn),
@@ -68,8 +71,11 @@ def diffusers_twin(name: str, size: int, channels_in: int, **extra) -> torch.nn.
         downsample_type="resnet" if cfg.resblock_updown else "conv",
         upsample_type="resnet" if cfg.resblock_updown else "conv",
         resnet_time_scale_shift="scale_shift" if cfg.use_scale_shift_norm else "default",
-        attention_head_dim=cfg.head_channels, add_attention=cfg.mid_attention,
-        norm_num_groups=min(32, cfg.channels), time_embedding_type="positional", **extra,
+        attention_head_dim=cfg.head_channels,
+        add_attention=cfg.mid_attention,
+        norm_num_groups=min(32, cfg.channels),
+        time_embedding_type="positional",
+        **extra,
     )
 
 
@@ -149,15 +155,16 @@ def machine_peaks(dtype: torch.dtype, reps: int = 5) -> dict[str, float]:
     n = 2048
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     x, w = torch.randn(64, 256, 16, 16).to(dtype), torch.randn(256, 256, 3, 3).to(dtype)
-    return {"matmul": _best_rate(lambda: torch.matmul(a, b), 2 * n**3, reps),
-            "conv3x3": _best_rate(lambda: F.conv2d(x, w, padding=1), 2 * 64 * 256 * 256 * 9 * 16 * 16, reps)}
+    return {
+        "matmul": _best_rate(lambda: torch.matmul(a, b), 2 * n**3, reps),
+        "conv3x3": _best_rate(lambda: F.conv2d(x, w, padding=1), 2 * 64 * 256 * 256 * 9 * 16 * 16, reps),
+    }
 
 
 class Trainer:
     """One model's training step on a fixed batch: forward, MSE, backward, AdamW."""
 
-    def __init__(self, net, forward, batch: int, size: int, channels_in: int, bf16: bool,
-                 channels_last: bool = False):
+    def __init__(self, net, forward, batch: int, size: int, channels_in: int, bf16: bool, channels_last: bool = False):
         g = torch.Generator().manual_seed(0)
         self.net = net.train()
         self.forward = forward
@@ -224,14 +231,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=1, help="training steps per timed repetition")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--channels-last", action="store_true", help="feed both models NHWC batches")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile our UNet (not the default: ~5 min of compiling per shape on 2 cores)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile our UNet (not the default: ~5 min of compiling per shape on 2 cores)",
+    )
     p.add_argument("--out", type=Path, default=RESULTS / "train_throughput", help="output path stem (.md, .json)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
-    command = "python bench/train_throughput.py" + ("".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:])))
+    command = "python bench/train_throughput.py" + (
+        "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+    )
 
     peaks: dict[str, dict[str, list[float]]] = {"fp32": {}, "bf16": {}}
 
@@ -245,17 +257,24 @@ def main(argv: list[str] | None = None) -> int:
     compile_s: dict[str, float] = {}
     for size in args.sizes:
         torch.manual_seed(0)
-        nets = {"ours": ours(args.model, size, args.channels), "diffusers": diffusers_twin(args.model, size, args.channels)}
+        nets = {
+            "ours": ours(args.model, size, args.channels),
+            "diffusers": diffusers_twin(args.model, size, args.channels),
+        }
         flops = {
             "ours": train_flops(nets["ours"], _ours_forward, size, args.channels, _ours_explicit(nets["ours"])),
-            "diffusers": train_flops(nets["diffusers"], _theirs_forward, size, args.channels,
-                                     _theirs_explicit(nets["diffusers"])),
+            "diffusers": train_flops(
+                nets["diffusers"], _theirs_forward, size, args.channels, _theirs_explicit(nets["diffusers"])
+            ),
         }
         params = {k: sum(p.numel() for p in v.parameters()) for k, v in nets.items()}
         mismatch = flops["diffusers"][0] / flops["ours"][0] - 1
-        print(f"{size}x{size}: forward GFLOPs/img ours {flops['ours'][0] / 1e9:.4f}, diffusers "
-              f"{flops['diffusers'][0] / 1e9:.4f} ({mismatch:+.1%}); params ours {params['ours']:,}, "
-              f"diffusers {params['diffusers']:,}", flush=True)
+        print(
+            f"{size}x{size}: forward GFLOPs/img ours {flops['ours'][0] / 1e9:.4f}, diffusers "
+            f"{flops['diffusers'][0] / 1e9:.4f} ({mismatch:+.1%}); params ours {params['ours']:,}, "
+            f"diffusers {params['diffusers']:,}",
+            flush=True,
+        )
         if abs(mismatch) > 0.10:
             print(f"warning: FLOPs differ by {mismatch:+.1%} (> 10%)", file=sys.stderr)
         for dtype in args.dtypes:
@@ -271,27 +290,47 @@ def main(argv: list[str] | None = None) -> int:
             ta, tb = bench_pair(a, b, args.warmup, args.reps, args.steps)
             ratios = [y / x for x, y in zip(ta, tb)]
             row = {
-                "size": size, "dtype": dtype, "batch": args.batch,
+                "size": size,
+                "dtype": dtype,
+                "batch": args.batch,
                 "fwd_flops_per_img": {k: v[0] for k, v in flops.items()},
                 "train_flops_per_img": {k: v[1] for k, v in flops.items()},
                 "params": params,
                 "sec_per_step": {"ours": ta, "diffusers": tb},
-                "img_per_s": {"ours": args.batch / statistics.median(ta), "diffusers": args.batch / statistics.median(tb)},
-                "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+                "img_per_s": {
+                    "ours": args.batch / statistics.median(ta),
+                    "diffusers": args.batch / statistics.median(tb),
+                },
+                "ratio_median": statistics.median(ratios),
+                "ratio_min": min(ratios),
+                "ratio_max": max(ratios),
             }
             rows.append(row)
-            print(f"  {dtype}: img/s ours {row['img_per_s']['ours']:.1f}, diffusers {row['img_per_s']['diffusers']:.1f}, "
-                  f"ratio {row['ratio_median']:.2f} [{row['ratio_min']:.2f}, {row['ratio_max']:.2f}]", flush=True)
+            print(
+                f"  {dtype}: img/s ours {row['img_per_s']['ours']:.1f}, diffusers {row['img_per_s']['diffusers']:.1f}, "
+                f"ratio {row['ratio_median']:.2f} [{row['ratio_min']:.2f}, {row['ratio_max']:.2f}]",
+                flush=True,
+            )
         measure_peaks()
     peak_by_kernel = {d: {k: max(v) for k, v in kernels.items()} for d, kernels in peaks.items()}
     peak = {d: max(kernels.values()) for d, kernels in peak_by_kernel.items()}
     for row in rows:
-        row["pct_of_peak"] = {k: 100 * row["img_per_s"][k] * row["train_flops_per_img"][k] / peak[row["dtype"]]
-                              for k in ("ours", "diffusers")}
+        row["pct_of_peak"] = {
+            k: 100 * row["img_per_s"][k] * row["train_flops_per_img"][k] / peak[row["dtype"]]
+            for k in ("ours", "diffusers")
+        }
 
-    meta = {"command": command, "torch": torch.__version__, "threads": threads, "processor": _cpu_name(),
-            "machine": platform.machine(), "peak_flops": peak, "peak_flops_by_kernel": peak_by_kernel,
-            "channels_last": args.channels_last, "compile_seconds": compile_s or None}
+    meta = {
+        "command": command,
+        "torch": torch.__version__,
+        "threads": threads,
+        "processor": _cpu_name(),
+        "machine": platform.machine(),
+        "peak_flops": peak,
+        "peak_flops_by_kernel": peak_by_kernel,
+        "channels_last": args.channels_last,
+        "compile_seconds": compile_s or None,
+    }
     try:
         import diffusers
 
@@ -313,12 +352,15 @@ def render(meta: dict, rows: list[dict], args) -> str:
         "",
         f"torch {meta['torch']}, diffusers {meta.get('diffusers', '?')}, {meta['threads']} thread(s), "
         f"{meta['processor']}. Machine peak, best of the run: "
-        + "; ".join(f"{d} {meta['peak_flops'][d] / 1e9:.0f} GFLOP/s (2048^3 torch.matmul "
-                    f"{k['matmul'] / 1e9:.0f}, 3x3 conv 256->256 ch {k['conv3x3'] / 1e9:.0f})"
-                    for d, k in meta["peak_flops_by_kernel"].items())
+        + "; ".join(
+            f"{d} {meta['peak_flops'][d] / 1e9:.0f} GFLOP/s (2048^3 torch.matmul "
+            f"{k['matmul'] / 1e9:.0f}, 3x3 conv 256->256 ch {k['conv3x3'] / 1e9:.0f})"
+            for d, k in meta["peak_flops_by_kernel"].items()
+        )
         + "; % of peak uses the larger of the two.",
         f"A step is forward + MSE + backward + AdamW on a batch of {args.batch}; ours is `{args.model}`"
-        + (" under torch.compile" if meta["compile_seconds"] else "") + ", theirs "
+        + (" under torch.compile" if meta["compile_seconds"] else "")
+        + ", theirs "
         "the UNet2DModel of the same blueprint. FLOPs are counted by torch (2 per multiply-add; "
         "train = forward + backward). img/s are medians of "
         f"{args.reps} alternating repetitions after {args.warmup} warm-up steps; the ratio is the median of the "
@@ -336,7 +378,8 @@ def render(meta: dict, rows: list[dict], args) -> str:
             f"| {tr['ours'] / 1e9:.3f} / {tr['diffusers'] / 1e9:.3f} "
             f"| {r['img_per_s']['ours']:.1f} | {r['img_per_s']['diffusers']:.1f} "
             f"| **{r['ratio_median']:.2f}x** [{r['ratio_min']:.2f}, {r['ratio_max']:.2f}] "
-            f"| {r['pct_of_peak']['ours']:.1f}% | {r['pct_of_peak']['diffusers']:.1f}% |")
+            f"| {r['pct_of_peak']['ours']:.1f}% | {r['pct_of_peak']['diffusers']:.1f}% |"
+        )
     lines.append("")
     return "\n".join(lines)
 

@@ -8,8 +8,17 @@ import json
 import sys
 from pathlib import Path
 
-from difflab.core.validation import (FINITE, LR, NONNEG_INT, POS_INT, POSITIVE, SEED, UNIT, check_output_file,
-                                     check_output_folder)
+from difflab.core.validation import (
+    FINITE,
+    LR,
+    NONNEG_INT,
+    POS_INT,
+    POSITIVE,
+    SEED,
+    UNIT,
+    check_output_file,
+    check_output_folder,
+)
 
 # --------------------------------------------------------------------------------------------
 # difflab train
@@ -29,10 +38,21 @@ def _train_config(args: argparse.Namespace):
         except json.JSONDecodeError as e:
             raise SystemExit(f"difflab train: {path} is not valid JSON: {e}")
         values = values.get("train", values)  # accept a run's config.json too
-    flags = {"data": args.data, "model": args.model, "steps": args.steps, "minutes": args.minutes,
-             "batch_size": args.batch_size, "seed": args.seed, "save_every": args.save_every,
-             "lr": args.lr, "bf16": args.bf16 or None, "clock": args.clock,
-             "text_encoder": args.text_encoder, "caption_dropout": args.caption_dropout, "autoencoder": args.autoencoder}
+    flags = {
+        "data": args.data,
+        "model": args.model,
+        "steps": args.steps,
+        "minutes": args.minutes,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "save_every": args.save_every,
+        "lr": args.lr,
+        "bf16": args.bf16 or None,
+        "clock": args.clock,
+        "text_encoder": args.text_encoder,
+        "caption_dropout": args.caption_dropout,
+        "autoencoder": args.autoencoder,
+    }
     conditioning = args.conditioning
     if args.unconditional:
         if conditioning not in (None, "none"):
@@ -82,10 +102,21 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     if labels is None and k is not None and pipe.conditioning != "text":
         labels = [i % k for i in range(args.n)]
     prompts = None if args.prompt is None else [args.prompt[i % len(args.prompt)] for i in range(args.n)]
-    images = pipe(args.n, prompt=prompts, negative_prompt=args.negative_prompt, class_labels=labels,
-                  guidance_scale=args.guidance_scale, guidance_rescale=args.guidance_rescale, classifier=clf,
-                  classifier_scale=args.classifier_guidance or 0.0, truncate=args.truncate, sampler=args.sampler,
-                  steps=args.steps, seed=args.seed, progress=True)
+    images = pipe(
+        args.n,
+        prompt=prompts,
+        negative_prompt=args.negative_prompt,
+        class_labels=labels,
+        guidance_scale=args.guidance_scale,
+        guidance_rescale=args.guidance_rescale,
+        classifier=clf,
+        classifier_scale=args.classifier_guidance or 0.0,
+        truncate=args.truncate,
+        sampler=args.sampler,
+        steps=args.steps,
+        seed=args.seed,
+        progress=True,
+    )
     names = pipe.class_names
     captions = prompts
     if labels is not None and names:
@@ -119,8 +150,9 @@ def _cmd_demo_toy(args: argparse.Namespace) -> int:
     exact = gm.pf_endpoint(x, 80.0)
     fig, axes = plt.subplots(1, 4, figsize=(16, 4))
     for ax, name in zip(axes, ["euler", "dpmpp_2m", "unipc", "euler_ancestral"]):
-        out = sample(gm.denoiser, x, sigmas_karras(10, 0.002, 80.0), method=name,
-                     noise=torch.Generator().manual_seed(1))
+        out = sample(
+            gm.denoiser, x, sigmas_karras(10, 0.002, 80.0), method=name, noise=torch.Generator().manual_seed(1)
+        )
         err = (out - exact).norm(dim=1).median().item()
         ax.scatter(*gm.sample(2000, g)[0].T, s=2, alpha=0.3, label="data")
         ax.scatter(*out.T, s=2, alpha=0.5, label="samples")
@@ -139,8 +171,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     check_output_folder(args.out, what="--out")
     budget = TourBudget.tiny() if args.quick else TourBudget()
-    changes = {k: v for k, v in (("n_eval", args.n_eval), ("train_steps", args.train_steps), ("steps", args.steps))
-               if v is not None}
+    changes = {
+        k: v
+        for k, v in (("n_eval", args.n_eval), ("train_steps", args.train_steps), ("steps", args.steps))
+        if v is not None
+    }
     for name, v in changes.items():
         if v < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
@@ -165,10 +200,22 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"--bpd-timesteps must be a positive integer or 'all', got {args.bpd_timesteps!r}")
     out = check_output_file(args.out or Path(args.run) / "eval.json", suffixes={".json"}, what="--out")
     report = evaluate_run(
-        args.run, sampler=args.sampler, steps=args.steps, n=args.n, seed=args.seed,
-        guidance_scale=args.guidance_scale, extractor=args.extractor, inception_weights=args.inception_weights,
-        bpd=args.bpd, bpd_n=args.bpd_n, bpd_timesteps=timesteps, hutchinson=args.hutchinson,
-        recompute_stats=args.recompute_stats, batch_size=args.batch_size, progress=not args.no_progress)
+        args.run,
+        sampler=args.sampler,
+        steps=args.steps,
+        n=args.n,
+        seed=args.seed,
+        guidance_scale=args.guidance_scale,
+        extractor=args.extractor,
+        inception_weights=args.inception_weights,
+        bpd=args.bpd,
+        bpd_n=args.bpd_n,
+        bpd_timesteps=timesteps,
+        hutchinson=args.hutchinson,
+        recompute_stats=args.recompute_stats,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+    )
     print(format_report(report), flush=True)  # the scores first: a failed write cannot lose them
     out = write_report(report, out)
     print(f"wrote {out}")
@@ -186,38 +233,58 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="difflab", description="The diffusion-models reading list, implemented.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    t = sub.add_parser("train", help="train a diffusion model; writes a run folder",
-                       description="Train a diffusion model (EDM preconditioning by default). Flags override "
-                                   "--config (a JSON file of TrainConfig fields, or a run's config.json).")
+    t = sub.add_parser(
+        "train",
+        help="train a diffusion model; writes a run folder",
+        description="Train a diffusion model (EDM preconditioning by default). Flags override "
+        "--config (a JSON file of TrainConfig fields, or a run's config.json).",
+    )
     t.add_argument("--data", help="digits | fashion_mnist | shapes | folder:PATH (default fashion_mnist)")
     t.add_argument("--model", help="unet-xs | unet-s | unet-m | DiT-T/2 ... (default unet-s)")
     t.add_argument("--out", required=True, help="run folder to write (or to resume)")
     t.add_argument("--steps", type=POS_INT, help="budget in optimizer steps (default 2000)")
     t.add_argument("--minutes", type=POSITIVE, help="budget in minutes instead of steps (see --clock)")
-    t.add_argument("--clock", choices=("wall", "cpu"),
-                   help="what --minutes counts: wall time (default) or this process's CPU time, a fair "
-                        "budget on a shared machine (20 CPU-minutes = 10 minutes of 2 cores)")
+    t.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        help="what --minutes counts: wall time (default) or this process's CPU time, a fair "
+        "budget on a shared machine (20 CPU-minutes = 10 minutes of 2 cores)",
+    )
     t.add_argument("--batch-size", type=POS_INT)
     t.add_argument("--lr", type=LR)
     t.add_argument("--seed", type=SEED)
     t.add_argument("--save-every", type=NONNEG_INT, help="steps between checkpoints")
     t.add_argument("--bf16", action="store_true", help="bf16 autocast (CPU or GPU)")
     t.add_argument("--unconditional", action="store_true", help="ignore class labels (= --conditioning none)")
-    t.add_argument("--conditioning", choices=("class", "text", "none"),
-                   help="class labels (default), captions through cross-attention (text), or none")
-    t.add_argument("--text-encoder", choices=("minilm", "word"),
-                   help="text: frozen pretrained MiniLM (default; token states cached per caption) or a small "
-                        "word-level encoder trained jointly")
-    t.add_argument("--caption-dropout", type=UNIT,
-                   help="text: probability of replacing a caption by the empty prompt, for classifier-free "
-                        "guidance (default 0.1)")
-    t.add_argument("--autoencoder", metavar="FOLDER",
-                   help="latent diffusion: train on the scaled latents of this autoencoder folder "
-                        "(difflab train-autoencoder); sampling decodes with its copy in the run folder")
+    t.add_argument(
+        "--conditioning",
+        choices=("class", "text", "none"),
+        help="class labels (default), captions through cross-attention (text), or none",
+    )
+    t.add_argument(
+        "--text-encoder",
+        choices=("minilm", "word"),
+        help="text: frozen pretrained MiniLM (default; token states cached per caption) or a small "
+        "word-level encoder trained jointly",
+    )
+    t.add_argument(
+        "--caption-dropout",
+        type=UNIT,
+        help="text: probability of replacing a caption by the empty prompt, for classifier-free guidance (default 0.1)",
+    )
+    t.add_argument(
+        "--autoencoder",
+        metavar="FOLDER",
+        help="latent diffusion: train on the scaled latents of this autoencoder folder "
+        "(difflab train-autoencoder); sampling decodes with its copy in the run folder",
+    )
     t.add_argument("--config", help="JSON config file (TrainConfig fields)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
-    t.add_argument("--overwrite", action="store_true",
-                   help="replace the run in --out (without it, or --resume, an existing run is never touched)")
+    t.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run in --out (without it, or --resume, an existing run is never touched)",
+    )
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=_cmd_train)
 
@@ -228,46 +295,86 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=POS_INT, default=64)
     s.add_argument("--seed", type=SEED, default=0)
     s.add_argument("--label", type=NONNEG_INT, help="class label for every image (default: cycle through classes)")
-    s.add_argument("--prompt", action="append",
-                   help="text models: the prompt (repeat the flag to cycle through several); none = the empty prompt")
-    s.add_argument("--negative-prompt", help="text models: the unconditional branch of guidance instead of \"\"")
-    s.add_argument("--truncate", action="store_true",
-                   help="cut prompts longer than the text encoder takes (default: an error)")
-    s.add_argument("--guidance-scale", "--guidance", dest="guidance_scale", type=FINITE, default=1.0, metavar="S",
-                   help="classifier-free guidance in the library convention D_u + S (D_c - D_u): S = 1 + w, where "
-                        "w is Ho & Salimans' paper weight in (1 + w) eps_c - w eps_u; S = 1 (w = 0) is no guidance")
-    s.add_argument("--guidance-rescale", type=UNIT, default=0.0, metavar="PHI",
-                   help="guidance rescale phi in [0, 1] (Lin et al. 2024): match the guided x0's std to the "
-                        "conditional one's; acts only with S != 1 (default 0)")
-    s.add_argument("--classifier-guidance", type=FINITE, metavar="SCALE",
-                   help="ADM classifier guidance: D + SCALE sigma^2 grad log p(y | x) with --classifier "
-                        "(class-conditional or unconditional pixel models; labels from --label or cycled)")
+    s.add_argument(
+        "--prompt",
+        action="append",
+        help="text models: the prompt (repeat the flag to cycle through several); none = the empty prompt",
+    )
+    s.add_argument("--negative-prompt", help='text models: the unconditional branch of guidance instead of ""')
+    s.add_argument(
+        "--truncate", action="store_true", help="cut prompts longer than the text encoder takes (default: an error)"
+    )
+    s.add_argument(
+        "--guidance-scale",
+        "--guidance",
+        dest="guidance_scale",
+        type=FINITE,
+        default=1.0,
+        metavar="S",
+        help="classifier-free guidance in the library convention D_u + S (D_c - D_u): S = 1 + w, where "
+        "w is Ho & Salimans' paper weight in (1 + w) eps_c - w eps_u; S = 1 (w = 0) is no guidance",
+    )
+    s.add_argument(
+        "--guidance-rescale",
+        type=UNIT,
+        default=0.0,
+        metavar="PHI",
+        help="guidance rescale phi in [0, 1] (Lin et al. 2024): match the guided x0's std to the "
+        "conditional one's; acts only with S != 1 (default 0)",
+    )
+    s.add_argument(
+        "--classifier-guidance",
+        type=FINITE,
+        metavar="SCALE",
+        help="ADM classifier guidance: D + SCALE sigma^2 grad log p(y | x) with --classifier "
+        "(class-conditional or unconditional pixel models; labels from --label or cycled)",
+    )
     s.add_argument("--classifier", metavar="FOLDER", help="noise-aware classifier folder (difflab train-classifier)")
     s.add_argument("--out", default="samples.png")
     s.set_defaults(func=_cmd_sample)
 
-    ev = sub.add_parser("eval", help="FD, precision/recall, IS analogue and bits/dim of a run (JSON)",
-                        description="Sample a run and score it: Frechet distance in a domain classifier's "
-                                    "features (FD-FMNIST, FD-digits, FD-shapes) or Inception's (FID), "
-                                    "precision/recall (k=3), an Inception-Score analogue, and bits/dim "
-                                    "on test images. Reference statistics are cached per data set, split "
-                                    "and extractor under $DIFFLAB_CACHE (default ~/.cache/difflab).")
+    ev = sub.add_parser(
+        "eval",
+        help="FD, precision/recall, IS analogue and bits/dim of a run (JSON)",
+        description="Sample a run and score it: Frechet distance in a domain classifier's "
+        "features (FD-FMNIST, FD-digits, FD-shapes) or Inception's (FID), "
+        "precision/recall (k=3), an Inception-Score analogue, and bits/dim "
+        "on test images. Reference statistics are cached per data set, split "
+        "and extractor under $DIFFLAB_CACHE (default ~/.cache/difflab).",
+    )
     ev.add_argument("--run", required=True, help="run folder (config.json + model.safetensors)")
     ev.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=sorted(SAMPLERS))
     ev.add_argument("--steps", type=POS_INT, default=20)
     ev.add_argument("--n", type=POS_INT, default=10000, help="samples to score (default 10000)")
     ev.add_argument("--seed", type=SEED, default=0)
-    ev.add_argument("--guidance-scale", type=FINITE, default=1.0,
-                    help="classifier-free guidance s (1 = none; the paper's w = s - 1)")
-    ev.add_argument("--extractor", choices=["fmnist", "digits", "shapes", "inception"],
-                    help="feature network (default: the run's data set's classifier)")
-    ev.add_argument("--inception-weights", metavar="PATH",
-                    help="standard Inception-v3 weights file (pt_inception-2015-12-05 .pth or torchvision's)")
-    ev.add_argument("--bpd", choices=["vlb", "ode", "none"], default="vlb",
-                    help="bits/dim by the DDPM variational bound, the probability-flow ODE, or not at all")
+    ev.add_argument(
+        "--guidance-scale",
+        type=FINITE,
+        default=1.0,
+        help="classifier-free guidance s (1 = none; the paper's w = s - 1)",
+    )
+    ev.add_argument(
+        "--extractor",
+        choices=["fmnist", "digits", "shapes", "inception"],
+        help="feature network (default: the run's data set's classifier)",
+    )
+    ev.add_argument(
+        "--inception-weights",
+        metavar="PATH",
+        help="standard Inception-v3 weights file (pt_inception-2015-12-05 .pth or torchvision's)",
+    )
+    ev.add_argument(
+        "--bpd",
+        choices=["vlb", "ode", "none"],
+        default="vlb",
+        help="bits/dim by the DDPM variational bound, the probability-flow ODE, or not at all",
+    )
     ev.add_argument("--bpd-n", type=POS_INT, default=256, help="test images for bits/dim (default 256)")
-    ev.add_argument("--bpd-timesteps", default="100",
-                    help="VLB: strata over the schedule's T timesteps (an unbiased estimate), or 'all' (default 100)")
+    ev.add_argument(
+        "--bpd-timesteps",
+        default="100",
+        help="VLB: strata over the schedule's T timesteps (an unbiased estimate), or 'all' (default 100)",
+    )
     ev.add_argument("--hutchinson", type=NONNEG_INT, default=1, help="ODE: Hutchinson probes (0 = exact divergence)")
     ev.add_argument("--recompute-stats", action="store_true", help="rebuild the cached reference statistics")
     ev.add_argument("--batch-size", type=POS_INT, default=256)
@@ -275,15 +382,24 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(func=_cmd_eval)
 
-    d = sub.add_parser("demo", help="the main job: a tour of the reading list on the zoo models -> report.html",
-                       description="Samplers, classifier-free guidance, text-to-image, editing (RePaint, SDEdit, "
-                                   "DiffEdit, Prompt-to-Prompt) on the zoo models, and a from-scratch training run; "
-                                   "every number next to real images' (about 6 minutes on 2 cores).")
+    d = sub.add_parser(
+        "demo",
+        help="the main job: a tour of the reading list on the zoo models -> report.html",
+        description="Samplers, classifier-free guidance, text-to-image, editing (RePaint, SDEdit, "
+        "DiffEdit, Prompt-to-Prompt) on the zoo models, and a from-scratch training run; "
+        "every number next to real images' (about 6 minutes on 2 cores).",
+    )
     d.add_argument("--out", default="demo_out", help="folder for report.html, summary.json and the figures")
-    d.add_argument("--prompt", action="append", help="a text-to-image prompt for the shapes model, e.g. "
-                                                      "\"a small blue star on the right\" (repeat for several)")
-    d.add_argument("--data", choices=("fashion_mnist", "digits"),
-                   help="data of the image sections (default fashion_mnist; digits if it is not installed)")
+    d.add_argument(
+        "--prompt",
+        action="append",
+        help='a text-to-image prompt for the shapes model, e.g. "a small blue star on the right" (repeat for several)',
+    )
+    d.add_argument(
+        "--data",
+        choices=("fashion_mnist", "digits"),
+        help="data of the image sections (default fashion_mnist; digits if it is not installed)",
+    )
     d.add_argument("--train-steps", type=POS_INT, help="optimizer steps of the from-scratch run (default 250)")
     d.add_argument("--n-eval", type=POS_INT, help="samples scored per sampler (default 300)")
     d.add_argument("--steps", type=POS_INT, help="sampler steps (default 10)")

@@ -39,8 +39,12 @@ from difflab.core.sampling import DEFAULT_SAMPLER
 
 __all__ = ["TourBudget", "run_demo", "nearest_neighbour_distance", "DEFAULT_PROMPTS"]
 
-DEFAULT_PROMPTS = ("a large red circle on the left", "a small green star at the top",
-                   "a large yellow square on the right", "a small purple cross at the bottom")
+DEFAULT_PROMPTS = (
+    "a large red circle on the left",
+    "a small green star at the top",
+    "a large yellow square on the right",
+    "a small purple cross at the bottom",
+)
 METRICS = ("fd", "precision", "recall", "class_accuracy", "nn_distance")
 
 
@@ -48,29 +52,42 @@ METRICS = ("fd", "precision", "recall", "class_accuracy", "nn_distance")
 class TourBudget:
     """Sample counts and steps of each section (the defaults fit <= 8 minutes on 2 cores)."""
 
-    n_eval: int = 300                  # samples scored per sampler (section 1) and per guidance scale
-    steps: int = 10                    # sampler steps in sections 1, 2, 3 and 5
+    n_eval: int = 300  # samples scored per sampler (section 1) and per guidance scale
+    steps: int = 10  # sampler steps in sections 1, 2, 3 and 5
     samplers: tuple = (DEFAULT_SAMPLER, "euler")
     cfg_scales: tuple = (1.0, 2.0, 3.0)
     n_cfg: int = 200
-    n_text: int = 200                  # held-out captions scored per guidance scale (section 3)
+    n_text: int = 200  # held-out captions scored per guidance scale (section 3)
     text_scales: tuple = (1.0, 3.0)
     per_prompt: int = 8
-    n_edit: int = 16                   # images per editing method (RePaint, SDEdit)
-    n_text_edit: int = 8               # shapes edits (DiffEdit, Prompt-to-Prompt)
+    n_edit: int = 16  # images per editing method (RePaint, SDEdit)
+    n_text_edit: int = 8  # shapes edits (DiffEdit, Prompt-to-Prompt)
     edit_steps: int = 20
-    repaint_jump: tuple = (5, 5)       # RePaint's (j, r)
+    repaint_jump: tuple = (5, 5)  # RePaint's (j, r)
     sdedit_strengths: tuple = (0.5, 0.7, 0.9)
-    train_steps: int = 250             # section 5: optimizer steps of the from-scratch run
+    train_steps: int = 250  # section 5: optimizer steps of the from-scratch run
     train_batch: int = 32
     n_per_class: int = 8
 
     @classmethod
     def tiny(cls) -> "TourBudget":
         """A plumbing run for the test suite (seconds per section)."""
-        return cls(n_eval=60, steps=6, n_cfg=60, cfg_scales=(1.0, 3.0), n_text=40, per_prompt=2, n_edit=6,
-                   n_text_edit=3, edit_steps=8, repaint_jump=(2, 2), sdedit_strengths=(0.5,), train_steps=3,
-                   train_batch=16, n_per_class=2)
+        return cls(
+            n_eval=60,
+            steps=6,
+            n_cfg=60,
+            cfg_scales=(1.0, 3.0),
+            n_text=40,
+            per_prompt=2,
+            n_edit=6,
+            n_text_edit=3,
+            edit_steps=8,
+            repaint_jump=(2, 2),
+            sdedit_strengths=(0.5,),
+            train_steps=3,
+            train_batch=16,
+            n_per_class=2,
+        )
 
 
 def nearest_neighbour_distance(samples: torch.Tensor, reference: torch.Tensor, chunk: int = 512) -> torch.Tensor:
@@ -79,7 +96,7 @@ def nearest_neighbour_distance(samples: torch.Tensor, reference: torch.Tensor, c
     b = reference.flatten(1).float()
     best = []
     for i in range(0, len(a), chunk):
-        d = torch.cdist(a[i:i + chunk], b)  # (chunk, N)
+        d = torch.cdist(a[i : i + chunk], b)  # (chunk, N)
         best.append(d.min(1).values)
     return torch.cat(best) / a.shape[1] ** 0.5
 
@@ -100,8 +117,14 @@ class _Scorer:
         self.ext = feature_extractor(default_extractor(self.dataset))
         self.train = _run_data(config, "train")
         self.test = _run_data(config, "test")
-        self.ref = reference_stats(self.ext, self.dataset, "train", images=self.train.images,
-                                   data_kwargs=_data_kwargs(config), log=lambda s: None)
+        self.ref = reference_stats(
+            self.ext,
+            self.dataset,
+            "train",
+            images=self.train.images,
+            data_kwargs=_data_kwargs(config),
+            log=lambda s: None,
+        )
         self.num_classes = config["data"].get("num_classes") or len(config["data"].get("class_names") or []) or None
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
@@ -120,8 +143,12 @@ class _Scorer:
         else:
             k = self.num_classes
             per = -(-n // k)
-            idx = torch.stack([torch.nonzero(y == c).flatten()[torch.randperm(int((y == c).sum()), generator=g)[:per]]
-                               for c in range(k)])  # (k, per)
+            idx = torch.stack(
+                [
+                    torch.nonzero(y == c).flatten()[torch.randperm(int((y == c).sum()), generator=g)[:per]]
+                    for c in range(k)
+                ]
+            )  # (k, per)
             idx = idx.t().flatten()[:n]  # interleaved: label i % k for item i
         return x[idx], (None if y is None else y[idx])
 
@@ -144,7 +171,7 @@ def _section_samplers(pipe, scorer: _Scorer, b: TourBudget, out: Path, seed: int
     labels = None if k is None else torch.arange(b.n_eval) % k
     show = torch.arange(min(b.n_eval, b.n_per_class * (k or 10)))
     if k is not None:  # n_per_class per class, classes in order
-        show = torch.cat([torch.nonzero(labels == c).flatten()[:b.n_per_class] for c in range(k)])
+        show = torch.cat([torch.nonzero(labels == c).flatten()[: b.n_per_class] for c in range(k)])
     rows, figs, cache = [], [], {}
     for sampler in b.samplers:
         t = time.perf_counter()
@@ -156,11 +183,20 @@ def _section_samplers(pipe, scorer: _Scorer, b: TourBudget, out: Path, seed: int
         from difflab.data import save_image_grid
 
         save_image_grid(x[show], path, nrow=b.n_per_class * 2 if k else None)
-        rows.append({"name": f"{sampler}{' (DDIM, eta = 0)' if sampler == 'euler' else ''}", "sampler": sampler,
-                     "steps": b.steps, "seconds": dt, **q})
+        rows.append(
+            {
+                "name": f"{sampler}{' (DDIM, eta = 0)' if sampler == 'euler' else ''}",
+                "sampler": sampler,
+                "steps": b.steps,
+                "seconds": dt,
+                **q,
+            }
+        )
         figs.append((path, f"{sampler}, {b.steps} steps"))
-        _log(f"  {sampler:16s} {b.steps} steps {dt:6.1f} s  FD {q['fd']:.2f}  class accuracy {_fmt(q['class_accuracy'])}"
-             f"  (real: FD {real['fd']:.2f}, {_fmt(real['class_accuracy'])})")
+        _log(
+            f"  {sampler:16s} {b.steps} steps {dt:6.1f} s  FD {q['fd']:.2f}  class accuracy {_fmt(q['class_accuracy'])}"
+            f"  (real: FD {real['fd']:.2f}, {_fmt(real['class_accuracy'])})"
+        )
     return {"rows": rows, "figures": figs, "_cache": cache, "labels": labels}
 
 
@@ -173,18 +209,29 @@ def _section_guidance(pipe, scorer: _Scorer, b: TourBudget, out: Path, seed: int
     for s in b.cfg_scales:
         x = None
         if s == 1.0 and reuse.get("x") is not None and len(reuse["x"]) >= b.n_cfg:
-            x = reuse["x"][:b.n_cfg]  # the samplers section's default-sampler run: same seed, labels, steps
+            x = reuse["x"][: b.n_cfg]  # the samplers section's default-sampler run: same seed, labels, steps
         if x is None:
             x = pipe(b.n_cfg, class_labels=labels, guidance_scale=s, steps=b.steps, seed=seed, progress=True)
         q = scorer(x, labels)
         rows.append({"name": f"s = {s:g} (w = {s - 1:g})", "guidance_scale": s, **q})
         tiles.append(x[:k])  # one sample per class, the same noise at every scale
-        _log(f"  guidance s = {s:<4g} FD {q['fd']:.2f}  precision {q['precision']:.2f}  recall {q['recall']:.2f}"
-             f"  class accuracy {q['class_accuracy']:.2f}")
+        _log(
+            f"  guidance s = {s:<4g} FD {q['fd']:.2f}  precision {q['precision']:.2f}  recall {q['recall']:.2f}"
+            f"  class accuracy {q['class_accuracy']:.2f}"
+        )
     path = out / "guidance.png"
     save_image_grid(torch.cat(tiles), path, nrow=k)
-    return {"rows": rows, "figures": [(path, "rows: guidance s = " + ", ".join(f"{s:g}" for s in b.cfg_scales)
-                                       + "; columns: the classes; the same noise in each column")]}
+    return {
+        "rows": rows,
+        "figures": [
+            (
+                path,
+                "rows: guidance s = "
+                + ", ".join(f"{s:g}" for s in b.cfg_scales)
+                + "; columns: the classes; the same noise in each column",
+            )
+        ],
+    }
 
 
 def _section_text(prompts: list[str], b: TourBudget, out: Path, seed: int) -> dict:
@@ -198,18 +245,19 @@ def _section_text(prompts: list[str], b: TourBudget, out: Path, seed: int) -> di
     grid_prompts = [p for p in prompts for _ in range(b.per_prompt)]
     x = pipe(len(grid_prompts), prompt=grid_prompts, guidance_scale=s_show, steps=b.steps, seed=seed)
     path = out / "text_prompts.png"
-    save_image_grid(x, path, nrow=b.per_prompt, labels=[p if i % b.per_prompt == 0 else "" for i, p in
-                                                         enumerate(grid_prompts)])
+    save_image_grid(
+        x, path, nrow=b.per_prompt, labels=[p if i % b.per_prompt == 0 else "" for i, p in enumerate(grid_prompts)]
+    )
     figs.append((path, f"shapes-text-ldm, guidance s = {s_show:g}, {b.steps} steps: {b.per_prompt} samples per prompt"))
     per_prompt = []
     for i, p in enumerate(prompts):
         try:  # a prompt naming shape, colour, size and position is scored; any other is only drawn
-            acc = zoo.prompt_attribute_accuracy(x[i * b.per_prompt:(i + 1) * b.per_prompt], [p] * b.per_prompt)
+            acc = zoo.prompt_attribute_accuracy(x[i * b.per_prompt : (i + 1) * b.per_prompt], [p] * b.per_prompt)
         except ValueError:
             acc = None
         per_prompt.append({"prompt": p, "attribute_accuracy": acc})
-        _log(f"  \"{p}\": attribute accuracy {_fmt(acc)} ({b.per_prompt} samples, s = {s_show:g})")
-    captions = list(scorer.test.captions[:b.n_text])
+        _log(f'  "{p}": attribute accuracy {_fmt(acc)} ({b.per_prompt} samples, s = {s_show:g})')
+    captions = list(scorer.test.captions[: b.n_text])
     rows = []
     for s in b.text_scales:
         x = pipe(len(captions), prompt=captions, guidance_scale=s, steps=b.steps, seed=seed, progress=True)
@@ -217,11 +265,17 @@ def _section_text(prompts: list[str], b: TourBudget, out: Path, seed: int) -> di
         q["attribute_accuracy"] = zoo.prompt_attribute_accuracy(x, captions)
         rows.append({"name": f"s = {s:g}", "guidance_scale": s, **q})
         _log(f"  text-to-image s = {s:g}: attribute accuracy {q['attribute_accuracy']:.2f}  FD-shapes {q['fd']:.2f}")
-    real_x = scorer.test.images[:b.n_text]
+    real_x = scorer.test.images[: b.n_text]
     real = scorer(real_x)
     real["attribute_accuracy"] = zoo.prompt_attribute_accuracy(real_x, captions)
-    return {"rows": rows, "real": real, "figures": figs, "fd_name": scorer.ext.display_name, "prompts": per_prompt,
-            "prompt_scale": s_show}
+    return {
+        "rows": rows,
+        "real": real,
+        "figures": figs,
+        "fd_name": scorer.ext.display_name,
+        "prompts": per_prompt,
+        "prompt_scale": s_show,
+    }
 
 
 def _strokes(x: torch.Tensor, factor: int = 4, levels: int = 3) -> torch.Tensor:
@@ -265,8 +319,16 @@ def _section_edit_images(pipe, scorer: _Scorer, b: TourBudget, out: Path, seed: 
         j, r = b.repaint_jump
         fills = {}
         for name, (jl, jn) in (("RePaint", (j, r)), ("replacement (no resampling)", (1, 1))):
-            x = repaint(D, images, keep, sigmas, jump_length=jl, jump_n_sample=jn, cond=cond,
-                        noise=torch.Generator().manual_seed(seed))
+            x = repaint(
+                D,
+                images,
+                keep,
+                sigmas,
+                jump_length=jl,
+                jump_n_sample=jn,
+                cond=cond,
+                noise=torch.Generator().manual_seed(seed),
+            )
             fills[name] = x
             q = _edit_scores(scorer, x, labels)
             q["known_change"] = (x - images).mul(keep).abs().max().item()
@@ -289,11 +351,14 @@ def _section_edit_images(pipe, scorer: _Scorer, b: TourBudget, out: Path, seed: 
     strip = [images[:m], guides[:m], *[v[:m] for v in sd.values()]]
     path = out / "edit_sdedit.png"
     save_image_grid(torch.stack(strip, 1).flatten(0, 1), path, nrow=len(strip))
-    figs.append((path, "each row: original | stroke guide | SDEdit at t0 = "
-                 + ", ".join(f"{t:g}" for t in b.sdedit_strengths)))
+    figs.append(
+        (path, "each row: original | stroke guide | SDEdit at t0 = " + ", ".join(f"{t:g}" for t in b.sdedit_strengths))
+    )
     for name in rows:
-        _log(f"  {name:28s} class accuracy {_fmt(rows[name]['class_accuracy'])}  (originals: "
-             f"{_fmt(real_q['class_accuracy'])})")
+        _log(
+            f"  {name:28s} class accuracy {_fmt(rows[name]['class_accuracy'])}  (originals: "
+            f"{_fmt(real_q['class_accuracy'])})"
+        )
     return {"rows": [{"name": n, **q} for n, q in rows.items()], "real": real_q, "figures": figs}
 
 
@@ -338,47 +403,82 @@ def _section_edit_text(b: TourBudget, out: Path, seed: int) -> dict:
         region.append(m)
         tgt.append(render(p["target"]))
     src, tgt, region = torch.stack(src), torch.stack(tgt), torch.stack(region)
-    attrs = {k: torch.tensor([p["target"][k] for p in pairs]) for k in ("shape", "color", "size", "position",
-                                                                       "background")}
+    attrs = {
+        k: torch.tensor([p["target"][k] for p in pairs]) for k in ("shape", "color", "size", "position", "background")
+    }
     outs, ious, rows = {"DiffEdit": [], "Prompt-to-Prompt (swap)": []}, [], []
     for i, p in enumerate(pairs):
         s_cap, t_cap = caption_for(p["source"], template=0), caption_for(p["target"], template=0)
-        r = edit(pipe, "diffedit", src[i:i + 1], prompt=t_cap, source_prompt=s_cap, steps=b.edit_steps, seed=seed,
-                 strength=0.7, guidance_scale=3.0)
+        r = edit(
+            pipe,
+            "diffedit",
+            src[i : i + 1],
+            prompt=t_cap,
+            source_prompt=s_cap,
+            steps=b.edit_steps,
+            seed=seed,
+            strength=0.7,
+            guidance_scale=3.0,
+        )
         outs["DiffEdit"].append(r.output)
         auto = dict(r.tiles)["mask (automatic): white = edit"][:, :1] > 0
-        inter = (auto & (region[i:i + 1] > 0)).sum().item()
-        union = (auto | (region[i:i + 1] > 0)).sum().item()
+        inter = (auto & (region[i : i + 1] > 0)).sum().item()
+        union = (auto | (region[i : i + 1] > 0)).sum().item()
         ious.append(inter / max(union, 1))
-        r = edit(pipe, "p2p", src[i:i + 1], prompt=t_cap, source_prompt=s_cap, steps=b.edit_steps, seed=seed)
+        r = edit(pipe, "p2p", src[i : i + 1], prompt=t_cap, source_prompt=s_cap, steps=b.edit_steps, seed=seed)
         outs["Prompt-to-Prompt (swap)"].append(r.output)
     for name, xs in outs.items():
         x = torch.cat(xs)
         acc = attribute_accuracy(clf, x, attrs)
-        bg = (1 - region)
-        rows.append({"name": name, "edit_success": acc["color"], "kept": min(acc["shape"], acc["size"], acc["position"]),
-                     "all_attributes": acc["all"],
-                     "background_change": ((x - src).abs() * bg).sum().item() / (bg.sum().item() * 3)})
+        bg = 1 - region
+        rows.append(
+            {
+                "name": name,
+                "edit_success": acc["color"],
+                "kept": min(acc["shape"], acc["size"], acc["position"]),
+                "all_attributes": acc["all"],
+                "background_change": ((x - src).abs() * bg).sum().item() / (bg.sum().item() * 3),
+            }
+        )
         outs[name] = x
     rows[0]["mask_iou"] = sum(ious) / len(ious)
     acc = attribute_accuracy(clf, tgt, attrs)
-    real = {"name": "rendered target", "edit_success": acc["color"],
-            "kept": min(acc["shape"], acc["size"], acc["position"]), "all_attributes": acc["all"],
-            "background_change": ((tgt - src).abs() * (1 - region)).sum().item() / ((1 - region).sum().item() * 3),
-            "mask_iou": 1.0}
+    real = {
+        "name": "rendered target",
+        "edit_success": acc["color"],
+        "kept": min(acc["shape"], acc["size"], acc["position"]),
+        "all_attributes": acc["all"],
+        "background_change": ((tgt - src).abs() * (1 - region)).sum().item() / ((1 - region).sum().item() * 3),
+        "mask_iou": 1.0,
+    }
     m = min(6, len(src))
     path = out / "edit_text.png"
-    save_image_grid(torch.stack([src[:m], outs["DiffEdit"][:m], outs["Prompt-to-Prompt (swap)"][:m], tgt[:m]], 1)
-                    .flatten(0, 1), path, nrow=4,
-                    labels=[c for p in pairs[:m] for c in (caption_for(p["source"], template=0),
-                                                           "DiffEdit: " + caption_for(p["target"], template=0),
-                                                           "P2P swap", "rendered target")])
+    save_image_grid(
+        torch.stack([src[:m], outs["DiffEdit"][:m], outs["Prompt-to-Prompt (swap)"][:m], tgt[:m]], 1).flatten(0, 1),
+        path,
+        nrow=4,
+        labels=[
+            c
+            for p in pairs[:m]
+            for c in (
+                caption_for(p["source"], template=0),
+                "DiffEdit: " + caption_for(p["target"], template=0),
+                "P2P swap",
+                "rendered target",
+            )
+        ],
+    )
     for row in rows:
-        _log(f"  {row['name']:24s} colour changed {row['edit_success']:.2f}  other attributes kept {row['kept']:.2f}"
-             + (f"  mask IoU {row['mask_iou']:.2f}" if "mask_iou" in row else ""))
-    return {"rows": rows, "real": real, "pairs": [[caption_for(p["source"], template=0),
-                                                   caption_for(p["target"], template=0)] for p in pairs],
-            "figures": [(path, "each row: source | DiffEdit | Prompt-to-Prompt word swap | the rendered target")]}
+        _log(
+            f"  {row['name']:24s} colour changed {row['edit_success']:.2f}  other attributes kept {row['kept']:.2f}"
+            + (f"  mask IoU {row['mask_iou']:.2f}" if "mask_iou" in row else "")
+        )
+    return {
+        "rows": rows,
+        "real": real,
+        "pairs": [[caption_for(p["source"], template=0), caption_for(p["target"], template=0)] for p in pairs],
+        "figures": [(path, "each row: source | DiffEdit | Prompt-to-Prompt word swap | the rendered target")],
+    }
 
 
 def _zoo_card(name: str) -> dict:
@@ -388,8 +488,9 @@ def _zoo_card(name: str) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _section_training(zoo_name: str, zoo_pipe, scorer: _Scorer, b: TourBudget, out: Path, seed: int,
-                      zoo_samples: torch.Tensor, labels) -> dict:
+def _section_training(
+    zoo_name: str, zoo_pipe, scorer: _Scorer, b: TourBudget, out: Path, seed: int, zoo_samples: torch.Tensor, labels
+) -> dict:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -401,13 +502,38 @@ def _section_training(zoo_name: str, zoo_pipe, scorer: _Scorer, b: TourBudget, o
     from difflab.train import TrainConfig, train
 
     zcfg = dict(zoo_pipe.config["train"])
-    keep = {k: zcfg[k] for k in ("data", "model", "conditioning", "label_dropout", "prediction", "lr", "ema_decay",
-                                 "p_mean", "p_std", "data_kwargs") if k in zcfg}
-    cfg = TrainConfig.from_dict({**keep, "steps": b.train_steps, "minutes": None, "batch_size": b.train_batch,
-                                 "seed": seed, "save_every": max(b.train_steps, 1), "log_every": 10})
+    keep = {
+        k: zcfg[k]
+        for k in (
+            "data",
+            "model",
+            "conditioning",
+            "label_dropout",
+            "prediction",
+            "lr",
+            "ema_decay",
+            "p_mean",
+            "p_std",
+            "data_kwargs",
+        )
+        if k in zcfg
+    }
+    cfg = TrainConfig.from_dict(
+        {
+            **keep,
+            "steps": b.train_steps,
+            "minutes": None,
+            "batch_size": b.train_batch,
+            "seed": seed,
+            "save_every": max(b.train_steps, 1),
+            "log_every": 10,
+        }
+    )
     run = out / "run"
-    _log(f"  training {cfg.model} from scratch on {cfg.data}: {cfg.steps} steps of batch {cfg.batch_size} "
-         f"(the zoo model: {zcfg.get('batch_size')} per step)")
+    _log(
+        f"  training {cfg.model} from scratch on {cfg.data}: {cfg.steps} steps of batch {cfg.batch_size} "
+        f"(the zoo model: {zcfg.get('batch_size')} per step)"
+    )
     t0 = time.process_time()
     w0 = time.perf_counter()
     if run.exists():  # the demo's own scratch run from an earlier tour
@@ -424,14 +550,23 @@ def _section_training(zoo_name: str, zoo_pipe, scorer: _Scorer, b: TourBudget, o
     # loss curves on the optimizer-step axis: this run and the zoo run's own log
     own = [json.loads(r) for r in (run / "log.jsonl").read_text().splitlines() if r.strip()]
     zoo_log_path = zoo.ZOO_DIR / zoo_name / "train_log.jsonl"
-    zoo_log = ([json.loads(r) for r in zoo_log_path.read_text().splitlines() if r.strip()]
-               if zoo_log_path.is_file() else [])
+    zoo_log = (
+        [json.loads(r) for r in zoo_log_path.read_text().splitlines() if r.strip()] if zoo_log_path.is_file() else []
+    )
     fig, ax = plt.subplots(figsize=(6.5, 3.5))
     if zoo_log:
-        ax.plot([r["step"] for r in zoo_log if "loss" in r], [r["loss"] for r in zoo_log if "loss" in r],
-                label=f"zoo {zoo_name} (batch {zcfg.get('batch_size')})", alpha=0.8)
-    ax.plot([r["step"] for r in own if "loss" in r], [r["loss"] for r in own if "loss" in r],
-            label=f"this demo (batch {cfg.batch_size})", lw=2)
+        ax.plot(
+            [r["step"] for r in zoo_log if "loss" in r],
+            [r["loss"] for r in zoo_log if "loss" in r],
+            label=f"zoo {zoo_name} (batch {zcfg.get('batch_size')})",
+            alpha=0.8,
+        )
+    ax.plot(
+        [r["step"] for r in own if "loss" in r],
+        [r["loss"] for r in own if "loss" in r],
+        label=f"this demo (batch {cfg.batch_size})",
+        lw=2,
+    )
     ax.set_xscale("log")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss")
@@ -441,15 +576,29 @@ def _section_training(zoo_name: str, zoo_pipe, scorer: _Scorer, b: TourBudget, o
     fig.savefig(curve, dpi=100)
     plt.close(fig)
     zoo_steps = zoo_log[-1]["step"] if zoo_log else None
-    _log(f"  from scratch: {cfg.steps} steps in {cpu_s / 60:.1f} CPU-min ({wall_s / 60:.1f} wall-min): "
-         f"FD {q['fd']:.2f}, class accuracy {_fmt(q['class_accuracy'])}")
-    return {"rows": [{"name": f"this demo's run ({cfg.steps} steps)", "train_steps": cfg.steps,
-                      "cpu_seconds": cpu_s, "wall_seconds": wall_s, **q}],
-            "zoo_steps": zoo_steps, "zoo_batch": zcfg.get("batch_size"), "zoo_machine": _zoo_card(zoo_name).get("machine"),
-            "final_loss": own[-1]["loss"] if own else None,
-            "figures": [(curve, "training loss against optimizer steps"),
-                        (path, f"top: this demo's {cfg.steps}-step model; bottom: the zoo model, the same noise "
-                               "and classes")]}
+    _log(
+        f"  from scratch: {cfg.steps} steps in {cpu_s / 60:.1f} CPU-min ({wall_s / 60:.1f} wall-min): "
+        f"FD {q['fd']:.2f}, class accuracy {_fmt(q['class_accuracy'])}"
+    )
+    return {
+        "rows": [
+            {
+                "name": f"this demo's run ({cfg.steps} steps)",
+                "train_steps": cfg.steps,
+                "cpu_seconds": cpu_s,
+                "wall_seconds": wall_s,
+                **q,
+            }
+        ],
+        "zoo_steps": zoo_steps,
+        "zoo_batch": zcfg.get("batch_size"),
+        "zoo_machine": _zoo_card(zoo_name).get("machine"),
+        "final_loss": own[-1]["loss"] if own else None,
+        "figures": [
+            (curve, "training loss against optimizer steps"),
+            (path, f"top: this demo's {cfg.steps}-step model; bottom: the zoo model, the same noise and classes"),
+        ],
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -468,13 +617,21 @@ def _pick_data(data: str | None) -> tuple[str, str]:
         return data, ""
     if fashion_mnist_available():
         return "fashion_mnist", ""
-    return "digits", (f"Fashion-MNIST is not installed (run `{INSTALL_COMMAND}` as root): "
-                      "the image sections use sklearn's digits and the digits-unet-s zoo model.")
+    return "digits", (
+        f"Fashion-MNIST is not installed (run `{INSTALL_COMMAND}` as root): "
+        "the image sections use sklearn's digits and the digits-unet-s zoo model."
+    )
 
 
-def run_demo(out: str = "demo_out", *, data: str | None = None, seed: int = 0, prompts: list[str] | None = None,
-             budget: TourBudget | None = None, sections: tuple = ("samplers", "guidance", "text", "editing",
-                                                                  "training")) -> Path:
+def run_demo(
+    out: str = "demo_out",
+    *,
+    data: str | None = None,
+    seed: int = 0,
+    prompts: list[str] | None = None,
+    budget: TourBudget | None = None,
+    sections: tuple = ("samplers", "guidance", "text", "editing", "training"),
+) -> Path:
     """Run the tour and write `out`/report.html and `out`/summary.json; returns the report's path."""
     from difflab import zoo
 
@@ -486,8 +643,10 @@ def run_demo(out: str = "demo_out", *, data: str | None = None, seed: int = 0, p
         raise ValueError("demo budgets must be positive")
     data, note = _pick_data(data)
     prompts = list(DEFAULT_PROMPTS) + [p for p in (prompts or []) if p not in DEFAULT_PROMPTS]
-    _log(f"difflab demo: data {'Fashion-MNIST' if data == 'fashion_mnist' else 'sklearn digits'}"
-         f"{' -- ' + note if note else ''}")
+    _log(
+        f"difflab demo: data {'Fashion-MNIST' if data == 'fashion_mnist' else 'sklearn digits'}"
+        f"{' -- ' + note if note else ''}"
+    )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if "text" in sections:  # a prompt the tokenizer cannot take fails now, not after minutes of work
@@ -499,10 +658,19 @@ def run_demo(out: str = "demo_out", *, data: str | None = None, seed: int = 0, p
     k = pipe.num_classes
     real_x, real_y = scorer.real(b.n_eval, seed)
     real = scorer(real_x, real_y if k else None)
-    _log(f"  held-out real images ({b.n_eval}): FD {real['fd']:.2f}, precision {real['precision']:.2f}, "
-         f"recall {real['recall']:.2f}, class accuracy {_fmt(real['class_accuracy'])}")
-    summary = {"data": data, "note": note, "zoo_model": zoo_name, "budget": asdict(b), "fd_name": scorer.ext.display_name,
-               "real": real, "sections": {}}
+    _log(
+        f"  held-out real images ({b.n_eval}): FD {real['fd']:.2f}, precision {real['precision']:.2f}, "
+        f"recall {real['recall']:.2f}, class accuracy {_fmt(real['class_accuracy'])}"
+    )
+    summary = {
+        "data": data,
+        "note": note,
+        "zoo_model": zoo_name,
+        "budget": asdict(b),
+        "fd_name": scorer.ext.display_name,
+        "real": real,
+        "sections": {},
+    }
     timings = {}
     samples = None
     labels = None if k is None else torch.arange(b.n_eval) % k
@@ -518,8 +686,9 @@ def run_demo(out: str = "demo_out", *, data: str | None = None, seed: int = 0, p
         _log(f"[2/5] classifier-free guidance: s = {', '.join(f'{s:g}' for s in b.cfg_scales)}")
         t = time.perf_counter()
         real_g = scorer(*scorer.real(b.n_cfg, seed)) if b.n_cfg != b.n_eval else real
-        sec = _section_guidance(pipe, scorer, b, out, seed,
-                                {"x": samples if b.samplers[0] == DEFAULT_SAMPLER else None})
+        sec = _section_guidance(
+            pipe, scorer, b, out, seed, {"x": samples if b.samplers[0] == DEFAULT_SAMPLER else None}
+        )
         sec["real"] = real_g
         summary["sections"]["guidance"] = sec
         timings["guidance"] = time.perf_counter() - t
@@ -559,12 +728,24 @@ def run_demo(out: str = "demo_out", *, data: str | None = None, seed: int = 0, p
 # The report
 # --------------------------------------------------------------------------------------------
 
-_COLUMNS = {"fd": None, "precision": "precision", "recall": "recall", "class_accuracy": "class accuracy",
-            "nn_distance": "nearest-train distance", "attribute_accuracy": "attribute accuracy",
-            "known_change": "max change of kept pixels", "guide_l2": "RMS distance to the guide",
-            "edit_success": "colour changed", "kept": "shape, size, position kept", "all_attributes": "every attribute right",
-            "mask_iou": "DiffEdit mask IoU", "background_change": "background change (mean abs)",
-            "train_steps": "steps", "cpu_seconds": "CPU-seconds", "seconds": "seconds"}
+_COLUMNS = {
+    "fd": None,
+    "precision": "precision",
+    "recall": "recall",
+    "class_accuracy": "class accuracy",
+    "nn_distance": "nearest-train distance",
+    "attribute_accuracy": "attribute accuracy",
+    "known_change": "max change of kept pixels",
+    "guide_l2": "RMS distance to the guide",
+    "edit_success": "colour changed",
+    "kept": "shape, size, position kept",
+    "all_attributes": "every attribute right",
+    "mask_iou": "DiffEdit mask IoU",
+    "background_change": "background change (mean abs)",
+    "train_steps": "steps",
+    "cpu_seconds": "CPU-seconds",
+    "seconds": "seconds",
+}
 
 
 def _table(rows: list[dict], real: dict | None, fd_name: str, real_name: str = "held-out real images") -> str:
@@ -575,12 +756,20 @@ def _table(rows: list[dict], real: dict | None, fd_name: str, real_name: str = "
         v = r.get(c)
         if v is None:
             return "<td></td>"
-        return f"<td>{v}</td>" if isinstance(v, int) else f"<td>{v:.{3 if c in ('nn_distance', 'background_change', 'known_change') else 2}f}</td>"
+        return (
+            f"<td>{v}</td>"
+            if isinstance(v, int)
+            else f"<td>{v:.{3 if c in ('nn_distance', 'background_change', 'known_change') else 2}f}</td>"
+        )
 
-    body = "".join(f"<tr><td class=l>{html.escape(r['name'])}</td>{''.join(cell(r, c) for c in cols)}</tr>" for r in rows)
+    body = "".join(
+        f"<tr><td class=l>{html.escape(r['name'])}</td>{''.join(cell(r, c) for c in cols)}</tr>" for r in rows
+    )
     if real is not None:
-        body += (f"<tr class=real><td class=l>{html.escape(real.get('name', real_name))}</td>"
-                 f"{''.join(cell(real, c) for c in cols)}</tr>")
+        body += (
+            f"<tr class=real><td class=l>{html.escape(real.get('name', real_name))}</td>"
+            f"{''.join(cell(real, c) for c in cols)}</tr>"
+        )
     return f"<table><tr><th></th>{head}</tr>{body}</table>"
 
 
@@ -595,75 +784,96 @@ def _write_report(out: Path, s: dict) -> None:
     fd = s["fd_name"]
     sec = s["sections"]
     b = s["budget"]
-    parts = [f"<h1>difflab demo: a tour of the reading list</h1><p class=data>Data: "
-             f"{'Fashion-MNIST' if s['data'] == 'fashion_mnist' else 'sklearn digits'} "
-             f"(zoo model <code>{s['zoo_model']}</code>). {html.escape(s['note'])}</p>"
-             f"<p>Every table ends with the same numbers for real images at the same count: the best a model can "
-             f"score there. {html.escape(fd)} is the Frechet distance in the features of difflab's own "
-             f"{s['data']} classifier (lower is better, biased upwards at small n); precision/recall are Kynkaanniemi "
-             f"et al.'s (k = 3); class accuracy is that classifier's agreement with the asked class. The whole tour "
-             f"took {s['seconds']['total'] / 60:.1f} minutes.</p>"]
+    parts = [
+        f"<h1>difflab demo: a tour of the reading list</h1><p class=data>Data: "
+        f"{'Fashion-MNIST' if s['data'] == 'fashion_mnist' else 'sklearn digits'} "
+        f"(zoo model <code>{s['zoo_model']}</code>). {html.escape(s['note'])}</p>"
+        f"<p>Every table ends with the same numbers for real images at the same count: the best a model can "
+        f"score there. {html.escape(fd)} is the Frechet distance in the features of difflab's own "
+        f"{s['data']} classifier (lower is better, biased upwards at small n); precision/recall are Kynkaanniemi "
+        f"et al.'s (k = 3); class accuracy is that classifier's agreement with the asked class. The whole tour "
+        f"took {s['seconds']['total'] / 60:.1f} minutes.</p>"
+    ]
     if "samplers" in sec:
-        parts.append(f"<h2>1. Samplers: difflab's default against DDIM</h2><p>{b['n_eval']} class-balanced "
-                     f"samples per sampler, {b['steps']} steps each, the same starting noise. DDIM with eta = 0 is "
-                     f"the Euler step of the probability-flow ODE (Song et al. 2021); the default "
-                     f"(<code>{DEFAULT_SAMPLER}</code>) is a higher-order multistep solver at the same number of "
-                     f"network calls.</p>" + _figs(out, sec["samplers"]["figures"])
-                     + _table(sec["samplers"]["rows"], s["real"], fd))
+        parts.append(
+            f"<h2>1. Samplers: difflab's default against DDIM</h2><p>{b['n_eval']} class-balanced "
+            f"samples per sampler, {b['steps']} steps each, the same starting noise. DDIM with eta = 0 is "
+            f"the Euler step of the probability-flow ODE (Song et al. 2021); the default "
+            f"(<code>{DEFAULT_SAMPLER}</code>) is a higher-order multistep solver at the same number of "
+            f"network calls.</p>"
+            + _figs(out, sec["samplers"]["figures"])
+            + _table(sec["samplers"]["rows"], s["real"], fd)
+        )
     g = sec.get("guidance")
     if g and "skipped" not in g:
-        parts.append(f"<h2>2. Classifier-free guidance (Ho &amp; Salimans 2022)</h2><p>D_u + s (D_c - D_u), "
-                     f"s = 1 + w; {b['n_cfg']} samples per scale. Guidance buys class fidelity (accuracy, "
-                     f"precision) with diversity (recall).</p>" + _figs(out, g["figures"]) + _table(g["rows"], g["real"], fd))
+        parts.append(
+            f"<h2>2. Classifier-free guidance (Ho &amp; Salimans 2022)</h2><p>D_u + s (D_c - D_u), "
+            f"s = 1 + w; {b['n_cfg']} samples per scale. Guidance buys class fidelity (accuracy, "
+            f"precision) with diversity (recall).</p>" + _figs(out, g["figures"]) + _table(g["rows"], g["real"], fd)
+        )
     elif g:
         parts.append(f"<h2>2. Classifier-free guidance</h2><p>Skipped: {html.escape(g['skipped'])}.</p>")
     t = sec.get("text")
     if t:
-        parts.append(f"<h2>3. Text-to-image: latent diffusion on the shapes set (Rombach et al. 2022)</h2><p>The "
-                     f"zoo's <code>shapes-text-ldm</code>: a KL autoencoder (f = 2) and a UNet with cross-attention "
-                     f"on frozen MiniLM token states. Scored on {b['n_text']} held-out test captions: attribute "
-                     f"accuracy = shape, colour, size and position all as the caption names them (difflab's "
-                     f"shapes classifier). Your own prompts: <code>difflab demo --prompt \"...\"</code>.</p>"
-                     + _figs(out, t["figures"])
-                     + "<table><tr><th>prompt</th><th>attribute accuracy (%d samples, s = %g)</th></tr>%s</table>"
-                     % (b["per_prompt"], t["prompt_scale"],
-                        "".join(f"<tr><td class=l>{html.escape(r['prompt'])}</td><td>"
-                                f"{_fmt(r['attribute_accuracy']) if r['attribute_accuracy'] is not None else 'not scored'}"
-                                f"</td></tr>" for r in t["prompts"]))
-                     + _table(t["rows"], t["real"], t["fd_name"], "held-out real images, their captions"))
+        parts.append(
+            f"<h2>3. Text-to-image: latent diffusion on the shapes set (Rombach et al. 2022)</h2><p>The "
+            f"zoo's <code>shapes-text-ldm</code>: a KL autoencoder (f = 2) and a UNet with cross-attention "
+            f"on frozen MiniLM token states. Scored on {b['n_text']} held-out test captions: attribute "
+            f"accuracy = shape, colour, size and position all as the caption names them (difflab's "
+            f'shapes classifier). Your own prompts: <code>difflab demo --prompt "..."</code>.</p>'
+            + _figs(out, t["figures"])
+            + "<table><tr><th>prompt</th><th>attribute accuracy (%d samples, s = %g)</th></tr>%s</table>"
+            % (
+                b["per_prompt"],
+                t["prompt_scale"],
+                "".join(
+                    f"<tr><td class=l>{html.escape(r['prompt'])}</td><td>"
+                    f"{_fmt(r['attribute_accuracy']) if r['attribute_accuracy'] is not None else 'not scored'}"
+                    f"</td></tr>"
+                    for r in t["prompts"]
+                ),
+            )
+            + _table(t["rows"], t["real"], t["fd_name"], "held-out real images, their captions")
+        )
     e = sec.get("editing_images")
     if e:
-        parts.append(f"<h2>4. Editing</h2><h3>RePaint (Lugmayr et al. 2022) and SDEdit (Meng et al. 2022) on "
-                     f"<code>{s['zoo_model']}</code></h3><p>{b['n_edit']} held-out test images, {b['edit_steps']} "
-                     f"steps, the unconditional model. RePaint fills the centre with jumps back (resampling); plain "
-                     f"replacement pastes the noised known region without them. SDEdit noises a coarse stroke guide "
-                     f"(4 px blocks, 3 grey levels) and denoises it; t0 here is the fraction of the {b['edit_steps']}-step "
-                     f"sigma grid that is re-run. The paper's trade-off: a larger t0 is more realistic (the distance "
-                     f"to the nearest training image falls) and less faithful (the RMS distance to the guide "
-                     f"grows). Class accuracy is against the original image's label, so it measures faithfulness "
-                     f"too.</p>"
-                     + _figs(out, e["figures"]) + _table(e["rows"], e["real"], fd, "the original images"))
+        parts.append(
+            f"<h2>4. Editing</h2><h3>RePaint (Lugmayr et al. 2022) and SDEdit (Meng et al. 2022) on "
+            f"<code>{s['zoo_model']}</code></h3><p>{b['n_edit']} held-out test images, {b['edit_steps']} "
+            f"steps, the unconditional model. RePaint fills the centre with jumps back (resampling); plain "
+            f"replacement pastes the noised known region without them. SDEdit noises a coarse stroke guide "
+            f"(4 px blocks, 3 grey levels) and denoises it; t0 here is the fraction of the {b['edit_steps']}-step "
+            f"sigma grid that is re-run. The paper's trade-off: a larger t0 is more realistic (the distance "
+            f"to the nearest training image falls) and less faithful (the RMS distance to the guide "
+            f"grows). Class accuracy is against the original image's label, so it measures faithfulness "
+            f"too.</p>" + _figs(out, e["figures"]) + _table(e["rows"], e["real"], fd, "the original images")
+        )
     et = sec.get("editing_text")
     if et:
-        parts.append(f"<h3>DiffEdit (Couairon et al. 2023) and Prompt-to-Prompt (Hertz et al. 2022) on "
-                     f"<code>shapes-text-unet</code></h3><p>{b['n_text_edit']} rendered shapes images, each given a "
-                     f"new colour in the caption. DiffEdit finds the region to edit itself (IoU with the true object "
-                     f"mask); Prompt-to-Prompt inverts the image and regenerates it under the edited caption with "
-                     f"the source's attention maps. The reference row is the rendered target image.</p>"
-                     + _figs(out, et["figures"]) + _table(et["rows"], et["real"], fd, "rendered target"))
+        parts.append(
+            f"<h3>DiffEdit (Couairon et al. 2023) and Prompt-to-Prompt (Hertz et al. 2022) on "
+            f"<code>shapes-text-unet</code></h3><p>{b['n_text_edit']} rendered shapes images, each given a "
+            f"new colour in the caption. DiffEdit finds the region to edit itself (IoU with the true object "
+            f"mask); Prompt-to-Prompt inverts the image and regenerates it under the edited caption with "
+            f"the source's attention maps. The reference row is the rendered target image.</p>"
+            + _figs(out, et["figures"])
+            + _table(et["rows"], et["real"], fd, "rendered target")
+        )
     tr = sec.get("training")
     if tr:
         r = tr["rows"][0]
-        parts.append(f"<h2>5. Training from scratch: what more training buys</h2><p>The zoo model's recipe "
-                     f"({r['train_steps']} optimizer steps of batch {b['train_batch']} here, {r['cpu_seconds'] / 60:.1f} "
-                     f"CPU-minutes; a step budget, so the result does not depend on how busy the machine is), "
-                     f"against the zoo model ({tr['zoo_steps'] or '?'} steps of batch {tr['zoo_batch'] or '?'} on "
-                     f"{html.escape(tr['zoo_machine'] or 'an unrecorded machine')}). Same sampler, "
-                     f"steps and noise for both.</p>" + _figs(out, tr["figures"]) + _table(tr["rows"], tr["real"], fd))
+        parts.append(
+            f"<h2>5. Training from scratch: what more training buys</h2><p>The zoo model's recipe "
+            f"({r['train_steps']} optimizer steps of batch {b['train_batch']} here, {r['cpu_seconds'] / 60:.1f} "
+            f"CPU-minutes; a step budget, so the result does not depend on how busy the machine is), "
+            f"against the zoo model ({tr['zoo_steps'] or '?'} steps of batch {tr['zoo_batch'] or '?'} on "
+            f"{html.escape(tr['zoo_machine'] or 'an unrecorded machine')}). Same sampler, "
+            f"steps and noise for both.</p>" + _figs(out, tr["figures"]) + _table(tr["rows"], tr["real"], fd)
+        )
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>difflab demo</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.4}}
 figure{{display:inline-block;margin:6px;vertical-align:top}} figure img{{image-rendering:pixelated;max-width:520px}}
 figcaption{{font-size:90%;color:#444;max-width:520px}} table{{border-collapse:collapse;margin:8px 0 20px}}
 td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}} td.l{{text-align:left}} tr.real{{background:#eef6ee}}
-p.data{{font-size:110%;font-weight:bold}}</style></head><body>{''.join(parts)}</body></html>"""
+p.data{{font-size:110%;font-weight:bold}}</style></head><body>{"".join(parts)}</body></html>"""
     (out / "report.html").write_text(page)

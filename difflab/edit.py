@@ -48,8 +48,16 @@ from difflab.core.editing import EditContext, EditMethod, Knob
 from difflab.core.validation import SEED, POS_INT, check_finite_tensor, check_output_file, number_arg
 from difflab.methods.editing import EDIT_METHODS, edit_method
 
-__all__ = ["METHODS", "EditResult", "edit", "load_edit_image", "load_edit_mask", "save_clip", "load_clip",
-           "add_edit_parser"]
+__all__ = [
+    "METHODS",
+    "EditResult",
+    "edit",
+    "load_edit_image",
+    "load_edit_mask",
+    "save_clip",
+    "load_clip",
+    "add_edit_parser",
+]
 
 METHODS = EDIT_METHODS  # name -> EditMethod (difflab.methods.editing): each method's knobs and defaults
 
@@ -87,12 +95,16 @@ def load_edit_image(path, channels: int, size: int, *, resize: bool = False) -> 
     w, h, c = _size_and_channels(path, "image")
     if not resize:
         if (w, h) != (size, size):
-            raise ValueError(f"image {path} is {w}x{h}; the model takes {size}x{size} images "
-                             "(pass --resize to resize and centre-crop)")
+            raise ValueError(
+                f"image {path} is {w}x{h}; the model takes {size}x{size} images "
+                "(pass --resize to resize and centre-crop)"
+            )
         if c != channels:
             kinds = {1: "grey", 3: "RGB"}
-            raise ValueError(f"image {path} has {c} channel(s) ({kinds[c]}); the model takes {channels} "
-                             f"({kinds.get(channels, channels)}) (pass --resize to convert)")
+            raise ValueError(
+                f"image {path} has {c} channel(s) ({kinds[c]}); the model takes {channels} "
+                f"({kinds.get(channels, channels)}) (pass --resize to convert)"
+            )
     return load_image(path, size if resize else None, channels=channels)[None]  # (1, C, H, W)
 
 
@@ -111,8 +123,10 @@ def load_edit_mask(path, size: int, *, resize: bool = False) -> Tensor:
     bad = (grey >= 32) & (grey <= 223)
     if bad.any():
         r, c = bad.nonzero()[0].tolist()
-        raise ValueError(f"mask {path} is not binary: pixel (row {r}, col {c}) has grey value "
-                         f"{round(grey[r, c].item())}; use black (0) and white (255) only")
+        raise ValueError(
+            f"mask {path} is not binary: pixel (row {r}, col {c}) has grey value "
+            f"{round(grey[r, c].item())}; use black (0) and white (255) only"
+        )
     return load_mask(path, size if resize else None)[None]  # (1, 1, H, W)
 
 
@@ -139,8 +153,10 @@ def load_clip(folder):
         return HFCLIPWrapper(str(folder))
     if config.get("kind") == "clip" or config.get("arch") == "small_clip":
         return _load(folder)
-    raise ValueError(f"{folder} holds neither a difflab SmallCLIP (`difflab train-clip`) nor a "
-                     "transformers CLIP (config.json 'model_type': 'clip')")
+    raise ValueError(
+        f"{folder} holds neither a difflab SmallCLIP (`difflab train-clip`) nor a "
+        "transformers CLIP (config.json 'model_type': 'clip')"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -161,14 +177,18 @@ class EditResult:
 
 def _check_inputs(pipe, spec: EditMethod, image: Tensor, mask: Tensor | None) -> None:
     if getattr(pipe, "latent_space", None) is not None:
-        raise ValueError("difflab edit works on pixel-space runs; this run samples latents (its decoder would not "
-                         "keep the unedited pixels)")
+        raise ValueError(
+            "difflab edit works on pixel-space runs; this run samples latents (its decoder would not "
+            "keep the unedited pixels)"
+        )
     C, H, W = pipe.image_shape()
     if image.ndim != 4 or image.shape[0] != 1:
         raise ValueError(f"edit takes one image (1, C, H, W), got shape {tuple(image.shape)}")
     if tuple(image.shape[1:]) != (C, H, W):
-        raise ValueError(f"image of shape {tuple(image.shape[1:])} does not fit the model, which takes "
-                         f"{(C, H, W)} (channels, height, width)")
+        raise ValueError(
+            f"image of shape {tuple(image.shape[1:])} does not fit the model, which takes "
+            f"{(C, H, W)} (channels, height, width)"
+        )
     if not torch.isfinite(image).all():
         raise ValueError("image contains NaN/inf values")
     if spec.mask is None and mask is not None:
@@ -195,9 +215,21 @@ def _check_prompts(spec: EditMethod, prompt: str | None, source_prompt: str | No
         raise ValueError(f"{spec.name} takes no --source-prompt")
 
 
-def edit(pipe, method: str, image: Tensor, *, mask: Tensor | None = None, prompt: str | None = None,
-         source_prompt: str | None = None, clip=None, seed: int = 0, sampler: str | None = None, steps: int = 20,
-         progress: bool = False, **knobs) -> EditResult:
+def edit(
+    pipe,
+    method: str,
+    image: Tensor,
+    *,
+    mask: Tensor | None = None,
+    prompt: str | None = None,
+    source_prompt: str | None = None,
+    clip=None,
+    seed: int = 0,
+    sampler: str | None = None,
+    steps: int = 20,
+    progress: bool = False,
+    **knobs,
+) -> EditResult:
     """Edit one image (1, C, H, W) in [-1, 1] with `method` on the run `pipe` (a `Pipeline`).
 
     `mask` (1, 1, H, W) in {0, 1} follows the method's convention (`METHODS[method].mask_convention()`);
@@ -221,8 +253,20 @@ def edit(pipe, method: str, image: Tensor, *, mask: Tensor | None = None, prompt
     device = next(D.parameters()).device
     image = image.to(device)
     mask = mask.to(device) if mask is not None else None
-    ctx = EditContext(D, image, mask, grid_for(D.schedule, steps), sampler or spec.sampler, seed,
-                      torch.Generator().manual_seed(seed), pipe, prompt, source_prompt, clip, progress)
+    ctx = EditContext(
+        D,
+        image,
+        mask,
+        grid_for(D.schedule, steps),
+        sampler or spec.sampler,
+        seed,
+        torch.Generator().manual_seed(seed),
+        pipe,
+        prompt,
+        source_prompt,
+        clip,
+        progress,
+    )
     ctx.tiles.append(("input", image))
     if mask is not None:
         ctx.tiles.append((f"mask: white = {'keep' if spec.mask_keeps == 'white' else 'edit'}", ctx.mask_tile(mask)))
@@ -267,12 +311,25 @@ def _cmd_edit(args: argparse.Namespace) -> int:
     clip = load_clip(args.clip) if method == "blended" and args.clip else None
     print(spec.title)
     if spec.mask is not None:
-        print(spec.mask_convention() + (" (--invert-mask: the file was flipped)" if mask is not None and
-                                         args.invert_mask else ""))
+        print(
+            spec.mask_convention()
+            + (" (--invert-mask: the file was flipped)" if mask is not None and args.invert_mask else "")
+        )
     knobs = {kn.name: getattr(args, kn.name) for kn in spec.knobs}
-    result = edit(pipe, method, image, mask=mask, prompt=getattr(args, "prompt", None),
-                  source_prompt=getattr(args, "source_prompt", None), clip=clip, seed=args.seed,
-                  sampler=getattr(args, "sampler", None), steps=args.steps, progress=not args.no_progress, **knobs)
+    result = edit(
+        pipe,
+        method,
+        image,
+        mask=mask,
+        prompt=getattr(args, "prompt", None),
+        source_prompt=getattr(args, "source_prompt", None),
+        clip=clip,
+        seed=args.seed,
+        sampler=getattr(args, "sampler", None),
+        steps=args.steps,
+        progress=not args.no_progress,
+        **knobs,
+    )
     save_image_grid(result.output, out, nrow=1, padding=0)
     captions = [caption for caption, _ in result.tiles]
     save_image_grid(torch.cat([t for _, t in result.tiles]), strip, nrow=len(result.tiles), labels=captions)
@@ -289,8 +346,7 @@ def _cmd_edit(args: argparse.Namespace) -> int:
 def _arg_type(knob: Knob):
     """argparse `type=` of a knob: numbers parsed and checked against the knob's range."""
     if knob.type in (int, float):
-        return number_arg(lo=knob.lo, hi=knob.hi, lo_open=knob.lo_open, hi_open=knob.hi_open,
-                          integer=knob.type is int)
+        return number_arg(lo=knob.lo, hi=knob.hi, lo_open=knob.lo_open, hi_open=knob.hi_open, integer=knob.type is int)
     return knob.type
 
 
@@ -299,58 +355,87 @@ def add_edit_parser(subparsers) -> argparse.ArgumentParser:
     from difflab.core.sampling import SAMPLERS
 
     e = subparsers.add_parser(
-        "edit", help="training-free image editing with a run: " + ", ".join(METHODS),
-        description="Edit one image with a trained run, without training: " + "; ".join(
-            f"{name}: {spec.title}" for name, spec in METHODS.items()) + ". Masks are black-and-white images; "
+        "edit",
+        help="training-free image editing with a run: " + ", ".join(METHODS),
+        description="Edit one image with a trained run, without training: "
+        + "; ".join(f"{name}: {spec.title}" for name, spec in METHODS.items())
+        + ". Masks are black-and-white images; "
         "RePaint's mask marks what to keep (white = keep), SDEdit's, Blended Diffusion's and DiffEdit's what to "
         "edit (white = edit). Prompts are text (text-conditional runs) or a class name or index (class-conditional "
         "runs); '' is the unconditional model. Writes OUT "
-        "(the output alone) and OUT_strip.png (input | mask | output).")
+        "(the output alone) and OUT_strip.png (input | mask | output).",
+    )
     methods = e.add_subparsers(dest="method", required=True, metavar="METHOD")
     for name, spec in METHODS.items():
-        m = methods.add_parser(name, help=spec.title, description=f"{spec.title}. {spec.summary} "
-                               + (spec.mask_convention() + "." if spec.mask else ""))
+        m = methods.add_parser(
+            name,
+            help=spec.title,
+            description=f"{spec.title}. {spec.summary} " + (spec.mask_convention() + "." if spec.mask else ""),
+        )
         io = m.add_argument_group("input and output")
         io.add_argument("--run", required=True, help="run folder (config.json + model.safetensors)")
         io.add_argument("--image", required=True, help="input image (PNG...) of the model's size and channels")
         io.add_argument("--out", required=True, help="output PNG (the edited image alone)")
         io.add_argument("--strip", help="before/after strip PNG (default: OUT with _strip)")
-        io.add_argument("--resize", action="store_true",
-                        help="resize (shorter side + centre crop) and convert the image (and mask) to the model's "
-                             "size and channels instead of failing")
+        io.add_argument(
+            "--resize",
+            action="store_true",
+            help="resize (shorter side + centre crop) and convert the image (and mask) to the model's "
+            "size and channels instead of failing",
+        )
         if spec.mask is not None:
             keep = spec.mask_convention().split(": ", 1)[1]
-            io.add_argument("--mask", required=spec.mask == "required",
-                            help=f"black-and-white mask of the image's size: {keep}"
-                                 + (" (default: DiffEdit's automatic mask)" if name == "diffedit" else ""))
+            io.add_argument(
+                "--mask",
+                required=spec.mask == "required",
+                help=f"black-and-white mask of the image's size: {keep}"
+                + (" (default: DiffEdit's automatic mask)" if name == "diffedit" else ""),
+            )
             io.add_argument("--invert-mask", action="store_true", help="flip the mask's colours")
         cond = m.add_argument_group("prompts")
         if spec.prompt == "class":
-            cond.add_argument("--prompt", help="text or class (name or index) to condition on "
-                                               "(default: the unconditional model)")
+            cond.add_argument(
+                "--prompt", help="text or class (name or index) to condition on (default: the unconditional model)"
+            )
         elif spec.prompt == "text":
             cond.add_argument("--prompt", required=True, help="text the edited region should match")
-            cond.add_argument("--clip", required=True, metavar="FOLDER",
-                              help="image-text model: a SmallCLIP folder (difflab.edit.save_clip) or a "
-                                   "transformers CLIP folder")
+            cond.add_argument(
+                "--clip",
+                required=True,
+                metavar="FOLDER",
+                help="image-text model: a SmallCLIP folder (difflab.edit.save_clip) or a transformers CLIP folder",
+            )
         elif spec.prompt == "required":
             cond.add_argument("--prompt", required=True, help="the edit: text, or a class of the run by name or index")
         if spec.source_prompt != "none":
-            cond.add_argument("--source-prompt", required=spec.source_prompt == "required",
-                              help="what the input shows: text, or a class of the run"
-                                   + (" (default '': the unconditional model)" if spec.source_prompt == "optional"
-                                      else ""))
+            cond.add_argument(
+                "--source-prompt",
+                required=spec.source_prompt == "required",
+                help="what the input shows: text, or a class of the run"
+                + (" (default '': the unconditional model)" if spec.source_prompt == "optional" else ""),
+            )
         run = m.add_argument_group("sampling")
         run.add_argument("--seed", type=SEED, default=0, help="seed of every random draw (default 0)")
         run.add_argument("--steps", type=POS_INT, default=20, help="steps of the sigma grid (default 20)")
         if spec.sampler is not None:
-            run.add_argument("--sampler", default=spec.sampler, choices=sorted(SAMPLERS), metavar="SAMPLER",
-                             help=f"one of {', '.join(sorted(SAMPLERS))} (default {spec.sampler})")
+            run.add_argument(
+                "--sampler",
+                default=spec.sampler,
+                choices=sorted(SAMPLERS),
+                metavar="SAMPLER",
+                help=f"one of {', '.join(sorted(SAMPLERS))} (default {spec.sampler})",
+            )
         run.add_argument("--no-progress", action="store_true")
         knobs = m.add_argument_group(f"{name} parameters")
         for kn in spec.knobs:
-            knobs.add_argument("--" + kn.name.replace("_", "-"), dest=kn.name, type=_arg_type(kn), default=kn.default,
-                               choices=kn.choices, metavar=kn.metavar,
-                               help=kn.help + ("" if kn.default is None else f" (default {kn.default})"))
+            knobs.add_argument(
+                "--" + kn.name.replace("_", "-"),
+                dest=kn.name,
+                type=_arg_type(kn),
+                default=kn.default,
+                choices=kn.choices,
+                metavar=kn.metavar,
+                help=kn.help + ("" if kn.default is None else f" (default {kn.default})"),
+            )
         m.set_defaults(func=_cmd_edit)
     return e

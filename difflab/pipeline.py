@@ -98,7 +98,7 @@ class Pipeline:
 
     @property
     def conditioning(self) -> str:
-        """"text", "class" or "none"."""
+        """ "text", "class" or "none"."""
         return "text" if self.text_encoder is not None else "class" if self.num_classes is not None else "none"
 
     def image_shape(self) -> tuple[int, int, int]:
@@ -114,7 +114,9 @@ class Pipeline:
         """Labels for the network (k: its classes) or for a guiding classifier (k: the classifier's)."""
         if self.conditioning == "text":
             if class_labels is not None:
-                raise ValueError("class_labels given, but this model is text-conditional: pass prompt=... (--prompt) instead")
+                raise ValueError(
+                    "class_labels given, but this model is text-conditional: pass prompt=... (--prompt) instead"
+                )
             return None
         k = self.num_classes if k is None else k
         if class_labels is None:
@@ -150,8 +152,10 @@ class Pipeline:
         if getattr(self.text_encoder, "trainable", False):
             unknown = self.text_encoder.unknown_words(prompts)
             if unknown:
-                raise ValueError(f"words {unknown} are not in this model's vocabulary of "
-                                 f"{len(self.text_encoder.vocab) - 2} words (it would read them as <unk>)")
+                raise ValueError(
+                    f"words {unknown} are not in this model's vocabulary of "
+                    f"{len(self.text_encoder.vocab) - 2} words (it would read them as <unk>)"
+                )
         states, mask = self.text_encoder(prompts, truncate)
         device = next(self.denoiser.parameters()).device
         return states.to(device), mask.to(device)
@@ -197,8 +201,10 @@ class Pipeline:
             return {}
         if prompt is None or not prompt.strip():
             if self.label_dropout <= 0:
-                raise ValueError(f"this run was trained without label dropout, so it has no unconditional mode: "
-                                 f"give {flag} CLASS ({self._known_classes()})")
+                raise ValueError(
+                    f"this run was trained without label dropout, so it has no unconditional mode: "
+                    f"give {flag} CLASS ({self._known_classes()})"
+                )
             return {"class_labels": torch.tensor([NULL_CLASS])}
         text = prompt.strip()
         lowered = [str(n).lower() for n in self.class_names]
@@ -234,27 +240,45 @@ class Pipeline:
         clf = load_classifier(folder)
         c = clf.config
         if (c.in_channels, c.image_size, c.image_size) != self.image_shape():
-            raise ValueError(f"classifier {folder} takes {(c.in_channels, c.image_size, c.image_size)} images; "
-                             f"this model makes {self.image_shape()}")
+            raise ValueError(
+                f"classifier {folder} takes {(c.in_channels, c.image_size, c.image_size)} images; "
+                f"this model makes {self.image_shape()}"
+            )
         theirs = meta.get("preconditioning") or meta.get("info", {}).get("preconditioning")
         mine = preconditioning_of(self.denoiser)
         if theirs is not None and json.dumps(theirs, sort_keys=True) != json.dumps(mine, sort_keys=True):
-            raise ValueError(f"classifier {folder} was trained on the inputs of prediction={theirs.get('prediction')!r}, "
-                             f"schedule {theirs.get('schedule', {}).get('kind', theirs.get('schedule'))!r}, "
-                             f"sigma_data={theirs.get('sigma_data')}; this model has prediction={mine['prediction']!r}, "
-                             f"schedule {mine['schedule'].get('kind', mine['schedule'])!r}, "
-                             f"sigma_data={mine['sigma_data']}: train it with `difflab train-classifier --run RUN`")
+            raise ValueError(
+                f"classifier {folder} was trained on the inputs of prediction={theirs.get('prediction')!r}, "
+                f"schedule {theirs.get('schedule', {}).get('kind', theirs.get('schedule'))!r}, "
+                f"sigma_data={theirs.get('sigma_data')}; this model has prediction={mine['prediction']!r}, "
+                f"schedule {mine['schedule'].get('kind', mine['schedule'])!r}, "
+                f"sigma_data={mine['sigma_data']}: train it with `difflab train-classifier --run RUN`"
+            )
         if self.num_classes is not None and self.num_classes != c.num_classes:
             raise ValueError(f"classifier {folder} has {c.num_classes} classes, this model {self.num_classes}")
         return clf.to(next(self.denoiser.parameters()).device)
 
     @torch.no_grad()
-    def __call__(self, n: int = 16, *, prompt=None, negative_prompt=None, class_labels=None,
-                 guidance_scale: float = 1.0, guidance_rescale: float = 0.0, classifier=None,
-                 classifier_scale: float = 0.0, truncate: bool = False,
-                 sampler: str = DEFAULT_SAMPLER, steps: int = 20, seed: int = 0,
-                 batch_size: int = 64, progress: bool = False, sigmas: Tensor | None = None,
-                 **sampler_kw) -> Tensor:
+    def __call__(
+        self,
+        n: int = 16,
+        *,
+        prompt=None,
+        negative_prompt=None,
+        class_labels=None,
+        guidance_scale: float = 1.0,
+        guidance_rescale: float = 0.0,
+        classifier=None,
+        classifier_scale: float = 0.0,
+        truncate: bool = False,
+        sampler: str = DEFAULT_SAMPLER,
+        steps: int = 20,
+        seed: int = 0,
+        batch_size: int = 64,
+        progress: bool = False,
+        sigmas: Tensor | None = None,
+        **sampler_kw,
+    ) -> Tensor:
         """Generate n images (n, C, H, W) in [-1, 1].
 
         prompt / negative_prompt: a string or one per image (text models; no prompt samples the
@@ -324,7 +348,8 @@ class Pipeline:
                 from difflab.methods.adm import classifier_log_prob
 
                 D = classifier_guidance(classifier_log_prob(clf, self.denoiser), classifier_scale)(
-                    D if self.num_classes is not None else _without_labels(D))
+                    D if self.num_classes is not None else _without_labels(D)
+                )
             x = torch.randn((b - a, *self.sample_shape()), generator=g).to(device) * float(sig[0])
             x = sample(D, x, sig, method=sampler, cond=cond, noise=noise_g, **sampler_kw)
             if self.latent_space is not None:

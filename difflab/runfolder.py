@@ -35,9 +35,24 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import Tensor
 
-__all__ = ["atomic_write_bytes", "atomic_save_safetensors", "write_json", "read_json", "read_safetensors",
-           "remove_stale_temps", "CHECKPOINT_FORMAT", "RunLock", "RunFolderError", "check_new_folder", "LOCK_NAME",
-           "new_folder", "read_run", "validate_run_config", "write_run_save", "WEIGHT_FILES"]
+__all__ = [
+    "atomic_write_bytes",
+    "atomic_save_safetensors",
+    "write_json",
+    "read_json",
+    "read_safetensors",
+    "remove_stale_temps",
+    "CHECKPOINT_FORMAT",
+    "RunLock",
+    "RunFolderError",
+    "check_new_folder",
+    "LOCK_NAME",
+    "new_folder",
+    "read_run",
+    "validate_run_config",
+    "write_run_save",
+    "WEIGHT_FILES",
+]
 
 CHECKPOINT_FORMAT = "difflab-checkpoint-1"
 LOCK_NAME = ".difflab.lock"
@@ -78,13 +93,22 @@ class RunLock:
             except (ValueError, UnicodeDecodeError):
                 holder = {}
             os.close(fd)
-            who = (f"process {holder.get('pid')} on {holder.get('host')} (since {holder.get('started')})"
-                   if holder else "another process")
-            raise RunFolderError(f"run folder {self.folder} is being written by {who}; wait for it to end or "
-                                 "write elsewhere (--out)") from None
+            who = (
+                f"process {holder.get('pid')} on {holder.get('host')} (since {holder.get('started')})"
+                if holder
+                else "another process"
+            )
+            raise RunFolderError(
+                f"run folder {self.folder} is being written by {who}; wait for it to end or write elsewhere (--out)"
+            ) from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                  "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
+        os.pwrite(
+            fd,
+            json.dumps(
+                {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+            ).encode(),
+            0,
+        )
         self._fd = fd
         return self
 
@@ -100,8 +124,13 @@ class RunLock:
             self._fd = None
 
 
-def check_new_folder(folder: str | os.PathLike, *, overwrite: bool = False, what: str = "a run",
-                     files: tuple[str, ...] = ("config.json", "model.safetensors", "checkpoint.safetensors")) -> bool:
+def check_new_folder(
+    folder: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    what: str = "a run",
+    files: tuple[str, ...] = ("config.json", "model.safetensors", "checkpoint.safetensors"),
+) -> bool:
     """Before any work: refuse to replace a folder that already holds a `what` (one of `files`)
     unless `overwrite`; refuse a path that is a file. Returns whether one was there."""
     folder = Path(folder)
@@ -109,8 +138,10 @@ def check_new_folder(folder: str | os.PathLike, *, overwrite: bool = False, what
         raise RunFolderError(f"{folder} is a file, not a folder")
     found = [name for name in files if (folder / name).exists()]
     if found and not overwrite:
-        raise RunFolderError(f"{folder} already holds {what} ({', '.join(found)}); continue it with --resume, "
-                             f"replace it with --overwrite, or write elsewhere")
+        raise RunFolderError(
+            f"{folder} already holds {what} ({', '.join(found)}); continue it with --resume, "
+            f"replace it with --overwrite, or write elsewhere"
+        )
     return bool(found)
 
 
@@ -140,8 +171,13 @@ def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
 
 
 @contextlib.contextmanager
-def new_folder(folder: str | os.PathLike, *, overwrite: bool = False, what: str = "a model",
-               files: tuple[str, ...] = ("config.json", "model.safetensors")):
+def new_folder(
+    folder: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    what: str = "a model",
+    files: tuple[str, ...] = ("config.json", "model.safetensors"),
+):
     """`check_new_folder`, then hold `RunLock` on the folder (checked again under the lock) while
     the body trains and writes it."""
     check_new_folder(folder, overwrite=overwrite, what=what, files=files)
@@ -165,8 +201,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             os.remove(tmp)
 
 
-def atomic_save_safetensors(tensors: dict[str, Tensor], path: str | os.PathLike,
-                            metadata: dict[str, str] | None = None) -> None:
+def atomic_save_safetensors(
+    tensors: dict[str, Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> None:
     """safetensors' save_file through a temporary file and an atomic rename."""
     path = Path(path)
     tmp = _tmp_in(path)
@@ -201,7 +238,9 @@ def read_json(path: str | os.PathLike) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}); the file is corrupt or foreign") from e
     except RecursionError:
-        raise ValueError(f"{path} is nested too deeply to be a difflab config; the file is corrupt or foreign") from None
+        raise ValueError(
+            f"{path} is nested too deeply to be a difflab config; the file is corrupt or foreign"
+        ) from None
 
 
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -222,7 +261,7 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[s
         n = int.from_bytes(data[:8], "little")
         if n > len(data) - 8:
             raise ValueError(f"header of {n} bytes in a file of {len(data)}")
-        header = json.loads(data[8:8 + n])
+        header = json.loads(data[8 : 8 + n])
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
         metadata = header.get("__metadata__") or {}
@@ -242,15 +281,24 @@ WEIGHT_FILES = {"ema": "model.safetensors", "raw": "checkpoint.safetensors"}
 SAVE_WAIT_TRIES = 10  # x 0.2 s: how long `read_run` waits for a writer to finish a save
 
 
-def write_run_save(out: str | os.PathLike, step: int, *, checkpoint: dict[str, Tensor], checkpoint_meta: dict[str, str],
-                   weights: dict[str, Tensor], config: dict) -> None:
+def write_run_save(
+    out: str | os.PathLike,
+    step: int,
+    *,
+    checkpoint: dict[str, Tensor],
+    checkpoint_meta: dict[str, str],
+    weights: dict[str, Tensor],
+    config: dict,
+) -> None:
     """One save of a run: checkpoint.safetensors (everything `--resume` needs), model.safetensors
     (the weights sampling uses) and config.json, in that order, each atomic, all three naming
     `step`. config.json goes last: a reader that finds another step in the weights caught the
     folder between two saves (`read_run` waits for the writer, or says so)."""
     out = Path(out)
     atomic_save_safetensors(checkpoint, out / WEIGHT_FILES["raw"], metadata={**checkpoint_meta, "step": str(step)})
-    atomic_save_safetensors(weights, out / WEIGHT_FILES["ema"], metadata={"format": CHECKPOINT_FORMAT, "step": str(step)})
+    atomic_save_safetensors(
+        weights, out / WEIGHT_FILES["ema"], metadata={"format": CHECKPOINT_FORMAT, "step": str(step)}
+    )
     write_json(out / "config.json", {**config, "saved_step": step})
 
 
@@ -259,27 +307,38 @@ def validate_run_config(config: Any, config_path: Path) -> dict:
     format, the fields a run needs with the right types, image geometry within bounds."""
     if isinstance(config, dict) and config.get("kind") in ("autoencoder", "classifier", "clip"):
         kind = config["kind"]
-        raise ValueError(f"{config_path.parent} is {'an' if kind[0] in 'aeiou' else 'a'} {kind} folder, not a "
-                         "diffusion run (`difflab train` writes those)")
+        raise ValueError(
+            f"{config_path.parent} is {'an' if kind[0] in 'aeiou' else 'a'} {kind} folder, not a "
+            "diffusion run (`difflab train` writes those)"
+        )
     if not isinstance(config, dict) or config.get("format") != CHECKPOINT_FORMAT or "model" not in config:
         found = config.get("format") if isinstance(config, dict) else type(config).__name__
         raise ValueError(f"{config_path} is not a difflab run config (format {found!r})")
     missing = [k for k in ("model", "schedule", "prediction", "data") if k not in config]
     if missing:
         raise ValueError(f"{config_path} lacks the field(s) {missing} of a difflab run config; the file is damaged")
-    wrong = [k for k, kind in (("model", dict), ("schedule", dict), ("prediction", str), ("data", dict))
-             if not isinstance(config[k], kind)]
+    wrong = [
+        k
+        for k, kind in (("model", dict), ("schedule", dict), ("prediction", str), ("data", dict))
+        if not isinstance(config[k], kind)
+    ]
     if wrong:
         raise ValueError(f"{config_path}: the field(s) {wrong} have the wrong type; the file is damaged")
-    wrong = [k for k in ("text_encoder", "autoencoder", "train") if config.get(k) not in (None, {})
-             and not isinstance(config.get(k), dict)]
+    wrong = [
+        k
+        for k in ("text_encoder", "autoencoder", "train")
+        if config.get(k) not in (None, {}) and not isinstance(config.get(k), dict)
+    ]
     if wrong:
         raise ValueError(f"{config_path}: the section(s) {wrong} must be JSON objects; the file is damaged")
     d = config["data"]
-    if any(not isinstance(d.get(k), int) or isinstance(d.get(k), bool) or not 1 <= d[k] <= 4096
-           for k in ("channels", "size")):
-        raise ValueError(f"{config_path}: data must name the images' channels and size as integers in 1 .. 4096, "
-                         f"got {d!r}")
+    if any(
+        not isinstance(d.get(k), int) or isinstance(d.get(k), bool) or not 1 <= d[k] <= 4096
+        for k in ("channels", "size")
+    ):
+        raise ValueError(
+            f"{config_path}: data must name the images' channels and size as integers in 1 .. 4096, got {d!r}"
+        )
     return config
 
 
@@ -301,6 +360,8 @@ def read_run(run: str | os.PathLike, weights: str = "ema") -> tuple[dict, dict[s
             return config, tensors, path
         if attempt < SAVE_WAIT_TRIES - 1:
             time.sleep(0.2)
-    raise ValueError(f"{run} is caught between two saves: {path.name} is from step {meta['step']}, config.json "
-                     f"from step {saved}. Is a training writing it? A run killed in the middle of a save is "
-                     "repaired by `difflab train --resume`")
+    raise ValueError(
+        f"{run} is caught between two saves: {path.name} is from step {meta['step']}, config.json "
+        f"from step {saved}. Is a training writing it? A run killed in the middle of a save is "
+        "repaired by `difflab train --resume`"
+    )

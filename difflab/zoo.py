@@ -32,8 +32,14 @@ ZOO_DIR = Path(__file__).resolve().parents[1] / "checkpoints" / "zoo"
 CHECK = {"n": 200, "steps": 10, "seed": 0}
 # how far CI's recomputation may drift from the recorded check (float differences across
 # machines move a few samples; a broken model moves everything)
-TOLERANCE = {"fd_rel": 0.15, "fd_abs": 1.0, "precision": 0.08, "recall": 0.08, "class_accuracy": 0.06,
-             "attribute_accuracy": 0.08}
+TOLERANCE = {
+    "fd_rel": 0.15,
+    "fd_abs": 1.0,
+    "precision": 0.08,
+    "recall": 0.08,
+    "class_accuracy": 0.06,
+    "attribute_accuracy": 0.08,
+}
 
 
 def names() -> list[str]:
@@ -54,8 +60,16 @@ def load(name: str):
     return Pipeline.from_pretrained(_folder(name))
 
 
-def measure(pipe, *, n: int, steps: int, seed: int = 0, sampler: str | None = None,
-            guidance_scale: float = 1.0, progress: bool = False) -> dict:
+def measure(
+    pipe,
+    *,
+    n: int,
+    steps: int,
+    seed: int = 0,
+    sampler: str | None = None,
+    guidance_scale: float = 1.0,
+    progress: bool = False,
+) -> dict:
     """FD (dataset classifier features, against the training set), precision, recall, IS
     analogue and class accuracy of n class-balanced samples."""
     from difflab.core.sampling import DEFAULT_SAMPLER
@@ -66,22 +80,46 @@ def measure(pipe, *, n: int, steps: int, seed: int = 0, sampler: str | None = No
     config = pipe.config
     dataset = config["data"]["name"]
     ext = feature_extractor(default_extractor(dataset))
-    ref = reference_stats(ext, dataset, "train", images=lambda: _run_data(config, "train").images,
-                          data_kwargs=_data_kwargs(config), log=lambda s: None)
+    ref = reference_stats(
+        ext,
+        dataset,
+        "train",
+        images=lambda: _run_data(config, "train").images,
+        data_kwargs=_data_kwargs(config),
+        log=lambda s: None,
+    )
     labels = None if pipe.num_classes is None else torch.arange(n) % pipe.num_classes
     extra = {}
     if config.get("text_encoder"):  # a text model: one held-out caption per sample
         captions = _run_data(config, "test").captions
         extra["prompt"] = [captions[i % len(captions)] for i in range(n)]
     t0 = time.perf_counter()
-    x = pipe(n, class_labels=labels, sampler=sampler, steps=steps, seed=seed, guidance_scale=guidance_scale,
-             progress=progress, **extra)
+    x = pipe(
+        n,
+        class_labels=labels,
+        sampler=sampler,
+        steps=steps,
+        seed=seed,
+        guidance_scale=guidance_scale,
+        progress=progress,
+        **extra,
+    )
     seconds = time.perf_counter() - t0
     q = score_samples(x, ext, ref, dataset, labels=labels, num_classes=pipe.num_classes)
-    out = {"n": n, "steps": steps, "seed": seed, "sampler": sampler, "guidance_scale": guidance_scale,
-           "fd_name": ext.display_name, "fd": q["fd"], "precision": q["precision"], "recall": q["recall"],
-           "inception_score": q["inception_score"], "class_accuracy": q["class_accuracy"],
-           "sample_seconds": round(seconds, 1)}
+    out = {
+        "n": n,
+        "steps": steps,
+        "seed": seed,
+        "sampler": sampler,
+        "guidance_scale": guidance_scale,
+        "fd_name": ext.display_name,
+        "fd": q["fd"],
+        "precision": q["precision"],
+        "recall": q["recall"],
+        "inception_score": q["inception_score"],
+        "class_accuracy": q["class_accuracy"],
+        "sample_seconds": round(seconds, 1),
+    }
     if extra and dataset == "shapes":  # text-to-image: do the samples show what the prompts name?
         out["attribute_accuracy"] = prompt_attribute_accuracy(x, extra["prompt"])
     return out
@@ -98,9 +136,18 @@ def prompt_attribute_accuracy(images: torch.Tensor, prompts: list[str]) -> float
     return attribute_accuracy(load_classifier("shapes"), images, attrs)["all"]
 
 
-def publish(run: str | os.PathLike, name: str, command: str, *, n: int = 2000, steps: int = 20,
-            machine: str | None = None, progress: bool = True, device: str = "cpu",
-            guidance_scale: float = 1.0) -> Path:
+def publish(
+    run: str | os.PathLike,
+    name: str,
+    command: str,
+    *,
+    n: int = 2000,
+    steps: int = 20,
+    machine: str | None = None,
+    progress: bool = True,
+    device: str = "cpu",
+    guidance_scale: float = 1.0,
+) -> Path:
     """Copy a run's EMA model into checkpoints/zoo/<name>/ and record its training and quality
     (sampled on `device`; on CUDA with TF32 off, so that CI's CPU re-check sees the same numbers),
     at classifier-free guidance `guidance_scale` (the scale the model is meant to be used at)."""
@@ -133,9 +180,13 @@ def publish(run: str | os.PathLike, name: str, command: str, *, n: int = 2000, s
     record = {
         "name": name,
         "command": command,
-        "train": {"steps": int(meta["step"]), "elapsed_s": float(meta.get("elapsed", 0)),
-                  "clock": train_cfg.get("clock", "wall"), "final_loss": log[-1]["loss"] if log else None,
-                  "config": train_cfg},
+        "train": {
+            "steps": int(meta["step"]),
+            "elapsed_s": float(meta.get("elapsed", 0)),
+            "clock": train_cfg.get("clock", "wall"),
+            "final_loss": log[-1]["loss"] if log else None,
+            "config": train_cfg,
+        },
         "machine": machine or _machine(pipe),
         "size_mb": round(size_mb, 2),
         "eval": measure(pipe, n=n, steps=steps, progress=progress, guidance_scale=guidance_scale),
@@ -152,8 +203,11 @@ def publish(run: str | os.PathLike, name: str, command: str, *, n: int = 2000, s
 
 def _machine(pipe) -> str:
     device = next(pipe.denoiser.parameters()).device
-    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
-             else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
+    where = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    )
     return f"{where}, torch {torch.__version__}"
 
 
@@ -161,8 +215,14 @@ def check(name: str) -> tuple[dict, dict]:
     """Recompute the recorded small check of a zoo model: (recorded, measured); raises if off."""
     record = json.loads((_folder(name) / "zoo.json").read_text())
     want = record["check"]
-    got = measure(load(name), n=want["n"], steps=want["steps"], seed=want["seed"], sampler=want["sampler"],
-                  guidance_scale=want.get("guidance_scale", 1.0))
+    got = measure(
+        load(name),
+        n=want["n"],
+        steps=want["steps"],
+        seed=want["seed"],
+        sampler=want["sampler"],
+        guidance_scale=want.get("guidance_scale", 1.0),
+    )
     problems = []
     if abs(got["fd"] - want["fd"]) > max(TOLERANCE["fd_abs"], TOLERANCE["fd_rel"] * want["fd"]):
         problems.append(f"FD {got['fd']:.3f} vs recorded {want['fd']:.3f}")
@@ -176,9 +236,11 @@ def check(name: str) -> tuple[dict, dict]:
 
 def table() -> str:
     """The zoo as a Markdown table (for the README)."""
-    rows = ["| model | data | command | steps | train time | machine | FD (n, steps) | precision / recall | "
-            "class acc. (attribute acc.) | MB |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| model | data | command | steps | train time | machine | FD (n, steps) | precision / recall | "
+        "class acc. (attribute acc.) | MB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name in names():
         r = json.loads((ZOO_DIR / name / "zoo.json").read_text())
         e, t = r["eval"], r["train"]
@@ -188,9 +250,11 @@ def table() -> str:
             acc = f"({e['attribute_accuracy']:.3f})"
         if e.get("guidance_scale", 1.0) != 1.0:
             acc += f" at guidance {e['guidance_scale']:g}"
-        rows.append(f"| `{name}` | {t['config'].get('data', '?')} | `{r['command']}` | {t['steps']} | "
-                    f"{t['elapsed_s'] / 60:.0f} {clock} | {r['machine']} | {e['fd_name']} {e['fd']:.2f} ({e['n']}, {e['steps']} "
-                    f"{e['sampler']}) | {e['precision']:.3f} / {e['recall']:.3f} | {acc} | {r['size_mb']} |")
+        rows.append(
+            f"| `{name}` | {t['config'].get('data', '?')} | `{r['command']}` | {t['steps']} | "
+            f"{t['elapsed_s'] / 60:.0f} {clock} | {r['machine']} | {e['fd_name']} {e['fd']:.2f} ({e['n']}, {e['steps']} "
+            f"{e['sampler']}) | {e['precision']:.3f} / {e['recall']:.3f} | {acc} | {r['size_mb']} |"
+        )
     return "\n".join(rows) + "\n"
 
 
@@ -211,8 +275,18 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("table", help="print the zoo table (Markdown)")
     args = p.parse_args(argv)
     if args.cmd == "publish":
-        print(publish(args.run, args.name, args.command, n=args.n, steps=args.steps, machine=args.machine,
-                      device=args.device, guidance_scale=args.guidance_scale))
+        print(
+            publish(
+                args.run,
+                args.name,
+                args.command,
+                n=args.n,
+                steps=args.steps,
+                machine=args.machine,
+                device=args.device,
+                guidance_scale=args.guidance_scale,
+            )
+        )
     elif args.cmd == "check":
         for name in [args.name] if args.name else names():
             want, got = check(name)

@@ -33,9 +33,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["Paper", "Run", "Results", "main", "log", "cpu_seconds", "prop_se", "trend", "key", "sign_test",
-           "atomic_write_text", "atomic_write_bytes", "save_tensor", "load_tensor", "save_figure", "cache_path",
-           "timing", "PAPERS_DIR", "SKIPPED"]
+__all__ = [
+    "Paper",
+    "Run",
+    "Results",
+    "main",
+    "log",
+    "cpu_seconds",
+    "prop_se",
+    "trend",
+    "key",
+    "sign_test",
+    "atomic_write_text",
+    "atomic_write_bytes",
+    "save_tensor",
+    "load_tensor",
+    "save_figure",
+    "cache_path",
+    "timing",
+    "PAPERS_DIR",
+    "SKIPPED",
+]
 
 PAPERS_DIR = Path(__file__).resolve().parent
 SKIPPED = object()  # what a part returns when it cannot run here (a model missing): nothing is stored
@@ -120,11 +138,13 @@ class Results:
 
     def save_entry(self, part: str, name: str, value: dict, merge: bool = False) -> None:
         """results[part][name] = value (merge: updated key by key, for entries written piecewise)."""
+
         def change(res: dict) -> None:
             if merge:
                 res.setdefault(part, {}).setdefault(name, {}).update(value)
             else:
                 res.setdefault(part, {})[name] = value
+
         self.update(change)
 
 
@@ -184,15 +204,25 @@ class Paper:
         return PAPERS_DIR / self.name
 
     def parser(self) -> argparse.ArgumentParser:
-        ap = argparse.ArgumentParser(prog=f"python -m papers.{self.name}.run", description=self.doc,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+        ap = argparse.ArgumentParser(
+            prog=f"python -m papers.{self.name}.run",
+            description=self.doc,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         ap.add_argument("--only", nargs="*", choices=list(self.parts), help="parts to run (default: all)")
-        ap.add_argument("--quick", action="store_true",
-                        help="tiny settings, to check the plumbing (written to _quick/, not over the full results)")
+        ap.add_argument(
+            "--quick",
+            action="store_true",
+            help="tiny settings, to check the plumbing (written to _quick/, not over the full results)",
+        )
         ap.add_argument("--report", action="store_true", help="only rebuild report.md and the figures")
         ap.add_argument("--no-report", action="store_true", help="do not write report.md at the end")
-        ap.add_argument("--out", type=Path, default=None,
-                        help="output folder (default: the paper's folder; _quick/ in it with --quick)")
+        ap.add_argument(
+            "--out",
+            type=Path,
+            default=None,
+            help="output folder (default: the paper's folder; _quick/ in it with --quick)",
+        )
         ap.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
         if self.options is not None:
             self.options(ap)
@@ -229,6 +259,7 @@ def main(paper: Paper, argv: list[str] | None = None) -> Run:
                 runs = res.setdefault("runs", {})
                 runs[part] = took
                 runs["machine"] = f"{os.cpu_count()} cores, torch {torch.__version__}, 1 thread"
+
             results.update(record)
             log(f"{part} done in {took['wall_s']:.0f} s ({took['cpu_s']:.0f} CPU-s)")
     if not args.no_report:
@@ -284,7 +315,7 @@ def sign_test(a: list, b: list) -> tuple[int, int, float]:
     m = bw + aw
     if m == 0:
         return bw, aw, 1.0
-    tail = sum(math.comb(m, i) for i in range(0, min(bw, aw) + 1)) / 2 ** m
+    tail = sum(math.comb(m, i) for i in range(0, min(bw, aw) + 1)) / 2**m
     return bw, aw, min(1.0, 2 * tail)
 
 
@@ -301,5 +332,9 @@ def timing(res: dict, parts) -> dict:
     done = {k: runs[k] for k in parts if isinstance(runs.get(k), dict)}
     if not done and "meta" not in res:
         return {}
-    return {**res.get("meta", {}), "parts": done, "wall_min": sum(v["wall_s"] for v in done.values()) / 60,
-            "cpu_min": sum(v["cpu_s"] for v in done.values()) / 60}
+    return {
+        **res.get("meta", {}),
+        "parts": done,
+        "wall_min": sum(v["wall_s"] for v in done.values()) / 60,
+        "cpu_min": sum(v["cpu_s"] for v in done.values()) / 60,
+    }

@@ -14,8 +14,9 @@ import torch
 
 from difflab.data.fashion_mnist import ENV_VAR, INSTALL_COMMAND, fashion_mnist_available
 
-FASHION_MNIST_MISSING = (f"Fashion-MNIST is not installed: run `{INSTALL_COMMAND}` as root "
-                         f"(or point ${ENV_VAR} at the four idx files)")
+FASHION_MNIST_MISSING = (
+    f"Fashion-MNIST is not installed: run `{INSTALL_COMMAND}` as root (or point ${ENV_VAR} at the four idx files)"
+)
 
 
 def pytest_configure(config):

@@ -76,8 +76,7 @@ def _expand_mask(mask: Tensor, q: Tensor, k: Tensor) -> Tensor:
     if mask.ndim == 2:
         if mask.shape != (q.shape[0], k.shape[-2]):
             raise ValueError(
-                f"key mask of shape {tuple(mask.shape)} does not match batch {q.shape[0]} "
-                f"and {k.shape[-2]} keys"
+                f"key mask of shape {tuple(mask.shape)} does not match batch {q.shape[0]} and {k.shape[-2]} keys"
             )
         return mask[:, None, None, :]  # (B, 1, 1, Lk)
     if mask.ndim != 4:
@@ -85,9 +84,7 @@ def _expand_mask(mask: Tensor, q: Tensor, k: Tensor) -> Tensor:
     return mask
 
 
-def attention(
-    q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext | None = None, mask: Tensor | None = None
-) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext | None = None, mask: Tensor | None = None) -> Tensor:
     """Scaled dot-product attention softmax(q k^T / sqrt(d)) v, with hooks.
 
     Shapes: q (B, H, Lq, D), k (B, H, Lk, D), v (B, H, Lk, Dv) -> (B, H, Lq, Dv).
@@ -162,15 +159,11 @@ def _set_hook(module: nn.Module, name: str, hook: Any) -> bool:
 
 
 @contextlib.contextmanager
-def attention_hooks(
-    model: nn.Module, hook: Any, *, where: Callable[[str], bool] | None = None
-) -> Iterator[list[str]]:
+def attention_hooks(model: nn.Module, hook: Any, *, where: Callable[[str], bool] | None = None) -> Iterator[list[str]]:
     """Install `hook` on every attention layer of `model` (optionally those whose name passes
     `where`) for the duration of the block. Yields the list of hooked layer names."""
     if not hasattr(hook, "kv") or not hasattr(hook, "out") or not hasattr(hook, "probs"):
-        raise TypeError(
-            f"hook must define kv, probs and out (subclass AttentionHook); got {type(hook).__name__}"
-        )
+        raise TypeError(f"hook must define kv, probs and out (subclass AttentionHook); got {type(hook).__name__}")
     hooked: list[tuple[nn.Module, str]] = []
     try:
         for name, module in model.named_modules():

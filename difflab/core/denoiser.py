@@ -90,8 +90,14 @@ class Preconditioned(nn.Module):
     C are the prediction, the last C the variance interpolation v in [-1, 1] (`variance_output`).
     """
 
-    def __init__(self, net: nn.Module, schedule: Schedule, prediction: str = "eps",
-                 sigma_data: float | None = None, learned_variance: bool = False):
+    def __init__(
+        self,
+        net: nn.Module,
+        schedule: Schedule,
+        prediction: str = "eps",
+        sigma_data: float | None = None,
+        learned_variance: bool = False,
+    ):
         super().__init__()
         if prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction {prediction!r}; known: {', '.join(PREDICTIONS)}")

@@ -65,8 +65,15 @@ class Knob:
                 raise ValueError(f"{method} {self.name} must be one of {list(self.choices)}, got {value!r}")
             return value
         if self.type in (int, float):
-            return check_number(f"{method} {self.name}", value, lo=self.lo, hi=self.hi, lo_open=self.lo_open,
-                                hi_open=self.hi_open, integer=self.type is int)
+            return check_number(
+                f"{method} {self.name}",
+                value,
+                lo=self.lo,
+                hi=self.hi,
+                lo_open=self.lo_open,
+                hi_open=self.hi_open,
+                integer=self.type is int,
+            )
         return value
 
 
@@ -132,11 +139,16 @@ class EditMethod:
     run: Callable[..., Tensor]
 
     def __post_init__(self):
-        if self.mask not in MASK_KINDS or self.prompt not in PROMPT_KINDS or \
-                self.source_prompt not in SOURCE_PROMPT_KINDS:
-            raise ValueError(f"edit method {self.name}: mask {self.mask!r}, prompt {self.prompt!r} or source_prompt "
-                             f"{self.source_prompt!r} is not one of {MASK_KINDS}, {PROMPT_KINDS}, "
-                             f"{SOURCE_PROMPT_KINDS}")
+        if (
+            self.mask not in MASK_KINDS
+            or self.prompt not in PROMPT_KINDS
+            or self.source_prompt not in SOURCE_PROMPT_KINDS
+        ):
+            raise ValueError(
+                f"edit method {self.name}: mask {self.mask!r}, prompt {self.prompt!r} or source_prompt "
+                f"{self.source_prompt!r} is not one of {MASK_KINDS}, {PROMPT_KINDS}, "
+                f"{SOURCE_PROMPT_KINDS}"
+            )
         if (self.mask is None) != (self.mask_keeps is None):
             raise ValueError(f"edit method {self.name}: mask_keeps goes with a mask")
 

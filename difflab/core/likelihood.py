@@ -43,14 +43,14 @@ def gaussian_prior(sigma_max: float) -> Callable[[Tensor], Tensor]:
 
     def log_prob(x: Tensor) -> Tensor:
         d = x[0].numel()
-        return (-0.5 * x.flatten(1).pow(2).sum(1) / sigma_max**2
-                - 0.5 * d * math.log(2 * math.pi * sigma_max**2))
+        return -0.5 * x.flatten(1).pow(2).sum(1) / sigma_max**2 - 0.5 * d * math.log(2 * math.pi * sigma_max**2)
 
     return log_prob
 
 
-def divergence(fn: Callable[[Tensor], Tensor], x: Tensor, *, probes: Tensor | None = None,
-               create_graph: bool = False) -> tuple[Tensor, Tensor]:
+def divergence(
+    fn: Callable[[Tensor], Tensor], x: Tensor, *, probes: Tensor | None = None, create_graph: bool = False
+) -> tuple[Tensor, Tensor]:
     """(fn(x), div fn(x)) per sample: exact trace of the Jacobian when `probes` is None, else
     Hutchinson's mean over probes (P, *x.shape) of z^T (dfn/dx) z (one vector-Jacobian product each)."""
     with torch.enable_grad():
@@ -61,8 +61,7 @@ def divergence(fn: Callable[[Tensor], Tensor], x: Tensor, *, probes: Tensor | No
             d = flat_out.shape[1]
             div = torch.zeros(x.shape[0], dtype=out.dtype, device=x.device)
             for j in range(d):
-                (g,) = torch.autograd.grad(flat_out[:, j].sum(), xr, retain_graph=True,
-                                           create_graph=create_graph)
+                (g,) = torch.autograd.grad(flat_out[:, j].sum(), xr, retain_graph=True, create_graph=create_graph)
                 div = div + g.flatten(1)[:, j]
         else:
             if probes.shape[1:] != x.shape:
@@ -70,8 +69,9 @@ def divergence(fn: Callable[[Tensor], Tensor], x: Tensor, *, probes: Tensor | No
             div = torch.zeros(x.shape[0], dtype=out.dtype, device=x.device)
             for p in range(probes.shape[0]):
                 z = probes[p].to(out.dtype)
-                (g,) = torch.autograd.grad((out * z).sum(), xr, retain_graph=p + 1 < probes.shape[0],
-                                           create_graph=create_graph)
+                (g,) = torch.autograd.grad(
+                    (out * z).sum(), xr, retain_graph=p + 1 < probes.shape[0], create_graph=create_graph
+                )
                 div = div + (g * z).flatten(1).sum(1)
             div = div / probes.shape[0]
     if not create_graph:
@@ -89,12 +89,23 @@ def _draw_probes(n: int, x: Tensor, kind: str, generator: torch.Generator | None
 
 
 @torch.no_grad()
-def log_likelihood(denoiser, x: Tensor, sigma_min: float, sigma_max: float, *,
-                   hutchinson: int = 0, probe: str = "rademacher",
-                   prior: Callable[[Tensor], Tensor] | None = None, solver: str = "rk45",
-                   rtol: float = 1e-5, atol: float = 1e-5, n_steps: int = 100,
-                   generator: torch.Generator | None = None, cond: dict | None = None,
-                   return_details: bool = False):
+def log_likelihood(
+    denoiser,
+    x: Tensor,
+    sigma_min: float,
+    sigma_max: float,
+    *,
+    hutchinson: int = 0,
+    probe: str = "rademacher",
+    prior: Callable[[Tensor], Tensor] | None = None,
+    solver: str = "rk45",
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    n_steps: int = 100,
+    generator: torch.Generator | None = None,
+    cond: dict | None = None,
+    return_details: bool = False,
+):
     """log p_{sigma_min}(x) in nats per sample (B,) by the probability-flow ODE.
 
     hutchinson: 0 for the exact divergence (d backward passes per evaluation), else the number
@@ -137,7 +148,7 @@ def log_likelihood(denoiser, x: Tensor, sigma_min: float, sigma_max: float, *,
         if not sol.success:
             raise RuntimeError(f"probability-flow likelihood solve failed: {sol.message}")
         yT = torch.from_numpy(np.ascontiguousarray(sol.y[:, -1])).to(x.device)
-        x_T, delta = yT[: B * d].reshape(shape), yT[B * d:]
+        x_T, delta = yT[: B * d].reshape(shape), yT[B * d :]
     elif solver == "rk4":
         h = (u1 - u0) / n_steps
         xs, delta = x.detach().clone(), torch.zeros(B, dtype=F64, device=x.device)
@@ -166,8 +177,16 @@ def dequantize(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
     return (k + u) / 127.5 - 1
 
 
-def bits_per_dim(denoiser, x: Tensor, sigma_min: float, sigma_max: float, *, n_dequant: int = 1,
-                 generator: torch.Generator | None = None, **kw) -> Tensor:
+def bits_per_dim(
+    denoiser,
+    x: Tensor,
+    sigma_min: float,
+    sigma_max: float,
+    *,
+    n_dequant: int = 1,
+    generator: torch.Generator | None = None,
+    **kw,
+) -> Tensor:
     """Upper bound on the negative log-likelihood of 8-bit data x in [-1, 1], bits per dimension,
     per sample (B,): averaged over `n_dequant` uniform dequantisations; kw go to `log_likelihood`."""
     if x.min() < -1 - 1e-6 or x.max() > 1 + 1e-6:

@@ -133,8 +133,17 @@ class DenoisingLoss:
         self.sigma_sampler = sigma_sampler
         self.weighting = weighting
 
-    def __call__(self, denoiser: Preconditioned, x0: Tensor, *, generator: torch.Generator | None = None,
-                 sigma: Tensor | None = None, noise: Tensor | None = None, reduce: bool = True, **cond) -> Tensor:
+    def __call__(
+        self,
+        denoiser: Preconditioned,
+        x0: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        sigma: Tensor | None = None,
+        noise: Tensor | None = None,
+        reduce: bool = True,
+        **cond,
+    ) -> Tensor:
         """Mean weighted loss (or per-sample losses with reduce=False)."""
         if not isinstance(denoiser, Preconditioned):
             raise TypeError(f"DenoisingLoss needs a Preconditioned denoiser, got {type(denoiser).__name__}")
@@ -174,8 +183,7 @@ def q_posterior(schedule: DiscreteVP, x0: Tensor, x_t: Tensor, t: Tensor) -> tup
 
 def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:
     """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise, in nats."""
-    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
-                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
 
 
 def approx_standard_normal_cdf(x: Tensor) -> Tensor:
@@ -183,8 +191,9 @@ def approx_standard_normal_cdf(x: Tensor) -> Tensor:
     return 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
 
 
-def discretized_gaussian_log_likelihood(x: Tensor, means: Tensor, log_scales: Tensor,
-                                        bin_width: float = 2 / 255) -> Tensor:
+def discretized_gaussian_log_likelihood(
+    x: Tensor, means: Tensor, log_scales: Tensor, bin_width: float = 2 / 255
+) -> Tensor:
     """log P(x) of data in [-1, 1] quantised to 256 levels under N(means, e^(2 log_scales)),
     with the edge bins extended to +-inf (Ho et al. 2020, eq. 13). Elementwise, nats."""
     centered = x - means
@@ -195,13 +204,15 @@ def discretized_gaussian_log_likelihood(x: Tensor, means: Tensor, log_scales: Te
     log_one_minus_cdf_min = (1.0 - cdf_min).clamp(min=1e-12).log()
     cdf_delta = cdf_plus - cdf_min
     return torch.where(
-        x < -0.999, log_cdf_plus,
+        x < -0.999,
+        log_cdf_plus,
         torch.where(x > 0.999, log_one_minus_cdf_min, cdf_delta.clamp(min=1e-12).log()),
     )
 
 
-def vlb_terms(denoiser: Preconditioned, x0: Tensor, t: Tensor, noise: Tensor | None = None,
-              variance: str = "learned", **cond) -> Tensor:
+def vlb_terms(
+    denoiser: Preconditioned, x0: Tensor, t: Tensor, noise: Tensor | None = None, variance: str = "learned", **cond
+) -> Tensor:
     """Per-sample VLB term L_{t} in nats (B,): KL(q(x_{t-1}|x_t,x0) || p(x_{t-1}|x_t)) for t > 0,
     the discretised decoder NLL -log p(x0|x1) at t = 0.
 

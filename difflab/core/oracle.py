@@ -43,8 +43,9 @@ class GaussianMixture:
         self.means = torch.as_tensor(self.means, dtype=torch.float64)
         self.variances = torch.as_tensor(self.variances, dtype=torch.float64)
         if self.means.ndim != 2 or self.variances.shape != self.means.shape:
-            raise ValueError(f"means and variances must both be (K, d); got {tuple(self.means.shape)}, "
-                             f"{tuple(self.variances.shape)}")
+            raise ValueError(
+                f"means and variances must both be (K, d); got {tuple(self.means.shape)}, {tuple(self.variances.shape)}"
+            )
         if self.weights.shape != (self.means.shape[0],) or (self.weights < 0).any():
             raise ValueError(f"weights must be (K,) non-negative, got {self.weights.tolist()}")
         if (self.variances <= 0).any():
@@ -59,8 +60,9 @@ class GaussianMixture:
         return cls(torch.ones(1), mean, var)
 
     @classmethod
-    def random(cls, dim: int, k: int, seed: int = 0, spread: float = 1.0,
-               std_range: tuple[float, float] = (0.05, 0.3)) -> "GaussianMixture":
+    def random(
+        cls, dim: int, k: int, seed: int = 0, spread: float = 1.0, std_range: tuple[float, float] = (0.05, 0.3)
+    ) -> "GaussianMixture":
         """Sharp, unequal components: means N(0, spread^2), stds log-uniform, Dirichlet-ish weights."""
         g = torch.Generator().manual_seed(seed)
         means = torch.randn(k, dim, generator=g, dtype=torch.float64) * spread
@@ -121,15 +123,18 @@ class GaussianMixture:
     def noisy_moments(self, sigma: float) -> tuple[Tensor, Tensor]:
         """Mean (d,) and covariance (d, d) of p_sigma."""
         mean = (self.weights[:, None] * self.means).sum(0)
-        second = (self.weights[:, None, None] * (torch.diag_embed(self.variances)
-                  + self.means[:, :, None] * self.means[:, None, :])).sum(0)
+        second = (
+            self.weights[:, None, None]
+            * (torch.diag_embed(self.variances) + self.means[:, :, None] * self.means[:, None, :])
+        ).sum(0)
         cov = second - mean[:, None] * mean[None, :] + sigma**2 * torch.eye(self.dim, dtype=torch.float64)
         return mean, cov
 
     # ---- the exact probability-flow solution -----------------------------------------------
 
-    def pf_endpoint(self, x: Tensor, sigma_from: float, sigma_to: float = 0.0,
-                    rtol: float = 1e-10, atol: float = 1e-10) -> Tensor:
+    def pf_endpoint(
+        self, x: Tensor, sigma_from: float, sigma_to: float = 0.0, rtol: float = 1e-10, atol: float = 1e-10
+    ) -> Tensor:
         """Solve dx/dsigma = (x - D(x, sigma))/sigma from sigma_from to sigma_to (float64).
 
         Integrated in u = log sigma down to sigma_end = min(1e-7, ...); below that the flow moves
@@ -145,8 +150,9 @@ class GaussianMixture:
             xt = torch.from_numpy(y).reshape(x0.shape)
             return (xt - self.denoiser(xt, math.exp(u))).reshape(-1).numpy()
 
-        sol = solve_ivp(rhs, (math.log(sigma_from), math.log(s_end)), x0.reshape(-1).numpy(),
-                        method="DOP853", rtol=rtol, atol=atol)
+        sol = solve_ivp(
+            rhs, (math.log(sigma_from), math.log(s_end)), x0.reshape(-1).numpy(), method="DOP853", rtol=rtol, atol=atol
+        )
         if not sol.success:
             raise RuntimeError(f"probability-flow reference solve failed: {sol.message}")
         out = torch.from_numpy(np.ascontiguousarray(sol.y[:, -1])).reshape(x0.shape)

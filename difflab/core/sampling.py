@@ -94,11 +94,14 @@ def noise_source(noise: NoiseSource) -> Callable[[int, Tensor], Tensor]:
         return lambda i, like: torch.randn_like(like)
     if isinstance(noise, torch.Generator):
         # drawn on the generator's device (a CPU generator gives the same numbers for a CUDA x)
-        return lambda i, like: torch.randn(like.shape, generator=noise, dtype=like.dtype,
-                                           device=noise.device).to(like.device)
+        return lambda i, like: torch.randn(like.shape, generator=noise, dtype=like.dtype, device=noise.device).to(
+            like.device
+        )
     if callable(noise):
         return noise
-    raise TypeError(f"noise must be None, a torch.Generator or a callable (i, like) -> Tensor, got {type(noise).__name__}")
+    raise TypeError(
+        f"noise must be None, a torch.Generator or a callable (i, like) -> Tensor, got {type(noise).__name__}"
+    )
 
 
 def check_grid(x: Tensor, sigmas: Tensor, *, increasing: bool = False) -> Tensor:
@@ -126,7 +129,7 @@ def slice_sigmas(sigmas: Tensor, strength: float) -> Tensor:
         raise ValueError(f"strength (t0) must be in (0, 1], got {strength}")
     n = len(sigmas) - 1
     k = max(1, round(strength * n))
-    return sigmas[n - k:]
+    return sigmas[n - k :]
 
 
 def expand_cond(cond: dict | None, n: int) -> dict:
@@ -221,8 +224,20 @@ def renoise(x: Tensor, sigma_from: float, sigma_to: float, noise: Tensor | None 
 # --------------------------------------------------------------------------------------------
 
 
-def sample_euler(denoiser, x, sigmas, *, cond=None, callback=None, noise=None, progress=False,
-                 s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
+def sample_euler(
+    denoiser,
+    x,
+    sigmas,
+    *,
+    cond=None,
+    callback=None,
+    noise=None,
+    progress=False,
+    s_churn=0.0,
+    s_tmin=0.0,
+    s_tmax=float("inf"),
+    s_noise=1.0,
+):
     """Euler on the probability-flow ODE = DDIM with eta = 0 (optional EDM churn)."""
     sigmas = check_grid(x, sigmas)
     run, draw = StepRunner(denoiser, x, cond, callback), noise_source(noise)
@@ -240,8 +255,9 @@ def sample_euler(denoiser, x, sigmas, *, cond=None, callback=None, noise=None, p
     return x
 
 
-def sample_euler_ancestral(denoiser, x, sigmas, *, cond=None, callback=None, noise=None,
-                           progress=False, eta=1.0, s_noise=1.0):
+def sample_euler_ancestral(
+    denoiser, x, sigmas, *, cond=None, callback=None, noise=None, progress=False, eta=1.0, s_noise=1.0
+):
     """Euler ancestral = DDIM with eta (eta = 1: DDPM's ancestral sampler, posterior variance)."""
     sigmas = check_grid(x, sigmas)
     run, draw = StepRunner(denoiser, x, cond, callback), noise_source(noise)
@@ -258,12 +274,14 @@ def sample_euler_ancestral(denoiser, x, sigmas, *, cond=None, callback=None, noi
 
 def sample_ddim(denoiser, x, sigmas, *, cond=None, callback=None, noise=None, progress=False, eta=0.0):
     """DDIM (Song et al. 2021) with eta; the same update as `sample_euler_ancestral`."""
-    return sample_euler_ancestral(denoiser, x, sigmas, cond=cond, callback=callback, noise=noise,
-                                  progress=progress, eta=eta)
+    return sample_euler_ancestral(
+        denoiser, x, sigmas, cond=cond, callback=callback, noise=noise, progress=progress, eta=eta
+    )
 
 
-def sample_ddpm(denoiser, x, schedule: DiscreteVP, *, cond=None, callback=None, noise=None,
-                progress=False, variance: str = "small"):
+def sample_ddpm(
+    denoiser, x, schedule: DiscreteVP, *, cond=None, callback=None, noise=None, progress=False, variance: str = "small"
+):
     """DDPM's ancestral sampler over the full discrete chain (Ho et al. 2020, Algorithm 2).
 
     Written in VP coordinates as the paper does: mu = c1 x0_hat + c2 x_t, with
@@ -327,8 +345,20 @@ def final_step(x: Tensor, x_eval: Tensor, x0_hat: Tensor, kind: str = "denoise")
 # --------------------------------------------------------------------------------------------
 
 
-def sample_heun(denoiser, x, sigmas, *, cond=None, callback=None, noise=None, progress=False,
-                s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
+def sample_heun(
+    denoiser,
+    x,
+    sigmas,
+    *,
+    cond=None,
+    callback=None,
+    noise=None,
+    progress=False,
+    s_churn=0.0,
+    s_tmin=0.0,
+    s_tmax=float("inf"),
+    s_noise=1.0,
+):
     """EDM's stochastic Heun sampler (Karras et al. 2022, Algorithm 2); deterministic at s_churn=0."""
     sigmas = check_grid(x, sigmas)
     run, draw = StepRunner(denoiser, x, cond, callback), noise_source(noise)
@@ -376,12 +406,24 @@ def sample_dpmpp_2m(denoiser, x, sigmas, *, cond=None, callback=None, noise=None
 
 def sample_dpmpp_3m(denoiser, x, sigmas, *, cond=None, callback=None, noise=None, progress=False):
     """DPM-Solver++(3M), the deterministic third-order multistep solver (Lu et al. 2022, App. B)."""
-    return sample_dpmpp_3m_sde(denoiser, x, sigmas, cond=cond, callback=callback, noise=noise,
-                               progress=progress, eta=0.0)
+    return sample_dpmpp_3m_sde(
+        denoiser, x, sigmas, cond=cond, callback=callback, noise=noise, progress=progress, eta=0.0
+    )
 
 
-def sample_dpmpp_2m_sde(denoiser, x, sigmas, *, cond=None, callback=None, noise=None,
-                        progress=False, eta=1.0, s_noise=1.0, solver_type="midpoint"):
+def sample_dpmpp_2m_sde(
+    denoiser,
+    x,
+    sigmas,
+    *,
+    cond=None,
+    callback=None,
+    noise=None,
+    progress=False,
+    eta=1.0,
+    s_noise=1.0,
+    solver_type="midpoint",
+):
     """DPM-Solver++(2M) SDE (Lu et al. 2022), data prediction, in VE coordinates."""
     if solver_type not in ("midpoint", "heun"):
         raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
@@ -412,8 +454,9 @@ def sample_dpmpp_2m_sde(denoiser, x, sigmas, *, cond=None, callback=None, noise=
     return x
 
 
-def sample_dpmpp_3m_sde(denoiser, x, sigmas, *, cond=None, callback=None, noise=None,
-                        progress=False, eta=1.0, s_noise=1.0):
+def sample_dpmpp_3m_sde(
+    denoiser, x, sigmas, *, cond=None, callback=None, noise=None, progress=False, eta=1.0, s_noise=1.0
+):
     """DPM-Solver++(3M) SDE; eta = 0 gives the deterministic 3M ODE solver."""
     sigmas = check_grid(x, sigmas)
     run, draw = StepRunner(denoiser, x, cond, callback), noise_source(noise)
@@ -449,9 +492,21 @@ def sample_dpmpp_3m_sde(denoiser, x, sigmas, *, cond=None, callback=None, noise=
     return x
 
 
-def sample_unipc(denoiser, x, sigmas, *, cond=None, callback=None, noise=None, progress=False,
-                 order: int | str = 3, variant: str = "bh2", corrector: bool = True,
-                 final: str = "denoise", h_max3: float = UNIPC_H_MAX3):
+def sample_unipc(
+    denoiser,
+    x,
+    sigmas,
+    *,
+    cond=None,
+    callback=None,
+    noise=None,
+    progress=False,
+    order: int | str = 3,
+    variant: str = "bh2",
+    corrector: bool = True,
+    final: str = "denoise",
+    h_max3: float = UNIPC_H_MAX3,
+):
     """UniPC (Zhao et al. 2023): UniP-p predictor + UniC corrector, data prediction, order <= 3.
 
     One network call per step: the corrector reuses the evaluation at the new point, which the
@@ -482,8 +537,17 @@ def sample_unipc(denoiser, x, sigmas, *, cond=None, callback=None, noise=None, p
         x_eval = x
         x0_hat = run(x, sigma)
         if corrector and x_prev_pred is not None:  # UniC on the last step, with the new evaluation
-            x = _unipc_update(x_prev_pred, hist_x0, hist_lam, lam(sigma), x0_hat, used_order,
-                              variant, sigma_from=sigma_prev, sigma_to=sigma)
+            x = _unipc_update(
+                x_prev_pred,
+                hist_x0,
+                hist_lam,
+                lam(sigma),
+                x0_hat,
+                used_order,
+                variant,
+                sigma_from=sigma_prev,
+                sigma_to=sigma,
+            )
         hist_x0.append(x0_hat)
         hist_lam.append(lam(sigma))
         hist_x0, hist_lam = hist_x0[-max_order:], hist_lam[-max_order:]
@@ -494,21 +558,52 @@ def sample_unipc(denoiser, x, sigmas, *, cond=None, callback=None, noise=None, p
             if order == "auto" and lam(sigma_next) - lam(sigma) > h_max3:
                 used_order = min(used_order, 2)
             x_prev_pred, sigma_prev = x, sigma
-            x_next = _unipc_update(x, hist_x0[-used_order:], hist_lam[-used_order:], lam(sigma_next),
-                                   None, used_order, variant, sigma_from=sigma, sigma_to=sigma_next)
+            x_next = _unipc_update(
+                x,
+                hist_x0[-used_order:],
+                hist_lam[-used_order:],
+                lam(sigma_next),
+                None,
+                used_order,
+                variant,
+                sigma_from=sigma,
+                sigma_to=sigma_next,
+            )
         x = run.after(i, x_next, sigma, sigma_next, x0_hat)
     return x
 
 
-def sample_unipc_auto(denoiser, x, sigmas, *, cond=None, callback=None, noise=None, progress=False,
-                      variant: str = "vary", h_max3: float = UNIPC_H_MAX3):
+def sample_unipc_auto(
+    denoiser,
+    x,
+    sigmas,
+    *,
+    cond=None,
+    callback=None,
+    noise=None,
+    progress=False,
+    variant: str = "vary",
+    h_max3: float = UNIPC_H_MAX3,
+):
     """difflab's default ODE sampler: UniPC_v, order 3 on steps h <= 0.5 else 2, trapezoidal end.
 
     `sample_unipc(..., order="auto", variant="vary", final="trapezoid")`; with `default_sigmas`
     it is the recipe that bench/samplers.py measures against diffusers and k-diffusion.
     """
-    return sample_unipc(denoiser, x, sigmas, cond=cond, callback=callback, noise=noise, progress=progress,
-                        order="auto", variant=variant, corrector=True, final="trapezoid", h_max3=h_max3)
+    return sample_unipc(
+        denoiser,
+        x,
+        sigmas,
+        cond=cond,
+        callback=callback,
+        noise=noise,
+        progress=progress,
+        order="auto",
+        variant=variant,
+        corrector=True,
+        final="trapezoid",
+        h_max3=h_max3,
+    )
 
 
 def _unipc_update(x, hist_x0, hist_lam, lam_t, x0_t, order, variant, sigma_from, sigma_to):
@@ -548,15 +643,15 @@ def _unipc_update(x, hist_x0, hist_lam, lam_t, x0_t, order, variant, sigma_from,
         if order == 2 and fixed_half:
             rhos = [0.5]
         else:
-            rhos = torch.linalg.solve(torch.tensor(R, dtype=torch.float64)[:-1, :-1],
-                                      torch.tensor(b, dtype=torch.float64)[:-1]).tolist()
+            rhos = torch.linalg.solve(
+                torch.tensor(R, dtype=torch.float64)[:-1, :-1], torch.tensor(b, dtype=torch.float64)[:-1]
+            ).tolist()
         return x_t - B_h * sum(r * d for r, d in zip(rhos, D1s))
     # corrector
     if order == 1 and fixed_half:
         rhos = [0.5]
     else:
-        rhos = torch.linalg.solve(torch.tensor(R, dtype=torch.float64),
-                                  torch.tensor(b, dtype=torch.float64)).tolist()
+        rhos = torch.linalg.solve(torch.tensor(R, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)).tolist()
     corr = sum(r * d for r, d in zip(rhos[:-1], D1s)) if D1s else 0
     return x_t - B_h * (corr + rhos[-1] * (x0_t - m0))
 
@@ -566,8 +661,19 @@ def _unipc_update(x, hist_x0, hist_lam, lam_t, x0_t, order, variant, sigma_from,
 # --------------------------------------------------------------------------------------------
 
 
-def sample_langevin(denoiser, x, sigmas, *, cond=None, callback=None, noise=None, progress=False,
-                    n_steps: int = 10, step_lr: float = 2e-5, denoise: bool = True):
+def sample_langevin(
+    denoiser,
+    x,
+    sigmas,
+    *,
+    cond=None,
+    callback=None,
+    noise=None,
+    progress=False,
+    n_steps: int = 10,
+    step_lr: float = 2e-5,
+    denoise: bool = True,
+):
     """Annealed Langevin dynamics (Song & Ermon 2019, Algorithm 1) over the positive sigmas.
 
     At level sigma_i, `n_steps` updates x <- x + (a/2) score + sqrt(a) z with
@@ -619,8 +725,9 @@ def invert_euler(denoiser, x, sigmas, *, cond=None, callback=None, noise=None, p
 SIGMA_KNEE = 20.0  # where `sigmas_soft_logsnr` stops being logSNR-uniform (data of unit scale)
 
 
-def sigmas_soft_logsnr(n: int, sigma_min: float, sigma_max: float, sigma_knee: float = SIGMA_KNEE,
-                       append_zero: bool = True) -> Tensor:
+def sigmas_soft_logsnr(
+    n: int, sigma_min: float, sigma_max: float, sigma_knee: float = SIGMA_KNEE, append_zero: bool = True
+) -> Tensor:
     """n sigmas uniform in log(sigma / sqrt(sigma^2 + knee^2)): logSNR-uniform below the knee.
 
     Equivalently uniform in -log(1/sigma^2 + 1/knee^2) / 2, the log-SNR with an SNR floor of
@@ -632,8 +739,10 @@ def sigmas_soft_logsnr(n: int, sigma_min: float, sigma_max: float, sigma_knee: f
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"number of steps must be a positive int, got {n!r}")
     if not (0 < sigma_min < sigma_max) or not sigma_knee > 0:
-        raise ValueError(f"need 0 < sigma_min < sigma_max and sigma_knee > 0, got sigma_min={sigma_min}, "
-                         f"sigma_max={sigma_max}, sigma_knee={sigma_knee}")
+        raise ValueError(
+            f"need 0 < sigma_min < sigma_max and sigma_knee > 0, got sigma_min={sigma_min}, "
+            f"sigma_max={sigma_max}, sigma_knee={sigma_knee}"
+        )
 
     def u(sigma: float) -> float:
         return math.log(sigma) - 0.5 * math.log(sigma**2 + sigma_knee**2)
@@ -681,6 +790,9 @@ def sample(denoiser, x, sigmas, method: str = DEFAULT_SAMPLER, **kw: Any) -> Ten
     if method not in SAMPLERS:
         raise ValueError(f"unknown sampler {method!r}; known: {', '.join(sorted(SAMPLERS))}")
     out = SAMPLERS[method](denoiser, x, sigmas, **kw)
-    check_finite_tensor("the sampler's output", out, f"({method}, {len(sigmas) - 1} steps): the denoiser or its "
-                        "guidance returned NaN/inf")
+    check_finite_tensor(
+        "the sampler's output",
+        out,
+        f"({method}, {len(sigmas) - 1} steps): the denoiser or its guidance returned NaN/inf",
+    )
     return out

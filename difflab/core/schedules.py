@@ -75,9 +75,14 @@ class Schedule:
 # --------------------------------------------------------------------------------------------
 
 
-def betas_for(kind: str, T: int = 1000, beta_start: float | None = None,
-              beta_end: float | None = None, cosine_s: float = 0.008,
-              max_beta: float = 0.999) -> Tensor:
+def betas_for(
+    kind: str,
+    T: int = 1000,
+    beta_start: float | None = None,
+    beta_end: float | None = None,
+    cosine_s: float = 0.008,
+    max_beta: float = 0.999,
+) -> Tensor:
     """Betas of the named VP schedule: "linear" (DDPM), "scaled_linear" (LDM), "cosine"."""
     if T < 2:
         raise ValueError(f"a discrete schedule needs T >= 2 steps, got T={T}")
@@ -272,8 +277,13 @@ class EDM(Schedule):
         return _as64(sigma).clamp(min=1e-20).log() / 4
 
     def to_config(self) -> dict:
-        return {"type": "EDM", "sigma_min": self.sigma_min, "sigma_max": self.sigma_max,
-                "sigma_data": self.sigma_data, "rho": self.rho}
+        return {
+            "type": "EDM",
+            "sigma_min": self.sigma_min,
+            "sigma_max": self.sigma_max,
+            "sigma_data": self.sigma_data,
+            "rho": self.rho,
+        }
 
 
 def schedule_from_config(cfg: dict) -> Schedule:
@@ -285,8 +295,18 @@ def schedule_from_config(cfg: dict) -> Schedule:
     cfg = dict(cfg)
     kind = cfg.pop("type", None)
     for name, value in cfg.items():  # read from files: numbers must be numbers
-        if name in ("sigma_min", "sigma_max", "sigma_data", "rho", "beta_min", "beta_max", "beta_d", "beta_0",
-                    "beta_1", "eps"):
+        if name in (
+            "sigma_min",
+            "sigma_max",
+            "sigma_data",
+            "rho",
+            "beta_min",
+            "beta_max",
+            "beta_d",
+            "beta_0",
+            "beta_1",
+            "eps",
+        ):
             check_number(f"schedule {name}", value, lo=0, lo_open=True)
         elif name == "T":
             check_number("schedule T", value, lo=1, hi=100_000, integer=True)
@@ -295,8 +315,11 @@ def schedule_from_config(cfg: dict) -> Schedule:
     if kind == "DiscreteVP":
         if "betas" in cfg:
             betas = cfg["betas"]
-            if not isinstance(betas, list) or not 2 <= len(betas) <= 100_000 or not all(
-                    isinstance(b, (int, float)) and not isinstance(b, bool) and 0 < b < 1 for b in betas):
+            if (
+                not isinstance(betas, list)
+                or not 2 <= len(betas) <= 100_000
+                or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 < b < 1 for b in betas)
+            ):
                 raise ValueError("schedule betas must be a list of 2 .. 100000 numbers in (0, 1)")
             return DiscreteVP(torch.tensor(cfg["betas"], dtype=F64), quantize=cfg.get("quantize", False))
         betas = betas_for(cfg["kind"], cfg.get("T", 1000))
@@ -327,8 +350,7 @@ def _check_range(sigma_min: float, sigma_max: float) -> None:
         raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
 
 
-def sigmas_karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0,
-                  append_zero: bool = True) -> Tensor:
+def sigmas_karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0, append_zero: bool = True) -> Tensor:
     """Karras et al. 2022, eq. 5: (sigma_max^(1/rho) + i/(n-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho."""
     _check_n(n)
     _check_range(sigma_min, sigma_max)
@@ -367,8 +389,9 @@ def timesteps_spaced(T: int, n: int, spacing: str = "trailing", steps_offset: in
     return ts.flip(0).long()
 
 
-def sigmas_spaced(schedule: DiscreteVP, n: int, spacing: str = "trailing", steps_offset: int = 0,
-                  append_zero: bool = True) -> Tensor:
+def sigmas_spaced(
+    schedule: DiscreteVP, n: int, spacing: str = "trailing", steps_offset: int = 0, append_zero: bool = True
+) -> Tensor:
     """Sigmas of a discrete schedule at diffusers-style spaced timesteps (see `timesteps_spaced`)."""
     if not getattr(schedule, "discrete", False):
         raise ValueError(f"sigmas_spaced needs a discrete schedule, got {type(schedule).__name__}")

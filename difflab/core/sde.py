@@ -53,8 +53,7 @@ from torch import Tensor
 from difflab.core.sampling import check_grid, noise_source, StepRunner, progress_range
 from difflab.core.schedules import VE, ContinuousVP, _as64, sigmas_logsnr
 
-__all__ = ["SDE", "VESDE", "VPSDE", "SubVPSDE", "sample_reverse_sde", "sample_pc", "ncsn_sigmas",
-           "langevin_snr_step"]
+__all__ = ["SDE", "VESDE", "VPSDE", "SubVPSDE", "sample_reverse_sde", "sample_pc", "ncsn_sigmas", "langevin_snr_step"]
 
 F64 = torch.float64
 
@@ -181,8 +180,7 @@ class SubVPSDE(VPSDE):
         return {"type": "SubVPSDE", "beta_min": self.beta_min, "beta_max": self.beta_max, "eps": self.eps}
 
 
-def ncsn_sigmas(n: int = 10, sigma_min: float = 0.01, sigma_max: float = 1.0,
-                append_zero: bool = True) -> Tensor:
+def ncsn_sigmas(n: int = 10, sigma_min: float = 0.01, sigma_max: float = 1.0, append_zero: bool = True) -> Tensor:
     """NCSN's geometric noise levels sigma_1 > ... > sigma_L (Song & Ermon 2019: L=10, 1 -> 0.01)."""
     return sigmas_logsnr(n, sigma_min, sigma_max, append_zero=append_zero)
 
@@ -204,16 +202,37 @@ def _t_of(sde: SDE, sigmas: Tensor) -> list[float]:
     return [float(sde.t(s)) if s > 0 else 0.0 for s in sigmas]
 
 
-def sample_reverse_sde(denoiser, x, sigmas, *, sde: SDE, cond=None, callback=None, noise=None,
-                       progress=False):
+def sample_reverse_sde(denoiser, x, sigmas, *, sde: SDE, cond=None, callback=None, noise=None, progress=False):
     """Euler-Maruyama on the reverse SDE dx = [f x - g^2 score] dt + g dw-bar (Song et al. 2021)."""
-    return sample_pc(denoiser, x, sigmas, sde=sde, predictor="euler_maruyama", corrector=None,
-                     cond=cond, callback=callback, noise=noise, progress=progress)
+    return sample_pc(
+        denoiser,
+        x,
+        sigmas,
+        sde=sde,
+        predictor="euler_maruyama",
+        corrector=None,
+        cond=cond,
+        callback=callback,
+        noise=noise,
+        progress=progress,
+    )
 
 
-def sample_pc(denoiser, x, sigmas, *, sde: SDE, predictor: str | None = "euler_maruyama",
-              corrector: str | None = "langevin", snr: float = 0.16, n_corrector: int = 1,
-              cond=None, callback=None, noise=None, progress=False):
+def sample_pc(
+    denoiser,
+    x,
+    sigmas,
+    *,
+    sde: SDE,
+    predictor: str | None = "euler_maruyama",
+    corrector: str | None = "langevin",
+    snr: float = 0.16,
+    n_corrector: int = 1,
+    cond=None,
+    callback=None,
+    noise=None,
+    progress=False,
+):
     """Predictor-corrector sampling (Song et al. 2021, Algorithm 1 with Algorithms 2-5).
 
     For each grid point, `n_corrector` Langevin steps at sigma_i (x <- x + eps score + sqrt(2 eps) z,

@@ -15,9 +15,26 @@ import argparse
 import math
 import numbers
 
-__all__ = ["check_number", "check_budget", "check_training_state", "number_arg", "check_finite_tensor", "POS_INT", "NONNEG_INT", "SEED", "POSITIVE", "NONNEG",
-           "FINITE", "UNIT", "LR", "MAX_LR", "IMAGE_SUFFIXES", "check_output_file", "check_output_folder",
-           "check_mask"]
+__all__ = [
+    "check_number",
+    "check_budget",
+    "check_training_state",
+    "number_arg",
+    "check_finite_tensor",
+    "POS_INT",
+    "NONNEG_INT",
+    "SEED",
+    "POSITIVE",
+    "NONNEG",
+    "FINITE",
+    "UNIT",
+    "LR",
+    "MAX_LR",
+    "IMAGE_SUFFIXES",
+    "check_output_file",
+    "check_output_folder",
+    "check_mask",
+]
 
 
 def _describe(lo, hi, lo_open: bool, hi_open: bool, integer: bool) -> str:
@@ -31,8 +48,16 @@ def _describe(lo, hi, lo_open: bool, hi_open: bool, integer: bool) -> str:
     return kind
 
 
-def check_number(name: str, value, *, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
-                 hi_open: bool = False, integer: bool = False):
+def check_number(
+    name: str,
+    value,
+    *,
+    lo: float | None = None,
+    hi: float | None = None,
+    lo_open: bool = False,
+    hi_open: bool = False,
+    integer: bool = False,
+):
     """`value` if it is a finite real number (an int when `integer`) within the bounds; else a
     ValueError that names `name`, the value and what is allowed."""
     want = _describe(lo, hi, lo_open, hi_open, integer)
@@ -49,8 +74,14 @@ def check_number(name: str, value, *, lo: float | None = None, hi: float | None 
     return value
 
 
-def number_arg(*, lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False,
-               integer: bool = False):
+def number_arg(
+    *,
+    lo: float | None = None,
+    hi: float | None = None,
+    lo_open: bool = False,
+    hi_open: bool = False,
+    integer: bool = False,
+):
     """An argparse `type=`: parses an int or float and applies `check_number`'s bounds; a bad
     value makes argparse print one error line and exit 2."""
     want = _describe(lo, hi, lo_open, hi_open, integer)
@@ -118,16 +149,25 @@ def check_training_state(step: int, loss: float, params, hint: str = "") -> None
     norms = torch._foreach_norm([p.detach() for p in params])
     if not bool(torch.isfinite(torch.stack([n.float() for n in norms])).all()):
         bad = next(i for i, n in enumerate(norms) if not torch.isfinite(n))
-        raise FloatingPointError(f"the weights became NaN/inf after the optimizer step {step} (tensor {bad} of "
-                                 f"{len(params)}, shape {tuple(params[bad].shape)}){'; ' + hint if hint else ''}")
+        raise FloatingPointError(
+            f"the weights became NaN/inf after the optimizer step {step} (tensor {bad} of "
+            f"{len(params)}, shape {tuple(params[bad].shape)}){'; ' + hint if hint else ''}"
+        )
 
 
 # --------------------------------------------------------------------------------------------
 # Output paths, checked before the work that fills them
 # --------------------------------------------------------------------------------------------
 
-IMAGE_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF",
-                  ".webp": "WEBP"}
+IMAGE_SUFFIXES = {
+    ".png": "PNG",
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".bmp": "BMP",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+    ".webp": "WEBP",
+}
 
 
 def _nearest_existing(path):
@@ -162,8 +202,10 @@ def check_output_file(path, suffixes=IMAGE_SUFFIXES, what: str = "output"):
 
     path = Path(path)
     if path.suffix.lower() not in suffixes:
-        raise ValueError(f"{what} {path}: unknown file type {path.suffix or '(no extension)'!r}; use one of "
-                         f"{', '.join(sorted(suffixes))}")
+        raise ValueError(
+            f"{what} {path}: unknown file type {path.suffix or '(no extension)'!r}; use one of "
+            f"{', '.join(sorted(suffixes))}"
+        )
     if path.is_dir():
         raise ValueError(f"{what} {path} is a folder; give a file name")
     _probe_writable(_nearest_existing(path.parent), f"{what} {path}")
@@ -186,10 +228,16 @@ def check_mask(mask, x, name: str):
     naming `name` and what is wrong otherwise."""
     import torch
 
-    if mask.ndim != x.ndim or mask.shape[-2:] != x.shape[-2:] or mask.shape[0] not in (1, x.shape[0]) \
-            or mask.shape[1] not in (1, x.shape[1]):
-        raise ValueError(f"{name} of shape {tuple(mask.shape)} does not fit images of shape {tuple(x.shape)}: "
-                         f"expected (N|1, 1|C, H, W)")
+    if (
+        mask.ndim != x.ndim
+        or mask.shape[-2:] != x.shape[-2:]
+        or mask.shape[0] not in (1, x.shape[0])
+        or mask.shape[1] not in (1, x.shape[1])
+    ):
+        raise ValueError(
+            f"{name} of shape {tuple(mask.shape)} does not fit images of shape {tuple(x.shape)}: "
+            f"expected (N|1, 1|C, H, W)"
+        )
     if not torch.all((mask == 0) | (mask == 1)):
         bad = mask[(mask != 0) & (mask != 1)][0].item()
         raise ValueError(f"{name} must be binary (0/1); found value {bad}")

@@ -47,7 +47,7 @@ __all__ = [
 ]
 
 DATASETS = ("digits", "fashion_mnist", "shapes", "folder:PATH")
-SHAPES_TEST_START = 1 << 40          # shapes test items are indices 2^40.. of the same seed
+SHAPES_TEST_START = 1 << 40  # shapes test items are indices 2^40.. of the same seed
 
 
 @dataclass
@@ -67,8 +67,7 @@ class ImageData:
         if self.images.ndim != 4:
             raise ValueError(f"images must be (N, C, H, W), got {tuple(self.images.shape)}")
         n = len(self.images)
-        for what, v in (("labels", self.labels), ("captions", self.captions),
-                        ("masks", self.masks)):
+        for what, v in (("labels", self.labels), ("captions", self.captions), ("masks", self.masks)):
             if v is not None and len(v) != n:
                 raise ValueError(f"{len(v)} {what} for {n} images")
         for k, v in (self.attributes or {}).items():
@@ -98,8 +97,7 @@ class ImageData:
             labels=None if self.labels is None else self.labels[idx],
             captions=None if self.captions is None else [self.captions[i] for i in idx.tolist()],
             masks=None if self.masks is None else self.masks[idx],
-            attributes=None if self.attributes is None
-            else {k: v[idx] for k, v in self.attributes.items()},
+            attributes=None if self.attributes is None else {k: v[idx] for k, v in self.attributes.items()},
         )
 
 
@@ -128,19 +126,21 @@ def load_dataset(name: str, split: str = "train", **kw) -> ImageData:
         n = kw.pop("n", 10_000 if split == "train" else 2_000)
         start = 0 if split == "train" else SHAPES_TEST_START
         b = make_shapes(n, start=start, **kw)
-        return ImageData(b["images"], b["attributes"]["shape"], SHAPES, b["captions"],
-                         b["masks"], b["attributes"], name="shapes")
+        return ImageData(
+            b["images"], b["attributes"]["shape"], SHAPES, b["captions"], b["masks"], b["attributes"], name="shapes"
+        )
     if name.startswith("folder:"):
         from .folder import ImageFolder
 
-        path = name[len("folder:"):]
+        path = name[len("folder:") :]
         if split != "train":
             raise ValueError(f"a folder dataset has only split='train', got {split!r}")
         if "size" not in kw:
             raise ValueError(f"load_dataset({name!r}) needs size= (square side in pixels)")
         ds = ImageFolder(path, **kw)
-        return ImageData(ds.images, ds.labels, tuple(ds.class_names), name=name,
-                         meta={"paths": [str(p) for p in ds.paths]})
+        return ImageData(
+            ds.images, ds.labels, tuple(ds.class_names), name=name, meta={"paths": [str(p) for p in ds.paths]}
+        )
     raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
 
 
@@ -155,8 +155,9 @@ def steps_per_epoch(n: int, batch_size: int, drop_last: bool = True) -> int:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     spe = n // batch_size if drop_last else math.ceil(n / batch_size)
     if spe == 0:
-        raise ValueError(f"{n} items make no batch of {batch_size}"
-                         + (" with drop_last=True" if drop_last and n else ""))
+        raise ValueError(
+            f"{n} items make no batch of {batch_size}" + (" with drop_last=True" if drop_last and n else "")
+        )
     return spe
 
 
@@ -166,8 +167,7 @@ def _epoch_permutation(n: int, seed: int, epoch: int) -> Tensor:
     return torch.randperm(n, generator=g)
 
 
-def batch_indices(n: int, batch_size: int, seed: int, step: int,
-                  drop_last: bool = True) -> Tensor:
+def batch_indices(n: int, batch_size: int, seed: int, step: int, drop_last: bool = True) -> Tensor:
     """Indices (LongTensor) of batch number `step` (0-based, counted across epochs).
 
     Epoch e = step // steps_per_epoch shuffles with its own permutation seeded by hash(seed, e)
@@ -177,7 +177,7 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int,
         raise ValueError(f"step must be >= 0, got {step}")
     spe = steps_per_epoch(n, batch_size, drop_last)
     epoch, j = divmod(int(step), spe)
-    return _epoch_permutation(n, seed, epoch)[j * batch_size:(j + 1) * batch_size]
+    return _epoch_permutation(n, seed, epoch)[j * batch_size : (j + 1) * batch_size]
 
 
 def _flip_mask(seed: int, step: int, size: int) -> Tensor:
@@ -185,10 +185,16 @@ def _flip_mask(seed: int, step: int, size: int) -> Tensor:
     return torch.rand(size, generator=g) < 0.5
 
 
-def iterate_batches(data: ImageData | Tensor, batch_size: int,
-                    generator: torch.Generator | int, drop_last: bool = True,
-                    flip: bool = False, *, start_step: int = 0,
-                    epochs: int | None = None) -> Iterator[ImageData | Tensor]:
+def iterate_batches(
+    data: ImageData | Tensor,
+    batch_size: int,
+    generator: torch.Generator | int,
+    drop_last: bool = True,
+    flip: bool = False,
+    *,
+    start_step: int = 0,
+    epochs: int | None = None,
+) -> Iterator[ImageData | Tensor]:
     """Shuffled batches of `data` (ImageData -> ImageData batches, Tensor -> Tensor batches).
 
     `generator` is an int seed, or a torch.Generator from which one seed is drawn at the call.
@@ -202,10 +208,8 @@ def iterate_batches(data: ImageData | Tensor, batch_size: int,
         seed = generator
     else:
         raise TypeError(f"generator must be a torch.Generator or an int seed, got {generator!r}")
-    if flip and isinstance(data, ImageData) and (data.captions is not None
-                                                 or data.attributes is not None):
-        raise ValueError(f"flip=True would contradict the positional captions/attributes of "
-                         f"{data.name or 'this data'}")
+    if flip and isinstance(data, ImageData) and (data.captions is not None or data.attributes is not None):
+        raise ValueError(f"flip=True would contradict the positional captions/attributes of {data.name or 'this data'}")
     n = len(data)
     spe = steps_per_epoch(n, batch_size, drop_last)
     return _batches(data, batch_size, seed, drop_last, flip, int(start_step), spe, epochs)
@@ -218,16 +222,14 @@ def _batches(data, batch_size, seed, drop_last, flip, step, spe, epochs):
         epoch, j = divmod(step, spe)
         if epoch != perm_epoch:
             perm_epoch, perm = epoch, _epoch_permutation(n, seed, epoch)
-        idx = perm[j * batch_size:(j + 1) * batch_size]
+        idx = perm[j * batch_size : (j + 1) * batch_size]
         if isinstance(data, ImageData):
             batch = data.subset(idx)
             if flip:
                 m = _flip_mask(seed, step, len(idx))
-                batch.images = torch.where(m[:, None, None, None], batch.images.flip(-1),
-                                           batch.images)
+                batch.images = torch.where(m[:, None, None, None], batch.images.flip(-1), batch.images)
                 if batch.masks is not None:
-                    batch.masks = torch.where(m[:, None, None, None], batch.masks.flip(-1),
-                                              batch.masks)
+                    batch.masks = torch.where(m[:, None, None, None], batch.masks.flip(-1), batch.masks)
         else:
             batch = data[idx]
             if flip:

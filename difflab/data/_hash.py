@@ -31,8 +31,7 @@ def _u64(v) -> np.ndarray:
     a = np.asarray(v)
     if a.dtype.kind not in "iu":
         raise TypeError(f"expected integers, got dtype {a.dtype}")
-    return np.atleast_1d(a.astype(np.int64).view(np.uint64) if a.dtype.kind == "i" else
-                         a.astype(np.uint64))
+    return np.atleast_1d(a.astype(np.int64).view(np.uint64) if a.dtype.kind == "i" else a.astype(np.uint64))
 
 
 def mix(*parts) -> np.ndarray:

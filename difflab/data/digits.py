@@ -31,15 +31,14 @@ def _raw() -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits as sk_load_digits
 
     d = sk_load_digits()
-    images = d.images.astype(np.float32)                      # (1797, 8, 8), 0..16
+    images = d.images.astype(np.float32)  # (1797, 8, 8), 0..16
     labels = d.target.astype(np.int64)
     images.setflags(write=False)
     labels.setflags(write=False)
     return images, labels
 
 
-def digits_split(labels: Tensor, seed: int = 0,
-                 test_fraction: float = 0.2) -> tuple[Tensor, Tensor]:
+def digits_split(labels: Tensor, seed: int = 0, test_fraction: float = 0.2) -> tuple[Tensor, Tensor]:
     """Stratified split of indices (train, test), each sorted; deterministic given seed."""
     if not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
@@ -54,19 +53,20 @@ def digits_split(labels: Tensor, seed: int = 0,
     return torch.cat(train).sort().values, torch.cat(test).sort().values
 
 
-def load_digits(split: str = "train", *, size: int = 16, seed: int = 0,
-                test_fraction: float = 0.2) -> tuple[Tensor, Tensor]:
+def load_digits(
+    split: str = "train", *, size: int = 16, seed: int = 0, test_fraction: float = 0.2
+) -> tuple[Tensor, Tensor]:
     """Digits images (N,1,size,size) float32 in [-1,1] and labels (N,) int64 in 0..9."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; known: {SPLITS}")
     if int(size) != size or size < 8:
         raise ValueError(f"size must be an integer >= 8, got {size!r}")
     images, labels = _raw()
-    x = torch.from_numpy(images.copy()).unsqueeze(1)           # (1797, 1, 8, 8)
+    x = torch.from_numpy(images.copy()).unsqueeze(1)  # (1797, 1, 8, 8)
     y = torch.from_numpy(labels.copy())
     if size != 8:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    x = x.div_(8.0).sub_(1.0)                                   # 0..16 -> [-1, 1]
+    x = x.div_(8.0).sub_(1.0)  # 0..16 -> [-1, 1]
     if split != "all":
         train, test = digits_split(y, seed, test_fraction)
         idx = train if split == "train" else test

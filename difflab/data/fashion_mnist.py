@@ -32,13 +32,21 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["CLASS_NAMES", "DEFAULT_ROOT", "ENV_VAR", "FILES", "INSTALL_COMMAND", "read_idx", "fashion_mnist_root",
-           "fashion_mnist_available", "load_fashion_mnist"]
+__all__ = [
+    "CLASS_NAMES",
+    "DEFAULT_ROOT",
+    "ENV_VAR",
+    "FILES",
+    "INSTALL_COMMAND",
+    "read_idx",
+    "fashion_mnist_root",
+    "fashion_mnist_available",
+    "load_fashion_mnist",
+]
 
 DEFAULT_ROOT = Path("/usr/share/datasets/fashion-mnist")
 ENV_VAR = "DIFFLAB_FASHION_MNIST"
-CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
-               "Sneaker", "Bag", "Ankle boot")
+CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -47,8 +55,14 @@ COUNTS = {"train": 60000, "test": 10000}
 INSTALL_COMMAND = "apt-get update && apt-get install -y dataset-fashion-mnist"
 
 # idx type codes (third byte of the magic number) -> numpy big-endian dtype
-_IDX_DTYPES = {0x08: np.dtype(">u1"), 0x09: np.dtype(">i1"), 0x0B: np.dtype(">i2"),
-               0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+_IDX_DTYPES = {
+    0x08: np.dtype(">u1"),
+    0x09: np.dtype(">i1"),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
@@ -57,7 +71,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     Raises ValueError naming the file if it is truncated, corrupt or not idx."""
     path = Path(path)
     raw = path.read_bytes()
-    if raw[:2] == b"\x1f\x8b":                                # gzip magic
+    if raw[:2] == b"\x1f\x8b":  # gzip magic
         try:
             raw = gzip.decompress(raw)
         except (OSError, EOFError, zlib.error) as e:
@@ -74,8 +88,10 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     dtype = _IDX_DTYPES[code]
     expected = header + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if len(raw) != expected:
-        raise ValueError(f"{path}: idx header declares shape {shape} ({expected} bytes) but the "
-                         f"file holds {len(raw)} bytes (truncated or corrupt)")
+        raise ValueError(
+            f"{path}: idx header declares shape {shape} ({expected} bytes) but the "
+            f"file holds {len(raw)} bytes (truncated or corrupt)"
+        )
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
 
 
@@ -104,7 +120,8 @@ def _find(root: Path, stem: str) -> Path:
     raise FileNotFoundError(
         f"Fashion-MNIST file {root / (stem + '.gz')} not found. Install the Debian package with "
         f"`{INSTALL_COMMAND}` (files go to {DEFAULT_ROOT}), or point root= or ${ENV_VAR} at a folder "
-        f"holding {stem}.gz")
+        f"holding {stem}.gz"
+    )
 
 
 def fashion_mnist_available(root: str | os.PathLike | None = None) -> bool:
@@ -119,9 +136,9 @@ def fashion_mnist_available(root: str | os.PathLike | None = None) -> bool:
     return True
 
 
-def load_fashion_mnist(split: str = "train", *, root: str | os.PathLike | None = None,
-                       pad_to: int | None = None,
-                       check_counts: bool = True) -> tuple[Tensor, Tensor]:
+def load_fashion_mnist(
+    split: str = "train", *, root: str | os.PathLike | None = None, pad_to: int | None = None, check_counts: bool = True
+) -> tuple[Tensor, Tensor]:
     """Images (N,1,S,S) float32 in [-1,1] (S = 28, or `pad_to` with background -1) and labels
     (N,) int64 in 0..9. `check_counts=False` accepts other counts (for small test files)."""
     if split not in FILES:
@@ -130,17 +147,13 @@ def load_fashion_mnist(split: str = "train", *, root: str | os.PathLike | None =
     img_path, lbl_path = (_find(folder, stem) for stem in FILES[split])
     images, labels = _read(img_path), _read(lbl_path)
     if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28):
-        raise ValueError(f"{img_path}: expected uint8 images of shape (N, 28, 28), "
-                         f"got {images.dtype} {images.shape}")
+        raise ValueError(f"{img_path}: expected uint8 images of shape (N, 28, 28), got {images.dtype} {images.shape}")
     if labels.dtype != np.uint8 or labels.ndim != 1:
-        raise ValueError(f"{lbl_path}: expected uint8 labels of shape (N,), "
-                         f"got {labels.dtype} {labels.shape}")
+        raise ValueError(f"{lbl_path}: expected uint8 labels of shape (N,), got {labels.dtype} {labels.shape}")
     if len(images) != len(labels):
-        raise ValueError(f"{img_path} holds {len(images)} images but {lbl_path} holds "
-                         f"{len(labels)} labels")
+        raise ValueError(f"{img_path} holds {len(images)} images but {lbl_path} holds {len(labels)} labels")
     if check_counts and len(images) != COUNTS[split]:
-        raise ValueError(f"{img_path}: expected {COUNTS[split]} {split} images, "
-                         f"found {len(images)}")
+        raise ValueError(f"{img_path}: expected {COUNTS[split]} {split} images, found {len(images)}")
     if labels.size and labels.max() > 9:
         raise ValueError(f"{lbl_path}: label {int(labels.max())} outside 0..9")
     if pad_to is not None:
@@ -149,6 +162,6 @@ def load_fashion_mnist(split: str = "train", *, root: str | os.PathLike | None =
         before = (pad_to - 28) // 2
         after = pad_to - 28 - before
         images = np.pad(images, ((0, 0), (before, after), (before, after)))  # 0 -> -1 below
-    x = torch.from_numpy(images.astype(np.float32)).unsqueeze(1)             # (N, 1, S, S)
+    x = torch.from_numpy(images.astype(np.float32)).unsqueeze(1)  # (N, 1, S, S)
     x = x.div_(127.5).sub_(1.0)
     return x, torch.from_numpy(labels.astype(np.int64))

@@ -40,8 +40,10 @@ def list_images(root: str | os.PathLike) -> tuple[list[Path], list[int] | None, 
     classes = [(d, sorted(p for p in d.rglob("*") if _is_image(p))) for d in subdirs]
     classes = [(d, files) for d, files in classes if files]
     if top and classes:
-        raise ValueError(f"{root} holds images both directly ({top[0].name}, ...) and in class "
-                         f"subfolders ({classes[0][0].name}/, ...); use one layout")
+        raise ValueError(
+            f"{root} holds images both directly ({top[0].name}, ...) and in class "
+            f"subfolders ({classes[0][0].name}/, ...); use one layout"
+        )
     if top:
         return top, None, []
     if classes:
@@ -61,8 +63,7 @@ class ImageFolder(torch.utils.data.Dataset):
         self.paths, labels, self.class_names = list_images(self.root)
         # load_image raises ValueError / FileNotFoundError naming the offending file
         self.images: Tensor = torch.stack([load_image(p, size, channels) for p in self.paths])
-        self.labels: Tensor | None = (None if labels is None
-                                      else torch.tensor(labels, dtype=torch.int64))
+        self.labels: Tensor | None = None if labels is None else torch.tensor(labels, dtype=torch.int64)
 
     def __len__(self) -> int:
         return len(self.paths)

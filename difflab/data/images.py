@@ -23,8 +23,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 from torch import Tensor
 
-__all__ = ["IMAGE_EXTENSIONS", "to_uint8", "grid_size", "save_image_grid", "load_image",
-           "load_mask"]
+__all__ = ["IMAGE_EXTENSIONS", "to_uint8", "grid_size", "save_image_grid", "load_image", "load_mask"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -42,7 +41,7 @@ def to_uint8(images: Tensor) -> Tensor:
 def _font(px: int) -> ImageFont.ImageFont:
     try:
         return ImageFont.load_default(size=px)
-    except (TypeError, ValueError, OSError):                  # no FreeType: the bitmap font
+    except (TypeError, ValueError, OSError):  # no FreeType: the bitmap font
         return ImageFont.load_default()
 
 
@@ -69,19 +68,26 @@ def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int, max_lines: int
     return [_fit(draw, line, font, width) for line in lines] or [""]
 
 
-def grid_size(n: int, height: int, width: int, nrow: int | None = None, padding: int = 2,
-              scale: int = 1, label_height: int = 0) -> tuple[int, int]:
+def grid_size(
+    n: int, height: int, width: int, nrow: int | None = None, padding: int = 2, scale: int = 1, label_height: int = 0
+) -> tuple[int, int]:
     """(width, height) in pixels of the PNG that `save_image_grid` writes."""
     ncol = nrow or math.ceil(math.sqrt(n))
     rows = math.ceil(n / ncol)
-    return (ncol * (width * scale + padding) + padding,
-            rows * (height * scale + label_height + padding) + padding)
+    return (ncol * (width * scale + padding) + padding, rows * (height * scale + label_height + padding) + padding)
 
 
-def save_image_grid(images: Tensor, path: str | os.PathLike, nrow: int | None = None,
-                    labels: Sequence[str] | None = None, *, padding: int = 2,
-                    scale: int | None = None, pad_value: int = 255,
-                    label_lines: int = 3) -> Image.Image:
+def save_image_grid(
+    images: Tensor,
+    path: str | os.PathLike,
+    nrow: int | None = None,
+    labels: Sequence[str] | None = None,
+    *,
+    padding: int = 2,
+    scale: int | None = None,
+    pad_value: int = 255,
+    label_lines: int = 3,
+) -> Image.Image:
     """Write images (N, C, H, W) in [-1, 1] (C = 1 or 3) as one grid and return it; the file type
     follows the suffix (.png, .jpg, .webp, ...; another is a ValueError).
 
@@ -114,7 +120,7 @@ def save_image_grid(images: Tensor, path: str | os.PathLike, nrow: int | None = 
     mode = "L" if c == 1 else "RGB"
     fill = pad_value if c == 1 else (pad_value,) * 3
     canvas = Image.new(mode, (gw, gh), fill)
-    pixels = to_uint8(images).permute(0, 2, 3, 1).numpy()           # (N, H, W, C)
+    pixels = to_uint8(images).permute(0, 2, 3, 1).numpy()  # (N, H, W, C)
     draw = ImageDraw.Draw(canvas)
     ink = 0 if pad_value >= 128 else 255
     for i in range(n):
@@ -126,15 +132,16 @@ def save_image_grid(images: Tensor, path: str | os.PathLike, nrow: int | None = 
             tile = tile.resize((w * scale, h * scale), Image.Resampling.NEAREST)
         canvas.paste(tile, (x0, y0))
         for k, line in enumerate(wrapped[i] if labels is not None else ()):
-            draw.text((x0, y0 + h * scale + 1 + k * line_h), line,
-                      fill=ink if c == 1 else (ink,) * 3, font=font)
+            draw.text((x0, y0 + h * scale + 1 + k * line_h), line, fill=ink if c == 1 else (ink,) * 3, font=font)
     from difflab.core.validation import IMAGE_SUFFIXES
 
     path = Path(path)
     fmt = IMAGE_SUFFIXES.get(path.suffix.lower())
     if fmt is None:
-        raise ValueError(f"{path}: unknown image file type {path.suffix or '(no extension)'!r}; use one of "
-                         f"{', '.join(sorted(IMAGE_SUFFIXES))}")
+        raise ValueError(
+            f"{path}: unknown image file type {path.suffix or '(no extension)'!r}; use one of "
+            f"{', '.join(sorted(IMAGE_SUFFIXES))}"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path, format=fmt, **({"quality": 95} if fmt in ("JPEG", "WEBP") else {}))
     return canvas
@@ -152,8 +159,10 @@ MAX_IMAGE_PIXELS = 4096 * 4096
 
 def _too_large(path, w: int | None = None, h: int | None = None) -> ValueError:
     size = f"{w} x {h} = {w * h:,} pixels" if w else f"more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels"
-    return ValueError(f"image {path} is {size}, more than difflab reads ({MAX_IMAGE_PIXELS:,}): a decompression "
-                      "bomb or a photo to resize first")
+    return ValueError(
+        f"image {path} is {size}, more than difflab reads ({MAX_IMAGE_PIXELS:,}): a decompression "
+        "bomb or a photo to resize first"
+    )
 
 
 def image_header(path: str | os.PathLike) -> tuple[int, int, str]:
@@ -186,8 +195,9 @@ def _open(path: Path) -> Image.Image:
         raise ValueError(f"cannot read image {path}: {e}") from None
 
 
-def _resize_crop(im: Image.Image, size: int | None,
-                 resample: Image.Resampling = Image.Resampling.BICUBIC) -> Image.Image:
+def _resize_crop(
+    im: Image.Image, size: int | None, resample: Image.Resampling = Image.Resampling.BICUBIC
+) -> Image.Image:
     """Shorter side -> size (antialiased `resample`), then the centred size x size crop."""
     if size is None:
         return im
@@ -224,26 +234,29 @@ def load_image(path: str | os.PathLike, size: int | None = None, channels: int =
     a = np.asarray(im, dtype=np.float32)
     if channels == 1:
         a = a[:, :, None]
-    x = torch.from_numpy(a.copy()).permute(2, 0, 1)                 # (C, H, W)
+    x = torch.from_numpy(a.copy()).permute(2, 0, 1)  # (C, H, W)
     return x.div_(127.5).sub_(1.0).contiguous()
 
 
-def load_mask(path: str | os.PathLike, size: int | None = None, *, strict: bool = False,
-              threshold: int = 128) -> Tensor:
+def load_mask(
+    path: str | os.PathLike, size: int | None = None, *, strict: bool = False, threshold: int = 128
+) -> Tensor:
     """A mask image -> (1, H, W) float32 in {0, 1}: 1 where the (grey) value >= threshold.
 
     Resized like `load_image` (bilinear on grey values, then thresholded). `strict`: raise if
     more than 1% of the file's pixels are neither near-black (< 32) nor near-white (> 223)."""
     path = Path(path)
     im = _open(path)
-    grey = im.convert("L")                                         # alpha is ignored
+    grey = im.convert("L")  # alpha is ignored
     if strict:
         g = np.asarray(grey)
         grey_frac = float(((g >= 32) & (g <= 223)).mean())
         if grey_frac > 0.01:
-            raise ValueError(f"mask {path} is not binary: {grey_frac:.1%} of its pixels are "
-                             "grey (32..223); use strict=False to threshold it at "
-                             f"{threshold}")
+            raise ValueError(
+                f"mask {path} is not binary: {grey_frac:.1%} of its pixels are "
+                "grey (32..223); use strict=False to threshold it at "
+                f"{threshold}"
+            )
     grey = _resize_crop(grey, size, Image.Resampling.BILINEAR)
     m = np.asarray(grey) >= threshold
     return torch.from_numpy(m[None].astype(np.float32))

@@ -92,11 +92,15 @@ BACKGROUND_RGB: dict[str, tuple[float, float, float]] = {
 
 # Half-extent of each size and centre of each position, as fractions of the image width.
 _RADIUS = {"small": 0.13, "large": 0.22}
-_CENTRE = {"left": (0.25, 0.5), "right": (0.75, 0.5), "top": (0.5, 0.25), "bottom": (0.5, 0.75),
-           "center": (0.5, 0.5)}
+_CENTRE = {"left": (0.25, 0.5), "right": (0.75, 0.5), "top": (0.5, 0.25), "bottom": (0.5, 0.75), "center": (0.5, 0.5)}
 _OPPOSITE = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
-_WHERE = {"left": "on the left", "right": "on the right", "top": "at the top",
-          "bottom": "at the bottom", "center": "in the center"}
+_WHERE = {
+    "left": "on the left",
+    "right": "on the right",
+    "top": "at the top",
+    "bottom": "at the bottom",
+    "center": "in the center",
+}
 
 TEMPLATES = (
     "{objects}",
@@ -105,7 +109,7 @@ TEMPLATES = (
     "an image of {objects} on a {background} background",
 )
 
-_RGB = np.array([COLOR_RGB[c] for c in COLORS], dtype=np.float32)          # (6, 3)
+_RGB = np.array([COLOR_RGB[c] for c in COLORS], dtype=np.float32)  # (6, 3)
 _BG_RGB = np.array([BACKGROUND_RGB[b] for b in BACKGROUNDS], dtype=np.float32)  # (2, 3)
 _OPP_INDEX = np.array([POSITIONS.index(_OPPOSITE.get(p, p)) for p in POSITIONS])
 _KEYS_1 = ("shape", "color", "size", "position", "background")
@@ -121,26 +125,26 @@ def _inside(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
     """Boolean mask of points (dx, dy) (offsets from the centre, y down) inside the shape."""
     if shape == "circle":
         return dx * dx + dy * dy <= r * r
-    if shape == "square":                      # half side 0.85 r: area close to the circle's
+    if shape == "square":  # half side 0.85 r: area close to the circle's
         a = 0.85 * r
         return (np.abs(dx) <= a) & (np.abs(dy) <= a)
-    if shape == "triangle":                    # equilateral, apex up, bounding box centred
+    if shape == "triangle":  # equilateral, apex up, bounding box centred
         h = math.sqrt(3.0) * r
-        depth = dy + h / 2                     # distance below the apex
+        depth = dy + h / 2  # distance below the apex
         return (depth >= 0) & (depth <= h) & (np.abs(dx) * h <= r * depth)
-    if shape == "cross":                       # a plus sign: arms 0.95 r long, 0.32 r half-thick
+    if shape == "cross":  # a plus sign: arms 0.95 r long, 0.32 r half-thick
         a, t = 0.95 * r, 0.32 * r
         ax, ay = np.abs(dx), np.abs(dy)
         return ((ax <= a) & (ay <= t)) | ((ax <= t) & (ay <= a))
-    if shape == "star":                        # five points, one up; inner/outer radius 0.45
+    if shape == "star":  # five points, one up; inner/outer radius 0.45
         outer, inner = 1.1 * r, 0.45 * 1.1 * r
-        phi = np.arctan2(dy, dx) + math.pi / 2                     # 0 at the top point
+        phi = np.arctan2(dy, dx) + math.pi / 2  # 0 at the top point
         sector = 2 * math.pi / 5
         a = np.mod(phi, sector)
-        a = np.minimum(a, sector - a)                              # fold onto [0, 36 deg]
+        a = np.minimum(a, sector - a)  # fold onto [0, 36 deg]
         rho = np.hypot(dx, dy)
-        px, py = rho * np.cos(a), rho * np.sin(a)                  # folded point
-        vx, vy = outer, 0.0                                        # outer vertex
+        px, py = rho * np.cos(a), rho * np.sin(a)  # folded point
+        vx, vy = outer, 0.0  # outer vertex
         wx, wy = inner * math.cos(sector / 2), inner * math.sin(sector / 2)  # inner vertex
         # inside iff on the same side of the edge v->w as the origin
         cross = (wx - vx) * (py - vy) - (wy - vy) * (px - vx)
@@ -155,9 +159,9 @@ def _coverage(shape: int, size: int, position: int, res: int, ss: int) -> np.nda
     cx, cy = _CENTRE[POSITIONS[position]]
     dx = (u - cx)[None, :]
     dy = (u - cy)[:, None]
-    inside = _inside(SHAPES[shape], dx, dy, _RADIUS[SIZES[size]])      # (res*ss, res*ss)
+    inside = _inside(SHAPES[shape], dx, dy, _RADIUS[SIZES[size]])  # (res*ss, res*ss)
     inside = np.broadcast_to(inside, (res * ss, res * ss))
-    cov = inside.reshape(res, ss, res, ss).mean(axis=(1, 3))           # (res, res)
+    cov = inside.reshape(res, ss, res, ss).mean(axis=(1, 3))  # (res, res)
     return cov.astype(np.float32)
 
 
@@ -181,7 +185,7 @@ def _composite(bg: np.ndarray, layers: Sequence[tuple[np.ndarray, np.ndarray]]) 
     n, h, w = cov0.shape
     x = np.broadcast_to(bg[:, :, None, None], (n, 3, h, w)).astype(np.float32)
     for cov, rgb in layers:
-        c = cov[:, None]                                                # (N, 1, H, W)
+        c = cov[:, None]  # (N, 1, H, W)
         x = x * (1 - c) + rgb[:, :, None, None] * c
     return x
 
@@ -208,8 +212,9 @@ def encode_attributes(attrs: Mapping[str, Any]) -> dict[str, int]:
     (default "dark"), template (default 0), and shape2/color2/size2 for a second object."""
     unknown = set(attrs) - set(_KEYS_1) - {"template", "shape2", "color2", "size2", "position2"}
     if unknown:
-        raise ValueError(f"unknown attribute keys {sorted(unknown)}; known: {list(_KEYS_1)}, "
-                         "template, shape2, color2, size2")
+        raise ValueError(
+            f"unknown attribute keys {sorted(unknown)}; known: {list(_KEYS_1)}, template, shape2, color2, size2"
+        )
     missing = [k for k in _OBJ_KEYS if k not in attrs]
     if missing:
         raise ValueError(f"attributes {dict(attrs)} lack {missing}")
@@ -225,8 +230,7 @@ def encode_attributes(attrs: Mapping[str, Any]) -> dict[str, int]:
             raise ValueError(f"a second object needs shape2, color2 and size2; got {second}")
         pos = POSITIONS[out["position"]]
         if pos not in _OPPOSITE:
-            raise ValueError("with two objects the first must be left, right, top or bottom, "
-                             f"got {pos!r}")
+            raise ValueError(f"with two objects the first must be left, right, top or bottom, got {pos!r}")
         for k in second:
             out[k] = _encode_one(k[:-1], attrs[k])
         out["position2"] = POSITIONS.index(_OPPOSITE[pos])
@@ -256,8 +260,7 @@ def caption_for(attrs: Mapping[str, Any], template: int | None = None) -> str:
     return TEMPLATES[t].format(objects=objects, background=BACKGROUNDS[a["background"]])
 
 
-_WORD_TO = {w: (k, i) for k, vocab in ATTRIBUTES.items() if k != "position"
-            for i, w in enumerate(vocab)}
+_WORD_TO = {w: (k, i) for k, vocab in ATTRIBUTES.items() if k != "position" for i, w in enumerate(vocab)}
 _WORD_TO.update({w: ("position", i) for i, w in enumerate(POSITIONS)})
 
 
@@ -302,8 +305,9 @@ def _excluded(attrs: dict[str, np.ndarray], exclude: Sequence[Mapping[str, Any]]
     return bad
 
 
-def sample_attributes(n: int, seed: int = 0, *, start: int = 0, objects: int = 1,
-                      exclude: Sequence[Mapping[str, Any]] = ()) -> dict[str, np.ndarray]:
+def sample_attributes(
+    n: int, seed: int = 0, *, start: int = 0, objects: int = 1, exclude: Sequence[Mapping[str, Any]] = ()
+) -> dict[str, np.ndarray]:
     """Attributes of items start..start+n-1: int64 arrays keyed like `encode_attributes`.
 
     Item i depends only on (seed, i, objects): attribute k is hash(seed, i, attempt, k) mod its
@@ -336,7 +340,7 @@ def _draw_keys(objects: int) -> tuple[str, ...]:
 
 
 def _draw(seed: int, idx: np.ndarray, attempt: int, objects: int) -> dict[str, np.ndarray]:
-    key = mix(seed, objects, idx, attempt)                                 # (N,) uint64
+    key = mix(seed, objects, idx, attempt)  # (N,) uint64
     sizes = {k: len(v) for k, v in ATTRIBUTES.items()}
     sizes["template"] = len(TEMPLATES)
     out = {}
@@ -384,11 +388,9 @@ def render(attrs: Mapping[str, Any], size: int = 32, *, return_mask: bool = Fals
     _check_size(size)
     a = encode_attributes(attrs)
     ss = _supersample(size)
-    layers = [(_coverage(a["shape"], a["size"], a["position"], size, ss)[None],
-               _RGB[[a["color"]]])]
+    layers = [(_coverage(a["shape"], a["size"], a["position"], size, ss)[None], _RGB[[a["color"]]])]
     if "shape2" in a:
-        layers.append((_coverage(a["shape2"], a["size2"], a["position2"], size, ss)[None],
-                       _RGB[[a["color2"]]]))
+        layers.append((_coverage(a["shape2"], a["size2"], a["position2"], size, ss)[None], _RGB[[a["color2"]]]))
     x = _to_torch(_composite(_BG_RGB[[a["background"]]], layers))[0]
     if not return_mask:
         return x
@@ -403,15 +405,26 @@ def _check_size(size: int) -> None:
         raise ValueError(f"size must be an integer >= 8, got {size!r}")
 
 
-def make_shapes(n: int, seed: int = 0, size: int = 32, *, start: int = 0, objects: int = 1,
-                exclude: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
+def make_shapes(
+    n: int,
+    seed: int = 0,
+    size: int = 32,
+    *,
+    start: int = 0,
+    objects: int = 1,
+    exclude: Sequence[Mapping[str, Any]] = (),
+) -> dict[str, Any]:
     """n shapes images at once: {"images": (n,3,H,W), "masks": (n,1,H,W), "captions": [str],
     "attributes": {key: int64 (n,)}}; item i equals ``ShapesDataset(..., seed)[start + i]``."""
     attrs = sample_attributes(n, seed, start=start, objects=objects, exclude=exclude)
     images, masks = render_batch(attrs, size)
     captions = _captions(attrs)
-    return {"images": images, "masks": masks, "captions": captions,
-            "attributes": {k: torch.from_numpy(v) for k, v in attrs.items()}}
+    return {
+        "images": images,
+        "masks": masks,
+        "captions": captions,
+        "attributes": {k: torch.from_numpy(v) for k, v in attrs.items()},
+    }
 
 
 def _captions(attrs: Mapping[str, np.ndarray]) -> list[str]:
@@ -429,14 +442,21 @@ class ShapesDataset(torch.utils.data.Dataset):
     """`n` seeded shapes images; item i is a dict: image (3,H,W) in [-1,1], caption, attributes
     (dict of ints), mask (1,H,W) in {0,1}. Items depend on (seed, start + i), not on n."""
 
-    def __init__(self, n: int, size: int = 32, seed: int = 0, *, start: int = 0,
-                 objects: int = 1, exclude: Sequence[Mapping[str, Any]] = ()):
+    def __init__(
+        self,
+        n: int,
+        size: int = 32,
+        seed: int = 0,
+        *,
+        start: int = 0,
+        objects: int = 1,
+        exclude: Sequence[Mapping[str, Any]] = (),
+    ):
         _check_size(size)
         self.n, self.size, self.seed, self.start = int(n), int(size), int(seed), int(start)
         self.objects = objects
         self.exclude = tuple(exclude)
-        self._attrs = sample_attributes(self.n, self.seed, start=self.start, objects=objects,
-                                        exclude=self.exclude)
+        self._attrs = sample_attributes(self.n, self.seed, start=self.start, objects=objects, exclude=self.exclude)
 
     def __len__(self) -> int:
         return self.n
@@ -450,5 +470,4 @@ class ShapesDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         attrs = self.attributes(i)
         image, mask = render_batch({k: [v] for k, v in attrs.items()}, self.size)
-        return {"image": image[0], "caption": caption_for(attrs), "attributes": attrs,
-                "mask": mask[0]}
+        return {"image": image[0], "caption": caption_for(attrs), "attributes": attrs, "mask": mask[0]}

@@ -63,10 +63,9 @@ F64 = torch.float64
 S0 = {"8gaussians": 0.1, "rings": 0.08, "moons": 0.1, "swiss_roll": 0.1, "checkerboard": 0.0}
 
 _G8_R = math.sqrt(2 * (1 - S0["8gaussians"] ** 2))
-_G8_MEANS = [(_G8_R * math.cos(2 * math.pi * k / 8), _G8_R * math.sin(2 * math.pi * k / 8))
-             for k in range(8)]
+_G8_MEANS = [(_G8_R * math.cos(2 * math.pi * k / 8), _G8_R * math.sin(2 * math.pi * k / 8)) for k in range(8)]
 
-_CB_CELL = math.sqrt(3) / 2                        # side of a square; board half-width sqrt(3)
+_CB_CELL = math.sqrt(3) / 2  # side of a square; board half-width sqrt(3)
 _CB_DARK = [(i, j) for i in range(4) for j in range(4) if (i + j) % 2 == 0]
 
 _RINGS_C = math.sqrt((1 - S0["rings"] ** 2) / 3.75)
@@ -83,8 +82,8 @@ def _swiss_roll_constants() -> tuple[float, tuple[float, float]]:
     """Scale k and mean of the raw swiss-roll curve (t cos t, t sin t), t ~ U[1.5 pi, 4.5 pi]."""
     nodes, weights = np.polynomial.legendre.leggauss(200)
     t = _SR_T0 + (nodes + 1) / 2 * (_SR_T1 - _SR_T0)
-    w = weights / 2                                               # uniform density x length
-    xy = np.stack([t * np.cos(t), t * np.sin(t)])                # (2, Q)
+    w = weights / 2  # uniform density x length
+    xy = np.stack([t * np.cos(t), t * np.sin(t)])  # (2, Q)
     mean = (xy * w).sum(1)
     var = (((xy - mean[:, None]) ** 2) * w).sum(1).mean()
     k = math.sqrt((1 - S0["swiss_roll"] ** 2) / var)
@@ -112,8 +111,9 @@ def _check_name(name: str) -> None:
 def _curve(name: str, t: Tensor, m: Tensor | None = None) -> Tensor:
     """Noise-free curve points (..., 2) at parameter t (and moon index m) for the curve toys."""
     if name == "swiss_roll":
-        return torch.stack([_SR_K * t * torch.cos(t) - _SR_K * _SR_MEAN[0],
-                            _SR_K * t * torch.sin(t) - _SR_K * _SR_MEAN[1]], -1)
+        return torch.stack(
+            [_SR_K * t * torch.cos(t) - _SR_K * _SR_MEAN[0], _SR_K * t * torch.sin(t) - _SR_K * _SR_MEAN[1]], -1
+        )
     if name == "moons":
         x = torch.where(m == 0, torch.cos(t), 1 - torch.cos(t)) - 0.5
         y = torch.where(m == 0, torch.sin(t), 0.5 - torch.sin(t)) - 0.25
@@ -121,8 +121,9 @@ def _curve(name: str, t: Tensor, m: Tensor | None = None) -> Tensor:
     raise AssertionError(name)
 
 
-def sample_toy(name: str, n: int, generator: torch.Generator | None = None,
-               dtype: torch.dtype = torch.float32) -> Tensor:
+def sample_toy(
+    name: str, n: int, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32
+) -> Tensor:
     """n samples (n, 2) of a toy distribution, drawn from `generator` (deterministic given it)."""
     _check_name(name)
     g = generator
@@ -132,7 +133,7 @@ def sample_toy(name: str, n: int, generator: torch.Generator | None = None,
         x0 = torch.tensor(_G8_MEANS, dtype=F64)[k]
     elif name == "checkerboard":
         i = torch.randint(0, 4, (n,), generator=g)
-        j = 2 * torch.randint(0, 2, (n,), generator=g) + i % 2        # i + j even
+        j = 2 * torch.randint(0, 2, (n,), generator=g) + i % 2  # i + j even
         u = torch.rand(n, 2, generator=g, dtype=F64)
         x0 = (torch.stack([i, j], -1).to(F64) + u - 2) * _CB_CELL
     elif name == "rings":
@@ -157,7 +158,7 @@ def sample_toy(name: str, n: int, generator: torch.Generator | None = None,
 
 def _log_ndtr_diff(lo: Tensor, hi: Tensor) -> Tensor:
     """log(Phi(hi) - Phi(lo)) for lo < hi, stable in both tails."""
-    flip = lo > 0                                   # Phi(hi) - Phi(lo) = Phi(-lo) - Phi(-hi)
+    flip = lo > 0  # Phi(hi) - Phi(lo) = Phi(-lo) - Phi(-hi)
     a = torch.where(flip, -hi, lo)
     b = torch.where(flip, -lo, hi)
     la, lb = torch.special.log_ndtr(a), torch.special.log_ndtr(b)
@@ -176,8 +177,7 @@ def _speed(name: str, t: np.ndarray) -> np.ndarray:
     return np.full_like(t, _MOONS_K)
 
 
-def _curve_nodes(name: str, s: float, width: float = 1.5,
-                 order: int = 12) -> tuple[Tensor, Tensor]:
+def _curve_nodes(name: str, s: float, width: float = 1.5, order: int = 12) -> tuple[Tensor, Tensor]:
     """Quadrature nodes on the curve (Q, 2) and log weights (Q,) that sum to 1 in probability.
 
     `order`-point Gauss-Legendre on panels of equal arc length <= width * s (the Gaussian's width
@@ -193,11 +193,11 @@ def _curve_nodes(name: str, s: float, width: float = 1.5,
         v = _speed(name, fine)
         arc = np.concatenate([[0.0], np.cumsum((v[1:] + v[:-1]) / 2 * np.diff(fine))])
         panels = max(8, math.ceil(arc[-1] / (width * s)))
-        edges = np.interp(np.linspace(0, arc[-1], panels + 1), arc, fine)    # equal arc length
+        edges = np.interp(np.linspace(0, arc[-1], panels + 1), arc, fine)  # equal arc length
         edges[0], edges[-1] = t0, t1
         half = np.diff(edges)[:, None] / 2
         t = (edges[:-1, None] + half * (gl_x[None] + 1)).reshape(-1)
-        w = (half * gl_w[None]).reshape(-1) / (t1 - t0) * mass    # uniform t, mixture mass
+        w = (half * gl_w[None]).reshape(-1) / (t1 - t0) * mass  # uniform t, mixture mass
         tt = torch.from_numpy(t)
         mm = None if m is None else torch.full_like(tt, m, dtype=torch.long)
         nodes.append(_curve(name, tt, mm))
@@ -205,19 +205,17 @@ def _curve_nodes(name: str, s: float, width: float = 1.5,
     return torch.cat(nodes), torch.cat(logw)
 
 
-def _curve_log_density(name: str, x: Tensor, s: float, chunk_elems: int = 1 << 21,
-                       **quad) -> Tensor:
+def _curve_log_density(name: str, x: Tensor, s: float, chunk_elems: int = 1 << 21, **quad) -> Tensor:
     """log E_t N(x; curve(t), s^2 I) by panel Gauss-Legendre quadrature, chunked over points."""
     nodes, logw = _curve_nodes(name, s, **quad)
     nodes, logw = nodes.to(x.device), logw.to(x.device)
     # log w_q - |x - c_q|^2 / 2s^2 = (log w_q - |c_q|^2 / 2s^2) + x.c_q / s^2 - |x|^2 / 2s^2
-    node_term = logw - nodes.pow(2).sum(-1) / (2 * s * s)           # (Q,)
+    node_term = logw - nodes.pow(2).sum(-1) / (2 * s * s)  # (Q,)
     rows = max(1, chunk_elems // len(nodes))
     out = []
     for xs in x.split(rows):
-        z = torch.addmm(node_term[None], xs, nodes.T, alpha=1 / (s * s))   # (M, Q)
-        out.append(torch.logsumexp(z, dim=1) - xs.pow(2).sum(-1) / (2 * s * s)
-                   - math.log(2 * math.pi * s * s))
+        z = torch.addmm(node_term[None], xs, nodes.T, alpha=1 / (s * s))  # (M, Q)
+        out.append(torch.logsumexp(z, dim=1) - xs.pow(2).sum(-1) / (2 * s * s) - math.log(2 * math.pi * s * s))
     return torch.cat(out) if out else x.new_zeros(0)
 
 
@@ -236,15 +234,14 @@ def toy_log_density(name: str, xy: Tensor, sigma: float = 0.0) -> Tensor:
     s2 = S0[name] ** 2 + float(sigma) ** 2
     if name == "8gaussians":
         means = torch.tensor(_G8_MEANS, dtype=F64, device=x.device)
-        d2 = (x[:, None, :] - means[None]).pow(2).sum(-1)           # (M, 8)
+        d2 = (x[:, None, :] - means[None]).pow(2).sum(-1)  # (M, 8)
         out = torch.logsumexp(_log_gauss2(d2, s2), dim=1) - math.log(8)
     elif name == "checkerboard":
         out = _checkerboard_log_density(x, math.sqrt(s2))
     elif name == "rings":
-        rho = x.norm(dim=1, keepdim=True)                            # (M, 1)
+        rho = x.norm(dim=1, keepdim=True)  # (M, 1)
         r = torch.tensor(_RINGS_R, dtype=F64, device=x.device)[None]  # (1, 4)
-        terms = (-(rho - r) ** 2 / (2 * s2) + torch.log(torch.special.i0e(rho * r / s2))
-                 - math.log(2 * math.pi * s2))
+        terms = -((rho - r) ** 2) / (2 * s2) + torch.log(torch.special.i0e(rho * r / s2)) - math.log(2 * math.pi * s2)
         out = torch.logsumexp(terms, dim=1) - math.log(4)
     else:
         out = _curve_log_density(name, x, math.sqrt(s2))
@@ -252,18 +249,17 @@ def toy_log_density(name: str, xy: Tensor, sigma: float = 0.0) -> Tensor:
 
 
 def _checkerboard_log_density(x: Tensor, s: float) -> Tensor:
-    cells = torch.tensor(_CB_DARK, dtype=F64, device=x.device)       # (8, 2)
-    lo = (cells - 2) * _CB_CELL                                      # (8, 2)
+    cells = torch.tensor(_CB_DARK, dtype=F64, device=x.device)  # (8, 2)
+    lo = (cells - 2) * _CB_CELL  # (8, 2)
     hi = lo + _CB_CELL
     log_norm = -math.log(8 * _CB_CELL**2)
     if s == 0:
-        xe = x[:, None, :]                                           # (M, 1, 2)
-        inside = ((xe >= lo) & (xe < hi)).all(-1).any(-1)            # (M,)
-        return torch.where(inside, torch.full_like(x[:, 0], log_norm),
-                           torch.full_like(x[:, 0], -math.inf))
-    zlo = (lo[None] - x[:, None, :]) / s                             # (M, 8, 2)
+        xe = x[:, None, :]  # (M, 1, 2)
+        inside = ((xe >= lo) & (xe < hi)).all(-1).any(-1)  # (M,)
+        return torch.where(inside, torch.full_like(x[:, 0], log_norm), torch.full_like(x[:, 0], -math.inf))
+    zlo = (lo[None] - x[:, None, :]) / s  # (M, 8, 2)
     zhi = (hi[None] - x[:, None, :]) / s
-    terms = _log_ndtr_diff(zlo, zhi).sum(-1)                         # (M, 8)
+    terms = _log_ndtr_diff(zlo, zhi).sum(-1)  # (M, 8)
     return torch.logsumexp(terms, dim=1) + log_norm
 
 
@@ -282,13 +278,17 @@ def toy_extent(name: str, sigma: float = 0.0) -> float:
     """Half-width L such that [-L, L]^2 holds all but ~1e-8 of the (noisy) toy's mass."""
     _check_name(name)
     s = math.sqrt(S0[name] ** 2 + sigma**2)
-    core = {"8gaussians": _G8_R, "checkerboard": math.sqrt(3), "rings": _RINGS_R[-1],
-            "moons": _MOONS_K * 1.5, "swiss_roll": _SR_K * (_SR_T1 + max(map(abs, _SR_MEAN)))}
+    core = {
+        "8gaussians": _G8_R,
+        "checkerboard": math.sqrt(3),
+        "rings": _RINGS_R[-1],
+        "moons": _MOONS_K * 1.5,
+        "swiss_roll": _SR_K * (_SR_T1 + max(map(abs, _SR_MEAN))),
+    }
     return core[name] + 6.5 * s
 
 
-def toy_entropy(name: str, n: int = 100_000, seed: int = 0,
-                sigma: float = 0.0) -> tuple[float, float]:
+def toy_entropy(name: str, n: int = 100_000, seed: int = 0, sigma: float = 0.0) -> tuple[float, float]:
     """Differential entropy H = -E log p(x) in nats by Monte Carlo with the exact density.
 
     Returns (estimate, standard error); checkerboard at sigma = 0 is exactly log 6 (se 0)."""

@@ -90,8 +90,10 @@ def _keep_mask(bias: Tensor, batch: int, heads: int, lq: int, lk: int) -> Tensor
     else:
         soft = (bias != 0) & (bias > _MASK_BIAS_MAX)
         if soft.any():
-            raise ValueError(f"attention mask value {bias[soft][0].item()} is neither 0 nor a large negative "
-                             "bias: difflab's attention takes boolean (keep / drop) masks only")
+            raise ValueError(
+                f"attention mask value {bias[soft][0].item()} is neither 0 nor a large negative "
+                "bias: difflab's attention takes boolean (keep / drop) masks only"
+            )
         keep = bias == 0
     if keep.shape[-1] != lk:
         raise ValueError(f"attention mask of shape {tuple(keep.shape)} does not fit {lk} keys")
@@ -104,8 +106,10 @@ def _keep_mask(bias: Tensor, batch: int, heads: int, lq: int, lk: int) -> Tensor
             return keep.reshape(batch, heads, keep.shape[1], lk)  # (B, heads, Lq|1, Lk)
     if keep.ndim == 4:
         return keep
-    raise ValueError(f"attention mask of shape {tuple(keep.shape)} does not fit batch {batch}, {heads} heads, "
-                     f"{lq} queries and {lk} keys")
+    raise ValueError(
+        f"attention mask of shape {tuple(keep.shape)} does not fit batch {batch}, {heads} heads, "
+        f"{lq} queries and {lk} keys"
+    )
 
 
 class DifflabAttnProcessor:
@@ -121,8 +125,16 @@ class DifflabAttnProcessor:
         self.name = ""
         self.hook: Any = None
 
-    def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
-                 attention_mask: Tensor | None = None, temb: Tensor | None = None, *args, **kwargs) -> Tensor:
+    def __call__(
+        self,
+        attn,
+        hidden_states: Tensor,
+        encoder_hidden_states: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        temb: Tensor | None = None,
+        *args,
+        **kwargs,
+    ) -> Tensor:
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -199,13 +211,16 @@ def install_attention_processors(unet: nn.Module) -> list[str]:
         unet.register_forward_pre_hook(remember_size, with_kwargs=True)
         unet._difflab_frame = frame
     layers = [(name, m) for name, m in unet.named_modules() if _is_diffusers_attention(m)]
-    unsupported = [(name, type(m.processor).__name__) for name, m in layers
-                   if type(m.processor).__name__ not in _PLAIN_PROCESSORS]
+    unsupported = [
+        (name, type(m.processor).__name__) for name, m in layers if type(m.processor).__name__ not in _PLAIN_PROCESSORS
+    ]
     if unsupported:
         name, kind = unsupported[0]
-        raise ValueError(f"attention layer {name!r} uses the diffusers processor {kind}, which difflab cannot "
-                         f"route through its hooks (supported: {', '.join(_PLAIN_PROCESSORS[:2])}); "
-                         f"{len(unsupported)} such layer(s)")
+        raise ValueError(
+            f"attention layer {name!r} uses the diffusers processor {kind}, which difflab cannot "
+            f"route through its hooks (supported: {', '.join(_PLAIN_PROCESSORS[:2])}); "
+            f"{len(unsupported)} such layer(s)"
+        )
     for _, module in layers:
         module.set_processor(DifflabAttnProcessor(frame))
     return [name for name, _ in layers]
@@ -257,8 +272,16 @@ class DiffusersUNet(nn.Module):
         size = self.unet.config.sample_size
         return int(size[0] if isinstance(size, (tuple, list)) else size)
 
-    def forward(self, x: Tensor, t: Tensor, *, class_labels: Tensor | None = None, context: Tensor | None = None,
-                context_mask: Tensor | None = None, x_cond: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        t: Tensor,
+        *,
+        class_labels: Tensor | None = None,
+        context: Tensor | None = None,
+        context_mask: Tensor | None = None,
+        x_cond: Tensor | None = None,
+    ) -> Tensor:
         """x (B, C, H, W), t (B,) -> the UNet's output (B, out_channels, H, W)."""
         if x.ndim != 4:
             raise ValueError(f"x must be (B, C, H, W), got shape {tuple(x.shape)}")
@@ -266,8 +289,10 @@ class DiffusersUNet(nn.Module):
         if x_cond is not None:
             x = torch.cat([x, x_cond.to(x.dtype)], dim=1)  # (B, C + C_cond, H, W)
         if x.shape[1] != self.in_channels:
-            raise ValueError(f"the diffusers UNet takes {self.in_channels} input channels, got {x.shape[1]}"
-                             + (" (x and x_cond together)" if x_cond is not None else ""))
+            raise ValueError(
+                f"the diffusers UNet takes {self.in_channels} input channels, got {x.shape[1]}"
+                + (" (x and x_cond together)" if x_cond is not None else "")
+            )
         t = torch.as_tensor(t, device=x.device)
         t = t.reshape(1).expand(x.shape[0]) if t.numel() == 1 else t
         kwargs: dict[str, Any] = {}
@@ -278,18 +303,22 @@ class DiffusersUNet(nn.Module):
             if labels.dtype.is_floating_point:
                 raise ValueError(f"class labels must be an integer tensor, got dtype {labels.dtype}")
             if (labels < 0).any():
-                raise ValueError(f"class label {labels[labels < 0][0].item()} is not valid for a diffusers UNet: "
-                                 "its class embedding has no null class (-1)")
+                raise ValueError(
+                    f"class label {labels[labels < 0][0].item()} is not valid for a diffusers UNet: "
+                    "its class embedding has no null class (-1)"
+                )
             kwargs["class_labels"] = labels
         if self.takes_context:
             if context is None:
-                raise ValueError(f"{type(self.unet).__name__} needs context (B, T, "
-                                 f"{self.unet.config.cross_attention_dim}) tokens")
+                raise ValueError(
+                    f"{type(self.unet).__name__} needs context (B, T, {self.unet.config.cross_attention_dim}) tokens"
+                )
             kwargs["encoder_hidden_states"] = context.to(dtype)
             if context_mask is not None:
                 if context_mask.shape != context.shape[:2]:
-                    raise ValueError(f"context_mask must have shape {tuple(context.shape[:2])}, "
-                                     f"got {tuple(context_mask.shape)}")
+                    raise ValueError(
+                        f"context_mask must have shape {tuple(context.shape[:2])}, got {tuple(context_mask.shape)}"
+                    )
                 kwargs["encoder_attention_mask"] = context_mask.to(dtype)  # diffusers: 1 = keep
         elif context is not None or context_mask is not None:
             raise ValueError(f"context given to {type(self.unet).__name__}, which has no cross-attention")
@@ -323,8 +352,10 @@ def schedule_from_diffusers(config: Mapping[str, Any] | None = None) -> Discrete
         return vp_scaled_linear(T, b0, b1)
     if kind == "squaredcos_cap_v2":
         return vp_cosine(T)
-    raise ValueError(f"unsupported diffusers beta_schedule {kind!r}; known: 'linear', 'scaled_linear', "
-                     "'squaredcos_cap_v2' (or trained_betas)")
+    raise ValueError(
+        f"unsupported diffusers beta_schedule {kind!r}; known: 'linear', 'scaled_linear', "
+        "'squaredcos_cap_v2' (or trained_betas)"
+    )
 
 
 def prediction_from_diffusers(config: Mapping[str, Any] | None = None) -> str:
@@ -335,8 +366,13 @@ def prediction_from_diffusers(config: Mapping[str, Any] | None = None) -> str:
     return _PREDICTIONS[kind]
 
 
-def diffusers_denoiser(unet: nn.Module, scheduler_config: Mapping[str, Any] | None = None, *,
-                       prediction: str | None = None, learned_variance: bool | None = None) -> Preconditioned:
+def diffusers_denoiser(
+    unet: nn.Module,
+    scheduler_config: Mapping[str, Any] | None = None,
+    *,
+    prediction: str | None = None,
+    learned_variance: bool | None = None,
+) -> Preconditioned:
     """`Preconditioned(DiffusersUNet(unet), DiscreteVP from the scheduler config, prediction)`.
 
     Default: DDPM's linear schedule and eps prediction. c_noise is the schedule's fractional

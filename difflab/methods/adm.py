@@ -49,8 +49,9 @@ def classifier_log_prob(classifier: NoisyClassifier, denoiser: Preconditioned, l
     return log_prob
 
 
-def sample_ancestral_guided(denoiser, x, sigmas, log_prob_fn, scale: float, *, cond=None, callback=None,
-                            noise=None, progress=False):
+def sample_ancestral_guided(
+    denoiser, x, sigmas, log_prob_fn, scale: float, *, cond=None, callback=None, noise=None, progress=False
+):
     """ADM Algorithm 1 (classifier-guided ancestral sampling), eta = 1, in VE coordinates."""
     sigmas = check_grid(x, sigmas)
     run, draw = StepRunner(denoiser, x, cond, callback), noise_source(noise)

@@ -33,8 +33,9 @@ from difflab.methods.sdedit import strength_knob
 __all__ = ["augment", "clip_loss", "range_loss", "blended_diffusion", "EDIT"]
 
 
-def augment(x: Tensor, n: int, generator: torch.Generator | None = None, min_scale: float = 0.7,
-            noise_std: float = 0.05) -> Tensor:
+def augment(
+    x: Tensor, n: int, generator: torch.Generator | None = None, min_scale: float = 0.7, noise_std: float = 0.05
+) -> Tensor:
     """n random crops (resized back) with a little pixel noise, per image: (n * B, C, H, W)."""
     B, _, H, W = x.shape
     outs = []
@@ -43,7 +44,7 @@ def augment(x: Tensor, n: int, generator: torch.Generator | None = None, min_sca
         h, w = max(1, round(H * s)), max(1, round(W * s))
         top = int(torch.randint(0, H - h + 1, (1,), generator=generator))
         left = int(torch.randint(0, W - w + 1, (1,), generator=generator))
-        crop = F.interpolate(x[:, :, top:top + h, left:left + w], size=(H, W), mode="bilinear", align_corners=False)
+        crop = F.interpolate(x[:, :, top : top + h, left : left + w], size=(H, W), mode="bilinear", align_corners=False)
         outs.append(crop + noise_std * torch.randn(crop.shape, generator=generator, dtype=crop.dtype).to(crop.device))
     return torch.cat(outs)  # (n * B, C, H, W)
 
@@ -66,11 +67,24 @@ def range_loss(x: Tensor) -> Tensor:
 
 
 @torch.no_grad()  # the guidance gradient is taken inside classifier_guidance (enable_grad)
-def blended_diffusion(denoiser, clip, image: Tensor, edit_mask: Tensor, prompt: str, sigmas: Tensor, *,
-                      scale: float = 100.0, lambda_range: float = 50.0, n_aug: int = 8, strength: float = 0.75,
-                      n_candidates: int = 4, noise=None, method: str = "euler_ancestral",
-                      aug_generator: torch.Generator | None = None, cond: dict | None = None
-                      ) -> tuple[Tensor, Tensor]:
+def blended_diffusion(
+    denoiser,
+    clip,
+    image: Tensor,
+    edit_mask: Tensor,
+    prompt: str,
+    sigmas: Tensor,
+    *,
+    scale: float = 100.0,
+    lambda_range: float = 50.0,
+    n_aug: int = 8,
+    strength: float = 0.75,
+    n_candidates: int = 4,
+    noise=None,
+    method: str = "euler_ancestral",
+    aug_generator: torch.Generator | None = None,
+    cond: dict | None = None,
+) -> tuple[Tensor, Tensor]:
     """Blended Diffusion (Avrahami et al. 2022, Algorithm 1 + ranking). Returns (candidates
     sorted best first (K, C, H, W), their CLIP similarity scores (K,)) for one image (1, C, H, W).
 
@@ -103,38 +117,62 @@ def blended_diffusion(denoiser, clip, image: Tensor, edit_mask: Tensor, prompt: 
     out = sample(guided, x, tail, method=method, cond=expand_cond(cond, K), callback=blend, noise=noise)
     out = m * out + (1 - m) * src  # final background paste: unmasked pixels are the input's exactly
     with torch.no_grad():
-        sims = (clip.encode_image(out) @ text.reshape(-1))
+        sims = clip.encode_image(out) @ text.reshape(-1)
     order = sims.argsort(descending=True)
     return out[order], sims[order]
 
 
-def _edit(ctx: EditContext, *, strength: float, guidance_scale: float, lambda_range: float, n_aug: int,
-          candidates: int) -> Tensor:
+def _edit(
+    ctx: EditContext, *, strength: float, guidance_scale: float, lambda_range: float, n_aug: int, candidates: int
+) -> Tensor:
     if ctx.clip is None:
         raise ValueError("blended needs an image-text model: --clip FOLDER (see difflab.edit.save_clip)")
     cin = getattr(getattr(ctx.clip, "config", None), "in_channels", 3)
     if cin != ctx.image.shape[1]:
-        raise ValueError(f"the image-text model takes {cin}-channel images; this run's are {ctx.image.shape[1]}-channel")
+        raise ValueError(
+            f"the image-text model takes {cin}-channel images; this run's are {ctx.image.shape[1]}-channel"
+        )
     outs, sims = blended_diffusion(
-        ctx.denoiser, ctx.clip, ctx.image, ctx.mask, ctx.prompt, ctx.sigmas, scale=guidance_scale,
-        lambda_range=lambda_range, n_aug=n_aug, strength=strength, n_candidates=candidates, noise=ctx.generator,
-        method=ctx.sampler, aug_generator=torch.Generator().manual_seed(ctx.seed + 1),
-        cond=ctx.prompts.null_cond("blended guides the unconditional model"))
+        ctx.denoiser,
+        ctx.clip,
+        ctx.image,
+        ctx.mask,
+        ctx.prompt,
+        ctx.sigmas,
+        scale=guidance_scale,
+        lambda_range=lambda_range,
+        n_aug=n_aug,
+        strength=strength,
+        n_candidates=candidates,
+        noise=ctx.generator,
+        method=ctx.sampler,
+        aug_generator=torch.Generator().manual_seed(ctx.seed + 1),
+        cond=ctx.prompts.null_cond("blended guides the unconditional model"),
+    )
     ctx.info["scores"] = sims.tolist()
-    ctx.output_tiles = [(f"{'output' if i == 0 else f'#{i + 1}'} (score {s:.2f})", o[None])
-                        for i, (o, s) in enumerate(zip(outs, sims.tolist()))]
+    ctx.output_tiles = [
+        (f"{'output' if i == 0 else f'#{i + 1}'} (score {s:.2f})", o[None])
+        for i, (o, s) in enumerate(zip(outs, sims.tolist()))
+    ]
     return outs[:1]
 
 
 EDIT = EditMethod(
-    "blended", "Blended Diffusion (Avrahami et al. 2022, arXiv 2111.14818)",
+    "blended",
+    "Blended Diffusion (Avrahami et al. 2022, arXiv 2111.14818)",
     "Edit the white region toward --prompt with image-text (CLIP) guidance; the background is blended in every "
     "step and pasted back exactly.",
-    mask="required", mask_keeps="black", prompt="text", source_prompt="none", sampler="euler_ancestral",
-    knobs=(strength_knob(0.75, " (the paper skips 25 of 100 steps: 0.75)"),
-           Knob("guidance_scale", 100.0, "scale of the image-text guidance gradient", metavar="S"),
-           Knob("lambda_range", 50.0, "weight of the range loss keeping x0_hat in [-1, 1]", metavar="L", lo=0.0),
-           Knob("n_aug", 8, "augmentations averaged in the image-text loss", type=int, metavar="K", lo=1),
-           Knob("candidates", 4, "outputs generated and ranked by the image-text score", type=int, metavar="K",
-                lo=1)),
-    run=_edit)
+    mask="required",
+    mask_keeps="black",
+    prompt="text",
+    source_prompt="none",
+    sampler="euler_ancestral",
+    knobs=(
+        strength_knob(0.75, " (the paper skips 25 of 100 steps: 0.75)"),
+        Knob("guidance_scale", 100.0, "scale of the image-text guidance gradient", metavar="S"),
+        Knob("lambda_range", 50.0, "weight of the range loss keeping x0_hat in [-1, 1]", metavar="L", lo=0.0),
+        Knob("n_aug", 8, "augmentations averaged in the image-text loss", type=int, metavar="K", lo=1),
+        Knob("candidates", 4, "outputs generated and ranked by the image-text score", type=int, metavar="K", lo=1),
+    ),
+    run=_edit,
+)

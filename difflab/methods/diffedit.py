@@ -32,9 +32,20 @@ __all__ = ["diffedit_mask", "diffedit", "EDIT"]
 
 
 @torch.no_grad()
-def diffedit_mask(denoiser, image: Tensor, query_cond: dict, ref_cond: dict, *, sigma: float,
-                  n_draws: int = 10, threshold: float = 0.5, smooth: int = 0, clamp: float | None = 3.0,
-                  generator: torch.Generator | None = None, return_soft: bool = False):
+def diffedit_mask(
+    denoiser,
+    image: Tensor,
+    query_cond: dict,
+    ref_cond: dict,
+    *,
+    sigma: float,
+    n_draws: int = 10,
+    threshold: float = 0.5,
+    smooth: int = 0,
+    clamp: float | None = 3.0,
+    generator: torch.Generator | None = None,
+    return_soft: bool = False,
+):
     """DiffEdit step 1: where do the query and reference predictions disagree? (B, 1, H, W) in {0, 1}.
 
     The per-pixel difference |D(x, Q) - D(x, R)| (channel mean) is averaged over `n_draws` noises at
@@ -70,12 +81,23 @@ def diffedit_mask(denoiser, image: Tensor, query_cond: dict, ref_cond: dict, *, 
 
 
 @torch.no_grad()
-def diffedit(denoiser, image: Tensor, mask: Tensor, sigmas: Tensor, query_cond: dict, ref_cond: dict | None = None,
-             *, strength: float = 0.5, progress: bool = False) -> Tensor:
+def diffedit(
+    denoiser,
+    image: Tensor,
+    mask: Tensor,
+    sigmas: Tensor,
+    query_cond: dict,
+    ref_cond: dict | None = None,
+    *,
+    strength: float = 0.5,
+    progress: bool = False,
+) -> Tensor:
     """DiffEdit steps 2-3: DDIM-encode to the ratio `strength`, decode with the query, keeping the
     unmasked region on the inverted trajectory."""
     if mask.shape[-2:] != image.shape[-2:] or mask.shape[1] != 1:
-        raise ValueError(f"mask of shape {tuple(mask.shape)} does not fit image {tuple(image.shape)}: need (B|1, 1, H, W)")
+        raise ValueError(
+            f"mask of shape {tuple(mask.shape)} does not fit image {tuple(image.shape)}: need (B|1, 1, H, W)"
+        )
     tail = slice_sigmas(torch.as_tensor(sigmas, dtype=torch.float64), strength)  # decreasing, ends in 0
     up = tail.flip(0)  # 0 -> sigma_r
     B = image.shape[0]
@@ -98,17 +120,36 @@ def _same(a: dict, b: dict) -> bool:
     return set(a) == set(b) and all(torch.equal(a[key], b[key]) for key in a)
 
 
-def _edit(ctx: EditContext, *, strength: float, threshold: float, n_draws: int, mask_clamp: float,
-          mask_noise: float, guidance_scale: float) -> Tensor:
+def _edit(
+    ctx: EditContext,
+    *,
+    strength: float,
+    threshold: float,
+    n_draws: int,
+    mask_clamp: float,
+    mask_noise: float,
+    guidance_scale: float,
+) -> Tensor:
     qc, rc = ctx.cond(ctx.prompt, "--prompt"), ctx.cond(ctx.source_prompt or "", "--source-prompt")
     if _same(qc, rc):
-        raise ValueError(f"--prompt {ctx.prompt!r} and --source-prompt {ctx.source_prompt or ''!r} are the same "
-                         "condition: DiffEdit needs two different ones")
+        raise ValueError(
+            f"--prompt {ctx.prompt!r} and --source-prompt {ctx.source_prompt or ''!r} are the same "
+            "condition: DiffEdit needs two different ones"
+        )
     mask = ctx.mask
     if mask is None:
         sigma_mask = float(slice_sigmas(ctx.sigmas, mask_noise)[0])
-        mask = diffedit_mask(ctx.denoiser, ctx.image, qc, rc, sigma=sigma_mask, n_draws=n_draws, threshold=threshold,
-                             clamp=mask_clamp, generator=ctx.generator)
+        mask = diffedit_mask(
+            ctx.denoiser,
+            ctx.image,
+            qc,
+            rc,
+            sigma=sigma_mask,
+            n_draws=n_draws,
+            threshold=threshold,
+            clamp=mask_clamp,
+            generator=ctx.generator,
+        )
         ctx.tiles.append(("mask (automatic): white = edit", ctx.mask_tile(mask)))
         ctx.info["mask_fraction"] = float(mask.mean())
     # the paper: DDIM-encode with the unconditional model (empty prompt / null class), decode with
@@ -119,19 +160,57 @@ def _edit(ctx: EditContext, *, strength: float, threshold: float, n_draws: int, 
 
 
 EDIT = EditMethod(
-    "diffedit", "DiffEdit (Couairon et al. 2023, arXiv 2210.11427)",
+    "diffedit",
+    "DiffEdit (Couairon et al. 2023, arXiv 2210.11427)",
     "Find where --prompt and --source-prompt disagree (the automatic mask), DDIM-encode to ratio r, decode under "
     "--prompt keeping the rest on the inverted path.",
-    mask="optional", mask_keeps="black", prompt="required", source_prompt="optional", sampler=None,
-    knobs=(Knob("strength", 0.5, "r: encoding ratio, the fraction of the grid inverted and re-decoded", metavar="R",
-                lo=0.0, hi=1.0, lo_open=True),
-           Knob("threshold", 0.5, "threshold on the normalised prediction difference (automatic mask)",
-                metavar="T", lo=0.0, hi=1.0),
-           Knob("n_draws", 10, "noise draws averaged for the automatic mask", type=int, metavar="K", lo=1),
-           Knob("mask_clamp", 3.0, "the mask's difference map is clipped at this multiple of its mean, then rescaled "
-                                   "to [0, 1] (the paper's removal of extreme values)", metavar="C", lo=0.0),
-           Knob("mask_noise", 0.5, "noise level of the automatic mask, as a fraction of the grid (paper: 50%%)",
-                metavar="FRAC", lo=0.0, hi=1.0, lo_open=True),
-           Knob("guidance_scale", 1.0, "classifier-free guidance s of the decoding under --prompt (the paper decodes "
-                                       "with CFG; 1 = none)", metavar="S")),
-    run=_edit)
+    mask="optional",
+    mask_keeps="black",
+    prompt="required",
+    source_prompt="optional",
+    sampler=None,
+    knobs=(
+        Knob(
+            "strength",
+            0.5,
+            "r: encoding ratio, the fraction of the grid inverted and re-decoded",
+            metavar="R",
+            lo=0.0,
+            hi=1.0,
+            lo_open=True,
+        ),
+        Knob(
+            "threshold",
+            0.5,
+            "threshold on the normalised prediction difference (automatic mask)",
+            metavar="T",
+            lo=0.0,
+            hi=1.0,
+        ),
+        Knob("n_draws", 10, "noise draws averaged for the automatic mask", type=int, metavar="K", lo=1),
+        Knob(
+            "mask_clamp",
+            3.0,
+            "the mask's difference map is clipped at this multiple of its mean, then rescaled "
+            "to [0, 1] (the paper's removal of extreme values)",
+            metavar="C",
+            lo=0.0,
+        ),
+        Knob(
+            "mask_noise",
+            0.5,
+            "noise level of the automatic mask, as a fraction of the grid (paper: 50%%)",
+            metavar="FRAC",
+            lo=0.0,
+            hi=1.0,
+            lo_open=True,
+        ),
+        Knob(
+            "guidance_scale",
+            1.0,
+            "classifier-free guidance s of the decoding under --prompt (the paper decodes with CFG; 1 = none)",
+            metavar="S",
+        ),
+    ),
+    run=_edit,
+)

@@ -111,8 +111,15 @@ class EnergyDenoiser(nn.Module):
 
 
 @torch.no_grad()
-def langevin_mcmc(energy, x: Tensor, n_steps: int, step_size: float, noise_scale: float | None = None,
-                  generator: torch.Generator | None = None, grad_clip: float | None = None) -> Tensor:
+def langevin_mcmc(
+    energy,
+    x: Tensor,
+    n_steps: int,
+    step_size: float,
+    noise_scale: float | None = None,
+    generator: torch.Generator | None = None,
+    grad_clip: float | None = None,
+) -> Tensor:
     """Unadjusted Langevin x <- x - step_size grad E + noise_scale z (noise_scale default
     sqrt(2 step_size): exact Langevin; JEM decouples them, e.g. step 1, noise 0.01)."""
     if n_steps < 0 or step_size <= 0:
@@ -133,8 +140,13 @@ class ReplayBuffer:
     stored states, each re-initialised from `init_fn(k)` with probability `reinit_prob`; after
     the MCMC steps `update(idx, x)` writes them back."""
 
-    def __init__(self, size: int, init_fn: Callable[[int], Tensor], reinit_prob: float = 0.05,
-                 generator: torch.Generator | None = None):
+    def __init__(
+        self,
+        size: int,
+        init_fn: Callable[[int], Tensor],
+        reinit_prob: float = 0.05,
+        generator: torch.Generator | None = None,
+    ):
         if size < 1 or not 0 <= reinit_prob <= 1:
             raise ValueError(f"need size >= 1 and reinit_prob in [0, 1], got {size}, {reinit_prob}")
         self.init_fn, self.reinit_prob, self.generator = init_fn, reinit_prob, generator
@@ -185,8 +197,14 @@ def implicit_score_matching_loss(energy, x: Tensor) -> Tensor:
     return 0.5 * gf.pow(2).sum(1) - trace
 
 
-def sliced_score_matching_loss(energy, x: Tensor, n_projections: int = 1, variance_reduction: bool = False,
-                               projection: str = "gaussian", generator: torch.Generator | None = None) -> Tensor:
+def sliced_score_matching_loss(
+    energy,
+    x: Tensor,
+    n_projections: int = 1,
+    variance_reduction: bool = False,
+    projection: str = "gaussian",
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """Sliced score matching per sample, averaged over projections v (E[v v^T] = I):
     1/2 (v . grad E)^2 - v^T hess(E) v, or with variance_reduction (SSM-VR) 1/2 |grad E|^2 - v^T hess(E) v."""
     x = x.detach().requires_grad_(True)
@@ -207,8 +225,9 @@ def sliced_score_matching_loss(energy, x: Tensor, n_projections: int = 1, varian
     return total / n_projections
 
 
-def denoising_score_matching_loss(energy, x: Tensor, sigma, generator: torch.Generator | None = None,
-                                  noise_conditional: bool | None = None) -> Tensor:
+def denoising_score_matching_loss(
+    energy, x: Tensor, sigma, generator: torch.Generator | None = None, noise_conditional: bool | None = None
+) -> Tensor:
     """Denoising score matching per sample: sigma^2/2 |s(x~) + (x~ - x)/sigma^2|^2 = 1/2 |sigma s + n|^2
     with s = -grad E(x~[, ln(sigma)/4]), x~ = x + sigma n (NCSN's lambda(sigma) = sigma^2 weight)."""
     sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
@@ -249,8 +268,9 @@ class GaussianNoise:
         return self.dist.log_prob(x.to(self.dist.loc.dtype)).to(x.dtype)
 
 
-def nce_loss(energy, log_z: Tensor, x_data: Tensor, x_noise: Tensor,
-             noise_log_prob: Callable[[Tensor], Tensor]) -> Tensor:
+def nce_loss(
+    energy, log_z: Tensor, x_data: Tensor, x_noise: Tensor, noise_log_prob: Callable[[Tensor], Tensor]
+) -> Tensor:
     """NCE's logistic loss with nu = len(x_noise)/len(x_data) noise samples per data point:
     -E_data log sig(G) - nu E_noise log(1 - sig(G)), G(x) = -E(x) - log_z - log q(x) - log nu."""
     nu = len(x_noise) / len(x_data)
@@ -275,8 +295,9 @@ def _grid(extent: float, n: int, dtype=torch.float32) -> tuple[Tensor, float]:
 
 
 @torch.no_grad()
-def grid_log_density(energy, extent: float, n: int = 400, chunk: int = 65536,
-                     dtype: torch.dtype = torch.float32) -> tuple[Tensor, float]:
+def grid_log_density(
+    energy, extent: float, n: int = 400, chunk: int = 65536, dtype: torch.dtype = torch.float32
+) -> tuple[Tensor, float]:
     """(-E on an n x n grid over [-extent, extent]^2, (n, n) float64 with row = y; log Z).
 
     log Z by the midpoint rule; log p = -E - log Z. Accurate when exp(-E) is negligible outside

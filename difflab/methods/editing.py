@@ -12,8 +12,9 @@ from difflab.methods import blended, diffedit, ilvr, p2p, repaint, sdedit
 
 __all__ = ["EDIT_METHODS", "edit_method"]
 
-EDIT_METHODS: dict[str, EditMethod] = {m.name: m for m in (sdedit.EDIT, ilvr.EDIT, repaint.EDIT, blended.EDIT,
-                                                            diffedit.EDIT, p2p.EDIT)}
+EDIT_METHODS: dict[str, EditMethod] = {
+    m.name: m for m in (sdedit.EDIT, ilvr.EDIT, repaint.EDIT, blended.EDIT, diffedit.EDIT, p2p.EDIT)
+}
 
 
 def edit_method(name: str) -> EditMethod:

@@ -47,8 +47,7 @@ def low_pass(x: Tensor, factor: int, filter: str = "area") -> Tensor:
     raise ValueError(f"unknown filter {filter!r}; known: 'area', 'bicubic'")
 
 
-def ilvr_callback(reference: Tensor, factor: int, sigma_stop: float = 0.0, *, filter: str = "area",
-                  noise=None):
+def ilvr_callback(reference: Tensor, factor: int, sigma_stop: float = 0.0, *, filter: str = "area", noise=None):
     """A sampler callback applying ILVR's refinement while sigma_next >= sigma_stop."""
     if not torch.isfinite(reference).all():
         raise ValueError("reference image contains NaN/inf values")
@@ -59,8 +58,9 @@ def ilvr_callback(reference: Tensor, factor: int, sigma_stop: float = 0.0, *, fi
         if step.sigma_next < sigma_stop:
             return None
         if step.x.shape[1:] != reference.shape[1:]:
-            raise ValueError(f"reference of shape {tuple(reference.shape)} does not fit samples "
-                             f"of shape {tuple(step.x.shape)}")
+            raise ValueError(
+                f"reference of shape {tuple(reference.shape)} does not fit samples of shape {tuple(step.x.shape)}"
+            )
         y = renoise(reference, 0.0, step.sigma_next, draw(step.i, step.x) if step.sigma_next > 0 else None)
         return low_pass(y, factor, filter) + step.x - low_pass(step.x, factor, filter)
 
@@ -72,19 +72,53 @@ def _edit(ctx: EditContext, *, factor: int, stop: float, filter: str) -> Tensor:
     sigma_stop = float(ctx.sigmas[n - round(stop * n)])
     cb = ilvr_callback(ctx.image, factor, sigma_stop, filter=filter, noise=torch.Generator().manual_seed(ctx.seed + 1))
     x = torch.randn(ctx.image.shape, generator=ctx.generator).to(ctx.image.device) * float(ctx.sigmas[0])
-    return sample(ctx.denoiser, x, ctx.sigmas, method=ctx.sampler, cond=ctx.cond(ctx.prompt), callback=cb,
-                  noise=ctx.generator, progress=ctx.progress)
+    return sample(
+        ctx.denoiser,
+        x,
+        ctx.sigmas,
+        method=ctx.sampler,
+        cond=ctx.cond(ctx.prompt),
+        callback=cb,
+        noise=ctx.generator,
+        progress=ctx.progress,
+    )
 
 
 EDIT = EditMethod(
-    "ilvr", "ILVR (Choi et al. 2021, arXiv 2108.02938)",
+    "ilvr",
+    "ILVR (Choi et al. 2021, arXiv 2108.02938)",
     "Sample from noise keeping the input's low frequencies: phi_N(x) = phi_N(input) each step.",
-    mask=None, mask_keeps=None, prompt="class", source_prompt="none", sampler="euler_ancestral",
-    knobs=(Knob("factor", 4, "N: the low-pass downsampling factor (must divide the image size); larger N keeps less "
-                             "of the input", type=int, metavar="N", lo=1),
-           Knob("stop", 0.0, "fraction of the last steps left without the refinement (the paper's t_stop; 0: refine "
-                             "every step, the output's low-pass equals the input's)", metavar="FRAC", lo=0.0, hi=1.0,
-                hi_open=True),
-           Knob("filter", "area", "phi_N: 'area' (a projection: exact) or 'bicubic' (the paper's resizer)", type=str,
-                choices=("area", "bicubic"))),
-    run=_edit)
+    mask=None,
+    mask_keeps=None,
+    prompt="class",
+    source_prompt="none",
+    sampler="euler_ancestral",
+    knobs=(
+        Knob(
+            "factor",
+            4,
+            "N: the low-pass downsampling factor (must divide the image size); larger N keeps less of the input",
+            type=int,
+            metavar="N",
+            lo=1,
+        ),
+        Knob(
+            "stop",
+            0.0,
+            "fraction of the last steps left without the refinement (the paper's t_stop; 0: refine "
+            "every step, the output's low-pass equals the input's)",
+            metavar="FRAC",
+            lo=0.0,
+            hi=1.0,
+            hi_open=True,
+        ),
+        Knob(
+            "filter",
+            "area",
+            "phi_N: 'area' (a projection: exact) or 'bicubic' (the paper's resizer)",
+            type=str,
+            choices=("area", "bicubic"),
+        ),
+    ),
+    run=_edit,
+)

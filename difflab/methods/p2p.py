@@ -45,8 +45,10 @@ __all__ = ["P2PController", "prompt_to_prompt", "word_swap_mapper", "refine_mapp
 def word_swap_mapper(source_tokens: list, edit_tokens: list) -> Tensor:
     """Word swap keeps token positions: both prompts must have the same number of tokens."""
     if len(source_tokens) != len(edit_tokens):
-        raise ValueError(f"word swap needs prompts of equal token length: {len(source_tokens)} "
-                         f"({source_tokens}) vs {len(edit_tokens)} ({edit_tokens}); use refine_mapper")
+        raise ValueError(
+            f"word swap needs prompts of equal token length: {len(source_tokens)} "
+            f"({source_tokens}) vs {len(edit_tokens)} ({edit_tokens}); use refine_mapper"
+        )
     return torch.arange(len(edit_tokens))
 
 
@@ -65,11 +67,22 @@ class P2PController(AttentionHook):
     guided=True when the denoiser is wrapped by classifier-free guidance (core.guidance.cfg batches
     [conditional, unconditional]): only the conditional half is controlled, as in the official code."""
 
-    def __init__(self, n_prompts: int, num_steps: int, *, cross_replace: float = 0.8, self_replace: float = 0.4,
-                 self_max_pixels: int = 16 * 16, mapper: Tensor | None = None,
-                 reweight: dict[int, float] | None = None, blend_words: list[int] | None = None,
-                 blend_threshold: float = 0.3, blend_res: int | None = None, store: bool = True,
-                 guided: bool = False):
+    def __init__(
+        self,
+        n_prompts: int,
+        num_steps: int,
+        *,
+        cross_replace: float = 0.8,
+        self_replace: float = 0.4,
+        self_max_pixels: int = 16 * 16,
+        mapper: Tensor | None = None,
+        reweight: dict[int, float] | None = None,
+        blend_words: list[int] | None = None,
+        blend_threshold: float = 0.3,
+        blend_res: int | None = None,
+        store: bool = True,
+        guided: bool = False,
+    ):
         if n_prompts < 2:
             raise ValueError(f"Prompt-to-Prompt needs a source and at least one edit: n_prompts={n_prompts}")
         for name, v in (("cross_replace", cross_replace), ("self_replace", self_replace)):
@@ -100,8 +113,10 @@ class P2PController(AttentionHook):
     def probs(self, ctx: AttnContext, p: Tensor) -> Tensor:
         if self.guided:
             if p.shape[0] % (2 * self.n):
-                raise ValueError(f"guided=True: attention batch {p.shape[0]} is not [conditional, unconditional] "
-                                 f"halves of n_prompts {self.n} chunks")
+                raise ValueError(
+                    f"guided=True: attention batch {p.shape[0]} is not [conditional, unconditional] "
+                    f"halves of n_prompts {self.n} chunks"
+                )
             h = p.shape[0] // 2
             return torch.cat([self._control(ctx, p[:h]), p[h:]])
         return self._control(ctx, p)
@@ -179,8 +194,19 @@ class P2PController(AttentionHook):
 
 
 @torch.no_grad()
-def prompt_to_prompt(denoiser, model: nn.Module, x: Tensor, sigmas: Tensor, cond: dict, controller: P2PController, *,
-                     method: str = "euler", noise=None, progress: bool = False, **sampler_kw) -> Tensor:
+def prompt_to_prompt(
+    denoiser,
+    model: nn.Module,
+    x: Tensor,
+    sigmas: Tensor,
+    cond: dict,
+    controller: P2PController,
+    *,
+    method: str = "euler",
+    noise=None,
+    progress: bool = False,
+    **sampler_kw,
+) -> Tensor:
     """Generate [source, edit_1, ..., edit_k] from one start under the controller (the paper's Algorithm 1).
 
     x (1 or n, C, H, W) at sigmas[0]; `cond` holds the n prompts' conditions in that order (batch-1
@@ -199,59 +225,137 @@ def prompt_to_prompt(denoiser, model: nn.Module, x: Tensor, sigmas: Tensor, cond
         return draw(i, like[:1]).expand_as(like)
 
     with attention_hooks(model, controller):
-        return sample(denoiser, x, sigmas, method=method, cond=expand_cond(cond, n), callback=controller.callback,
-                      noise=shared, progress=progress, **sampler_kw)
+        return sample(
+            denoiser,
+            x,
+            sigmas,
+            method=method,
+            cond=expand_cond(cond, n),
+            callback=controller.callback,
+            noise=shared,
+            progress=progress,
+            **sampler_kw,
+        )
 
 
-def _edit(ctx: EditContext, *, edit: str, cross_replace: float, self_replace: float, self_max_pixels: int,
-          strength: float, reweight_token: int | None, reweight_scale: float) -> Tensor:
+def _edit(
+    ctx: EditContext,
+    *,
+    edit: str,
+    cross_replace: float,
+    self_replace: float,
+    self_max_pixels: int,
+    strength: float,
+    reweight_token: int | None,
+    reweight_scale: float,
+) -> Tensor:
     """Invert the real image under the source prompt, then regenerate [source, edit] from that latent."""
     mapper, reweight = None, None
     has_tokens = ctx.prompts.conditioning == "text"
     if edit != "swap":
         if not has_tokens:
-            raise ValueError(f"p2p --edit {edit} works on token maps and needs a text-conditional model; this run is "
-                             f"{ctx.prompts.conditioning}-conditional: use --edit swap")
+            raise ValueError(
+                f"p2p --edit {edit} works on token maps and needs a text-conditional model; this run is "
+                f"{ctx.prompts.conditioning}-conditional: use --edit swap"
+            )
         if edit == "refine":
             mapper = refine_mapper(ctx.prompts.token_ids(ctx.source_prompt), ctx.prompts.token_ids(ctx.prompt))
         else:  # reweight
             n_tokens = len(ctx.prompts.token_ids(ctx.prompt))
             if reweight_token is None or not 0 <= reweight_token < n_tokens:
-                raise ValueError(f"p2p --edit reweight needs --reweight-token in 0..{n_tokens - 1} (the token of "
-                                 f"--prompt to scale), got {reweight_token}")
+                raise ValueError(
+                    f"p2p --edit reweight needs --reweight-token in 0..{n_tokens - 1} (the token of "
+                    f"--prompt to scale), got {reweight_token}"
+                )
             reweight = {reweight_token: reweight_scale}
     src, dst = ctx.cond(ctx.source_prompt, "--source-prompt"), ctx.cond(ctx.prompt, "--prompt")
     tail = slice_sigmas(ctx.sigmas, strength)
     x_T = invert_euler(ctx.denoiser, ctx.image, tail.flip(0), cond=src, progress=ctx.progress)
-    ctl = P2PController(2, len(tail) - 1, cross_replace=cross_replace, self_replace=self_replace,
-                        self_max_pixels=self_max_pixels, mapper=mapper, reweight=reweight, store=False)
-    both = prompt_to_prompt(ctx.denoiser, ctx.denoiser, x_T, tail, cat_conds(src, dst), ctl, method=ctx.sampler,
-                            noise=ctx.generator, progress=ctx.progress)
+    ctl = P2PController(
+        2,
+        len(tail) - 1,
+        cross_replace=cross_replace,
+        self_replace=self_replace,
+        self_max_pixels=self_max_pixels,
+        mapper=mapper,
+        reweight=reweight,
+        store=False,
+    )
+    both = prompt_to_prompt(
+        ctx.denoiser,
+        ctx.denoiser,
+        x_T,
+        tail,
+        cat_conds(src, dst),
+        ctl,
+        method=ctx.sampler,
+        noise=ctx.generator,
+        progress=ctx.progress,
+    )
     ctx.tiles.append(("source (inverted and regenerated)", both[:1]))
     if not has_tokens:
-        ctx.info["note"] = ("this run's model has no cross-attention (it is not text-conditional): the edit keeps "
-                            "the source's layout through self-attention injection only")
+        ctx.info["note"] = (
+            "this run's model has no cross-attention (it is not text-conditional): the edit keeps "
+            "the source's layout through self-attention injection only"
+        )
     return both[1:]
 
 
 _FRACTION = dict(lo=0.0, hi=1.0)
 
 EDIT = EditMethod(
-    "p2p", "Prompt-to-Prompt (Hertz et al. 2022, arXiv 2208.01626)",
+    "p2p",
+    "Prompt-to-Prompt (Hertz et al. 2022, arXiv 2208.01626)",
     "DDIM-invert the input under --source-prompt, then regenerate [source, edit] from the same latent, injecting "
     "the source's attention maps into the edit.",
-    mask=None, mask_keeps=None, prompt="required", source_prompt="required", sampler="euler",
-    knobs=(Knob("edit", "swap", "edit kind: 'swap' (the edit keeps the source's maps), 'refine' (aligned tokens), "
-                                "'reweight' (scale one token's maps); refine and reweight need token maps (a "
-                                "text-conditional model)", type=str, choices=("swap", "refine", "reweight")),
-           Knob("cross_replace", 0.8, "fraction of the steps with cross-attention injected (tau_c)", metavar="FRAC",
-                **_FRACTION),
-           Knob("self_replace", 0.4, "fraction of the steps with self-attention injected (tau_s)", metavar="FRAC",
-                **_FRACTION),
-           Knob("self_max_pixels", 256, "self-attention is injected in layers of at most this many pixels (paper: "
-                                        "16x16)", type=int, metavar="P", lo=1),
-           Knob("strength", 1.0, "fraction of the grid inverted and regenerated (1: from pure noise)", metavar="FRAC",
-                lo=0.0, hi=1.0, lo_open=True),
-           Knob("reweight_token", None, "--edit reweight: the token index to scale", type=int, metavar="I", lo=0),
-           Knob("reweight_scale", 2.0, "--edit reweight: the scale c of that token's maps", metavar="C")),
-    run=_edit)
+    mask=None,
+    mask_keeps=None,
+    prompt="required",
+    source_prompt="required",
+    sampler="euler",
+    knobs=(
+        Knob(
+            "edit",
+            "swap",
+            "edit kind: 'swap' (the edit keeps the source's maps), 'refine' (aligned tokens), "
+            "'reweight' (scale one token's maps); refine and reweight need token maps (a "
+            "text-conditional model)",
+            type=str,
+            choices=("swap", "refine", "reweight"),
+        ),
+        Knob(
+            "cross_replace",
+            0.8,
+            "fraction of the steps with cross-attention injected (tau_c)",
+            metavar="FRAC",
+            **_FRACTION,
+        ),
+        Knob(
+            "self_replace",
+            0.4,
+            "fraction of the steps with self-attention injected (tau_s)",
+            metavar="FRAC",
+            **_FRACTION,
+        ),
+        Knob(
+            "self_max_pixels",
+            256,
+            "self-attention is injected in layers of at most this many pixels (paper: 16x16)",
+            type=int,
+            metavar="P",
+            lo=1,
+        ),
+        Knob(
+            "strength",
+            1.0,
+            "fraction of the grid inverted and regenerated (1: from pure noise)",
+            metavar="FRAC",
+            lo=0.0,
+            hi=1.0,
+            lo_open=True,
+        ),
+        Knob("reweight_token", None, "--edit reweight: the token index to scale", type=int, metavar="I", lo=0),
+        Knob("reweight_scale", 2.0, "--edit reweight: the scale c of that token's maps", metavar="C"),
+    ),
+    run=_edit,
+)

@@ -55,9 +55,20 @@ def jump_schedule(T: int, jump_length: int = 10, jump_n_sample: int = 10) -> lis
 
 
 @torch.no_grad()
-def repaint(denoiser, known: Tensor, keep_mask: Tensor, sigmas: Tensor, *, jump_length: int = 10,
-            jump_n_sample: int = 10, cond: dict | None = None, noise=None, callback=None,
-            progress: bool = False, x: Tensor | None = None) -> Tensor:
+def repaint(
+    denoiser,
+    known: Tensor,
+    keep_mask: Tensor,
+    sigmas: Tensor,
+    *,
+    jump_length: int = 10,
+    jump_n_sample: int = 10,
+    cond: dict | None = None,
+    noise=None,
+    callback=None,
+    progress: bool = False,
+    x: Tensor | None = None,
+) -> Tensor:
     """RePaint (Lugmayr et al. 2022, Algorithm 1) on a decreasing sigma grid ending in 0."""
     sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
     if sigmas.ndim != 1 or sigmas[-1] != 0 or not (sigmas[1:] < sigmas[:-1]).all():
@@ -102,17 +113,46 @@ def repaint(denoiser, known: Tensor, keep_mask: Tensor, sigmas: Tensor, *, jump_
 
 
 def _edit(ctx: EditContext, *, jump_length: int, jump_n_sample: int) -> Tensor:
-    return repaint(ctx.denoiser, ctx.image, ctx.mask, ctx.sigmas, jump_length=jump_length,
-                   jump_n_sample=jump_n_sample, cond=ctx.cond(ctx.prompt), noise=ctx.generator, progress=ctx.progress)
+    return repaint(
+        ctx.denoiser,
+        ctx.image,
+        ctx.mask,
+        ctx.sigmas,
+        jump_length=jump_length,
+        jump_n_sample=jump_n_sample,
+        cond=ctx.cond(ctx.prompt),
+        noise=ctx.generator,
+        progress=ctx.progress,
+    )
 
 
 EDIT = EditMethod(
-    "repaint", "RePaint (Lugmayr et al. 2022, arXiv 2201.09865)",
+    "repaint",
+    "RePaint (Lugmayr et al. 2022, arXiv 2201.09865)",
     "Fill the unknown (black) region; each step the known region comes from the noised input, with jumps back to "
     "harmonise.",
-    mask="required", mask_keeps="white", prompt="class", source_prompt="none", sampler=None,
-    knobs=(Knob("jump_length", 10, "j: levels to jump back (1 with --jump-n-sample 1: no resampling)", type=int,
-                metavar="J", lo=1),
-           Knob("jump_n_sample", 10, "r: passes over each jump (1: plain replacement, no resampling)", type=int,
-                metavar="R", lo=1)),
-    run=_edit)
+    mask="required",
+    mask_keeps="white",
+    prompt="class",
+    source_prompt="none",
+    sampler=None,
+    knobs=(
+        Knob(
+            "jump_length",
+            10,
+            "j: levels to jump back (1 with --jump-n-sample 1: no resampling)",
+            type=int,
+            metavar="J",
+            lo=1,
+        ),
+        Knob(
+            "jump_n_sample",
+            10,
+            "r: passes over each jump (1: plain replacement, no resampling)",
+            type=int,
+            metavar="R",
+            lo=1,
+        ),
+    ),
+    run=_edit,
+)

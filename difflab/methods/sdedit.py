@@ -29,9 +29,20 @@ from difflab.core.validation import check_mask
 __all__ = ["sdedit", "strength_knob", "EDIT"]
 
 
-def sdedit(denoiser, guide: Tensor, sigmas: Tensor, *, strength: float = 0.5, edit_mask: Tensor | None = None,
-           method: str = "euler_ancestral", cond: dict | None = None, noise=None, callback=None,
-           progress: bool = False, **sampler_kw) -> Tensor:
+def sdedit(
+    denoiser,
+    guide: Tensor,
+    sigmas: Tensor,
+    *,
+    strength: float = 0.5,
+    edit_mask: Tensor | None = None,
+    method: str = "euler_ancestral",
+    cond: dict | None = None,
+    noise=None,
+    callback=None,
+    progress: bool = False,
+    **sampler_kw,
+) -> Tensor:
     """SDEdit (Meng et al. 2022, Algorithm 1; masked variant Algorithm 3 with `edit_mask`)."""
     if not torch.isfinite(guide).all():
         raise ValueError("guide image contains NaN/inf values")
@@ -53,23 +64,47 @@ def sdedit(denoiser, guide: Tensor, sigmas: Tensor, *, strength: float = 0.5, ed
             return x_new
 
         callback = keep_guide
-    return sample(denoiser, x, tail, method=method, cond=cond, noise=noise, callback=callback,
-                  progress=progress, **sampler_kw)
+    return sample(
+        denoiser, x, tail, method=method, cond=cond, noise=noise, callback=callback, progress=progress, **sampler_kw
+    )
 
 
 def strength_knob(default: float, note: str = "") -> Knob:
     """The edit strength t0 in (0, 1] (SDEdit's; Blended Diffusion's skipped steps)."""
-    return Knob("strength", default, "fraction of the sigma grid re-run from the noised input (SDEdit's t0), "
-                "in (0, 1]" + note, metavar="T0", lo=0.0, hi=1.0, lo_open=True)
+    return Knob(
+        "strength",
+        default,
+        "fraction of the sigma grid re-run from the noised input (SDEdit's t0), in (0, 1]" + note,
+        metavar="T0",
+        lo=0.0,
+        hi=1.0,
+        lo_open=True,
+    )
 
 
 def _edit(ctx: EditContext, *, strength: float) -> Tensor:
-    return sdedit(ctx.denoiser, ctx.image, ctx.sigmas, strength=strength, edit_mask=ctx.mask, method=ctx.sampler,
-                  cond=ctx.cond(ctx.prompt), noise=ctx.generator, progress=ctx.progress)
+    return sdedit(
+        ctx.denoiser,
+        ctx.image,
+        ctx.sigmas,
+        strength=strength,
+        edit_mask=ctx.mask,
+        method=ctx.sampler,
+        cond=ctx.cond(ctx.prompt),
+        noise=ctx.generator,
+        progress=ctx.progress,
+    )
 
 
 EDIT = EditMethod(
-    "sdedit", "SDEdit (Meng et al. 2022, arXiv 2108.01073)",
+    "sdedit",
+    "SDEdit (Meng et al. 2022, arXiv 2108.01073)",
     "Noise the input to t0 and denoise: small t0 stays faithful, large t0 turns strokes realistic.",
-    mask="optional", mask_keeps="black", prompt="class", source_prompt="none", sampler="euler_ancestral",
-    knobs=(strength_knob(0.5, "; 0.3-0.6 is the paper's range"),), run=_edit)
+    mask="optional",
+    mask_keeps="black",
+    prompt="class",
+    source_prompt="none",
+    sampler="euler_ancestral",
+    knobs=(strength_knob(0.5, "; 0.3-0.6 is the paper's range"),),
+    run=_edit,
+)

@@ -32,8 +32,7 @@ from torch import Tensor
 from difflab.core.guidance import classifier_guidance
 from difflab.nn.clip import SmallCLIP
 
-__all__ = ["clip_input", "clip_c_noise", "language_score", "content_score",
-           "style_score", "sdg"]
+__all__ = ["clip_input", "clip_c_noise", "language_score", "content_score", "style_score", "sdg"]
 
 
 def clip_input(x: Tensor, sigma) -> Tensor:
@@ -44,7 +43,9 @@ def clip_input(x: Tensor, sigma) -> Tensor:
 
 def clip_c_noise(sigma, like: Tensor) -> Tensor:
     s = torch.as_tensor(sigma, dtype=torch.float32, device=like.device).reshape(-1)
-    return s.clamp(min=1e-5).log() / 4 if s.numel() == like.shape[0] else s.clamp(min=1e-5).log().expand(like.shape[0]) / 4
+    return (
+        s.clamp(min=1e-5).log() / 4 if s.numel() == like.shape[0] else s.clamp(min=1e-5).log().expand(like.shape[0]) / 4
+    )
 
 
 def language_score(clip, prompt: str):

@@ -81,8 +81,9 @@ class SohlDickstein(nn.Module):
     def prior_term(self, x0: Tensor) -> Tensor:
         """KL(q(x_{T-1} | x0) || N(0, I)) per sample, nats (no parameters)."""
         ab = self.abar[-1].to(x0.dtype)
-        return normal_kl(ab.sqrt() * x0, (1 - ab).log().expand_as(x0), torch.zeros_like(x0),
-                         torch.zeros_like(x0)).sum(1)
+        return normal_kl(ab.sqrt() * x0, (1 - ab).log().expand_as(x0), torch.zeros_like(x0), torch.zeros_like(x0)).sum(
+            1
+        )
 
     def term(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """The bound's term at t per sample, nats: the KL for t >= 1, -log p(x0 | x_0) at t = 0."""
@@ -110,8 +111,9 @@ class SohlDickstein(nn.Module):
         return total
 
     @torch.no_grad()
-    def sample(self, n: int, dim: int = 2, generator: torch.Generator | None = None,
-               final_noise: bool = True) -> Tensor:
+    def sample(
+        self, n: int, dim: int = 2, generator: torch.Generator | None = None, final_noise: bool = True
+    ) -> Tensor:
         """Ancestral sampling from N(0, I) through the T learned kernels (VP coordinates = data)."""
         dtype = self.betas.dtype
         x = torch.randn(n, dim, generator=generator, dtype=dtype)

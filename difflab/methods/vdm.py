@@ -70,8 +70,14 @@ class LogSNRSchedule(nn.Module, Schedule):
     softplus), phi = (phi~(t) - phi~(0)) / (phi~(1) - phi~(0)). Also a difflab `Schedule`:
     sigma(t) = exp(gamma(t)/2), t(sigma) by bisection, scale = 1/sqrt(1 + sigma^2)."""
 
-    def __init__(self, gamma_0: float = -10.0, gamma_1: float = 6.0, learn_endpoints: bool = True,
-                 learn_shape: bool = False, hidden: int = 64):
+    def __init__(
+        self,
+        gamma_0: float = -10.0,
+        gamma_1: float = 6.0,
+        learn_endpoints: bool = True,
+        learn_shape: bool = False,
+        hidden: int = 64,
+    ):
         nn.Module.__init__(self)
         if not gamma_0 < gamma_1:
             raise ValueError(f"need gamma_0 < gamma_1, got {gamma_0}, {gamma_1}")
@@ -160,8 +166,12 @@ class LogSNRSchedule(nn.Module, Schedule):
         return torch.cat([sig, sig.new_zeros(1)]) if append_zero else sig
 
     def to_config(self) -> dict:
-        return {"type": "LogSNRSchedule", "gamma_0": self.gamma_0.item(), "gamma_1": self.gamma_1.item(),
-                "learn_shape": self.learn_shape}
+        return {
+            "type": "LogSNRSchedule",
+            "gamma_0": self.gamma_0.item(),
+            "gamma_1": self.gamma_1.item(),
+            "learn_shape": self.learn_shape,
+        }
 
 
 class VDM(nn.Module):
@@ -221,8 +231,7 @@ class VDM(nn.Module):
             return (u + torch.arange(n) / n) % 1.0
         return torch.rand(n, generator=generator)
 
-    def loss(self, x0: Tensor, generator: torch.Generator | None = None, antithetic: bool = True,
-             **cond) -> Tensor:
+    def loss(self, x0: Tensor, generator: torch.Generator | None = None, antithetic: bool = True, **cond) -> Tensor:
         """Per-sample one-sample estimate of -ELBO(x0) in nats (B,). Backprop of its mean trains
         the network and endpoints on the ELBO and a learned shape on the variance of L_inf."""
         t = self.draw_times(x0.shape[0], generator, antithetic).to(x0.dtype)
@@ -233,8 +242,9 @@ class VDM(nn.Module):
         return self.prior_term(x0) + self.recon_term(x0) + diff
 
     @torch.no_grad()
-    def nelbo(self, x0: Tensor, n_t: int = 64, generator: torch.Generator | None = None,
-              chunk: int = 65536, **cond) -> dict[str, Tensor]:
+    def nelbo(
+        self, x0: Tensor, n_t: int = 64, generator: torch.Generator | None = None, chunk: int = 65536, **cond
+    ) -> dict[str, Tensor]:
         """-ELBO per sample with L_inf averaged over n_t stratified times: dict(prior, recon,
         diffusion, total) of (B,) tensors, nats."""
         B = x0.shape[0]
@@ -242,8 +252,9 @@ class VDM(nn.Module):
         t = ((torch.arange(n_t)[None] + u) / n_t).reshape(-1).to(x0.dtype)  # (B * n_t,)
         xr = x0.repeat_interleave(n_t, 0)  # (B * n_t, ...)
         noise = torch.randn(xr.shape, generator=generator, dtype=x0.dtype)
-        parts = [self.diffusion_term(a, b, c, **cond) for a, b, c in
-                 zip(xr.split(chunk), t.split(chunk), noise.split(chunk))]
+        parts = [
+            self.diffusion_term(a, b, c, **cond) for a, b, c in zip(xr.split(chunk), t.split(chunk), noise.split(chunk))
+        ]
         diff = torch.cat(parts).reshape(B, n_t).mean(1)
         prior, recon = self.prior_term(x0), self.recon_term(x0)
         return {"prior": prior, "recon": recon, "diffusion": diff, "total": prior + recon + diff}

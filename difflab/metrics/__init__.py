@@ -16,12 +16,22 @@ The classifiers' weights and cards are in checkpoints/classifiers/; their recipe
 
 from difflab.metrics.bpd import discrete_log_prob, ode_bits_per_dim, quantize, vlb_bits_per_dim
 from difflab.metrics.classifiers import (
-    CLASSIFIERS, FeatureNet, FeatureNetConfig, attribute_accuracy, load_classifier,
+    CLASSIFIERS,
+    FeatureNet,
+    FeatureNetConfig,
+    attribute_accuracy,
+    load_classifier,
 )
 from difflab.metrics.evaluate import evaluate_run, format_report, score_samples
 from difflab.metrics.features import (
-    EXTRACTORS, FeatureExtractor, ReferenceStats, default_extractor, extract, feature_extractor,
-    reference_stats, stats_cache_dir,
+    EXTRACTORS,
+    FeatureExtractor,
+    ReferenceStats,
+    default_extractor,
+    extract,
+    feature_extractor,
+    reference_stats,
+    stats_cache_dir,
 )
 from difflab.metrics.frechet import GaussianStats, frechet_distance, mean_cov
 from difflab.metrics.inception import InceptionV3, load_inception

@@ -61,8 +61,8 @@ __all__ = [
     "discrete_log_prob",
 ]
 
-BIN_WIDTH = 2 / 255              # width of one 8-bit level in [-1, 1]
-LOG2_LEVELS = math.log2(127.5)   # -log2 BIN_WIDTH: the dequantisation term per dimension
+BIN_WIDTH = 2 / 255  # width of one 8-bit level in [-1, 1]
+LOG2_LEVELS = math.log2(127.5)  # -log2 BIN_WIDTH: the dequantisation term per dimension
 
 
 def quantize(x: Tensor) -> Tensor:
@@ -106,10 +106,19 @@ def _strata(T: int, k: int) -> list[tuple[int, int]]:
 
 
 @torch.no_grad()
-def vlb_bits_per_dim(denoiser, x0: Tensor, *, schedule: DiscreteVP | None = None,
-                     variance: str | None = None, timesteps: int | None = None,
-                     generator: torch.Generator | None = None, cond: dict | None = None,
-                     batch_size: int = 256, progress: bool = False, return_terms: bool = False):
+def vlb_bits_per_dim(
+    denoiser,
+    x0: Tensor,
+    *,
+    schedule: DiscreteVP | None = None,
+    variance: str | None = None,
+    timesteps: int | None = None,
+    generator: torch.Generator | None = None,
+    cond: dict | None = None,
+    batch_size: int = 256,
+    progress: bool = False,
+    return_terms: bool = False,
+):
     """DDPM variational bound on -log2 P(k) / D per image (B,), in bits/dim.
 
     variance: the reverse-step variance: "learned" for a learned-variance Preconditioned on its
@@ -137,13 +146,16 @@ def vlb_bits_per_dim(denoiser, x0: Tensor, *, schedule: DiscreteVP | None = None
         blocks = _strata(T, min(timesteps, T - 1))
 
     # every (block, item) pair gets its own t, noise and weight; run in chunks of batch_size
-    t_all = [torch.zeros(B, dtype=torch.long)]          # t = 0: the decoder term, exactly
+    t_all = [torch.zeros(B, dtype=torch.long)]  # t = 0: the decoder term, exactly
     w_all = [torch.ones(B, dtype=torch.float64)]
     for a, b in blocks:
-        t_all.append(torch.full((B,), a, dtype=torch.long) if b - a == 1
-                     else a + torch.randint(0, b - a, (B,), generator=generator))
+        t_all.append(
+            torch.full((B,), a, dtype=torch.long)
+            if b - a == 1
+            else a + torch.randint(0, b - a, (B,), generator=generator)
+        )
         w_all.append(torch.full((B,), float(b - a), dtype=torch.float64))
-    t_all, w_all = torch.cat(t_all), torch.cat(w_all)    # (n_blocks + 1) * B
+    t_all, w_all = torch.cat(t_all), torch.cat(w_all)  # (n_blocks + 1) * B
     item = torch.arange(len(t_all)) % B
     terms = torch.zeros(len(t_all), dtype=torch.float64)
     chunks = range(0, len(t_all), max(1, batch_size))
@@ -156,14 +168,21 @@ def vlb_bits_per_dim(denoiser, x0: Tensor, *, schedule: DiscreteVP | None = None
         idx = item[sl]
         xb = x0[idx.to(x0.device)]
         nb = torch.randn(xb.shape, generator=generator, dtype=dt).to(x0.device)
-        cb = {k: v[idx.to(v.device)] if torch.is_tensor(v) and v.ndim and len(v) == B else v
-              for k, v in cond.items()}
+        cb = {k: v[idx.to(v.device)] if torch.is_tensor(v) and v.ndim and len(v) == B else v for k, v in cond.items()}
         terms[sl] = vlb_terms(model, xb, t_all[sl].to(x0.device), nb, variance, **cb).to(torch.float64).cpu()
-    weighted = (w_all * terms).reshape(-1, B)             # (n_blocks + 1, B)
+    weighted = (w_all * terms).reshape(-1, B)  # (n_blocks + 1, B)
     ab_T = float(sched.alphas_cumprod[-1])
     x0c = x0.to(torch.float64).cpu()
-    prior = normal_kl(math.sqrt(ab_T) * x0c, torch.full_like(x0c, math.log(1 - ab_T)),
-                      torch.zeros_like(x0c), torch.zeros_like(x0c)).flatten(1).mean(1)
+    prior = (
+        normal_kl(
+            math.sqrt(ab_T) * x0c,
+            torch.full_like(x0c, math.log(1 - ab_T)),
+            torch.zeros_like(x0c),
+            torch.zeros_like(x0c),
+        )
+        .flatten(1)
+        .mean(1)
+    )
     ln2 = math.log(2)
     parts = {"prior": prior / ln2, "decoder": weighted[0] / ln2, "kl": weighted[1:].sum(0) / ln2}
     bpd = parts["prior"] + parts["decoder"] + parts["kl"]
@@ -172,10 +191,18 @@ def vlb_bits_per_dim(denoiser, x0: Tensor, *, schedule: DiscreteVP | None = None
     return bpd
 
 
-def ode_bits_per_dim(denoiser, x0: Tensor, *, sigma_min: float | None = None,
-                     sigma_max: float | None = None, hutchinson: int | None = None,
-                     n_dequant: int = 1, generator: torch.Generator | None = None,
-                     cond: dict | None = None, **kw) -> Tensor:
+def ode_bits_per_dim(
+    denoiser,
+    x0: Tensor,
+    *,
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
+    hutchinson: int | None = None,
+    n_dequant: int = 1,
+    generator: torch.Generator | None = None,
+    cond: dict | None = None,
+    **kw,
+) -> Tensor:
     """Probability-flow ODE bound on -log2 P(k) / D per image (B,), bits/dim (see module doc).
 
     Wraps `difflab.core.likelihood.bits_per_dim`. sigma_min / sigma_max default to the
@@ -204,8 +231,17 @@ def ode_bits_per_dim(denoiser, x0: Tensor, *, sigma_min: float | None = None,
             return model(x.to(device), torch.as_tensor(sigma).to(device), **c).to(x.device)
 
         cond = {k: v.to(device) if torch.is_tensor(v) else v for k, v in (cond or {}).items()}
-    return bits_per_dim(denoiser, x0.cpu(), sigma_min, sigma_max, n_dequant=n_dequant, generator=generator,
-                        hutchinson=hutchinson, cond=cond, **kw)
+    return bits_per_dim(
+        denoiser,
+        x0.cpu(),
+        sigma_min,
+        sigma_max,
+        n_dequant=n_dequant,
+        generator=generator,
+        hutchinson=hutchinson,
+        cond=cond,
+        **kw,
+    )
 
 
 def discrete_log_prob(gm, x: Tensor) -> Tensor:
@@ -215,12 +251,13 @@ def discrete_log_prob(gm, x: Tensor) -> Tensor:
     x = quantize(x.to(torch.float64)).reshape(x.shape[0], -1)
     lo = torch.where(x < -1 + BIN_WIDTH / 4, torch.full_like(x, -math.inf), x - BIN_WIDTH / 2)
     hi = torch.where(x > 1 - BIN_WIDTH / 4, torch.full_like(x, math.inf), x + BIN_WIDTH / 2)
-    std = gm.variances.sqrt()[None]                        # (1, K, d)
-    a = (lo[:, None, :] - gm.means[None]) / std            # (n, K, d)
+    std = gm.variances.sqrt()[None]  # (1, K, d)
+    a = (lo[:, None, :] - gm.means[None]) / std  # (n, K, d)
     b = (hi[:, None, :] - gm.means[None]) / std
     # Phi(b) - Phi(a), computed on the side of the tail where it does not cancel
     upper = a > 0
-    mass = torch.where(upper, torch.special.ndtr(-a) - torch.special.ndtr(-b),
-                       torch.special.ndtr(b) - torch.special.ndtr(a))
-    log_mass = mass.clamp(min=1e-300).log().sum(-1)        # (n, K)
+    mass = torch.where(
+        upper, torch.special.ndtr(-a) - torch.special.ndtr(-b), torch.special.ndtr(b) - torch.special.ndtr(a)
+    )
+    log_mass = mass.clamp(min=1e-300).log().sum(-1)  # (n, K)
     return torch.logsumexp(log_mass + gm.weights.log()[None], dim=1)

@@ -69,8 +69,13 @@ class ClassifierSpec:
 CLASSIFIERS: dict[str, ClassifierSpec] = {
     "fmnist": ClassifierSpec("fashion_mnist", 1, 32, (("label", 10),), data_kwargs=(("pad_to", 32),)),
     "digits": ClassifierSpec("digits", 1, 16, (("label", 10),)),
-    "shapes": ClassifierSpec("shapes", 3, 32, (("shape", 5), ("color", 6), ("size", 2),
-                                               ("position", 5), ("background", 2)), label_head="shape"),
+    "shapes": ClassifierSpec(
+        "shapes",
+        3,
+        32,
+        (("shape", 5), ("color", 6), ("size", 2), ("position", 5), ("background", 2)),
+        label_head="shape",
+    ),
 }
 # the extractor a data set gets by default
 DATASET_EXTRACTOR = {spec.dataset: name for name, spec in CLASSIFIERS.items()}
@@ -171,7 +176,8 @@ def load_classifier(name_or_path: str | os.PathLike, root: str | os.PathLike | N
         if not path.is_file():
             raise FileNotFoundError(
                 f"classifier weights {path} are missing; train them with "
-                f"`python -m difflab.metrics.train_classifiers {name_or_path}`")
+                f"`python -m difflab.metrics.train_classifiers {name_or_path}`"
+            )
     else:
         path = Path(name_or_path)
     tensors, meta = read_safetensors(path)
@@ -220,22 +226,24 @@ def prepare_images(x: Tensor, channels: int, size: int) -> Tensor:
 
 
 @torch.no_grad()
-def attribute_accuracy(net: FeatureNet, images: Tensor, attributes: dict[str, Tensor],
-                       batch_size: int = 500) -> dict[str, float]:
+def attribute_accuracy(
+    net: FeatureNet, images: Tensor, attributes: dict[str, Tensor], batch_size: int = 500
+) -> dict[str, float]:
     """Fraction of images whose predicted attribute equals the given one, per head present in both
     (e.g. the shapes set's shape, color, size, position, background); "all" = every head right."""
     heads = [k for k in net.config.heads if k in attributes]
     if not heads:
-        raise ValueError(f"no attribute of {sorted(attributes)} is predicted by this classifier "
-                         f"(heads {sorted(net.config.heads)})")
+        raise ValueError(
+            f"no attribute of {sorted(attributes)} is predicted by this classifier (heads {sorted(net.config.heads)})"
+        )
     correct = {k: 0 for k in heads}
     all_right = 0
     for a in range(0, len(images), batch_size):
-        x = prepare_images(images[a:a + batch_size], net.config.in_channels, net.config.image_size)
+        x = prepare_images(images[a : a + batch_size], net.config.in_channels, net.config.image_size)
         logits = net(x)
         ok = None
         for k in heads:
-            hit = logits[k].argmax(1).cpu() == attributes[k][a:a + batch_size].cpu()
+            hit = logits[k].argmax(1).cpu() == attributes[k][a : a + batch_size].cpu()
             correct[k] += int(hit.sum())
             ok = hit if ok is None else ok & hit
         all_right += int(ok.sum())

@@ -25,7 +25,11 @@ from typing import Callable
 import torch
 
 from difflab.metrics.features import (
-    ClassifierExtractor, default_extractor, extract, feature_extractor, reference_stats,
+    ClassifierExtractor,
+    default_extractor,
+    extract,
+    feature_extractor,
+    reference_stats,
 )
 from difflab.metrics.frechet import frechet_distance, mean_cov
 from difflab.metrics.inception_score import inception_score
@@ -57,13 +61,28 @@ def _data_kwargs(config: dict) -> dict:
     return kw
 
 
-def evaluate_run(run: str | os.PathLike, *, sampler: str | None = None, steps: int = 20, n: int = 10_000,
-                 seed: int = 0, guidance_scale: float = 1.0, extractor: str | None = None,
-                 inception_weights: str | os.PathLike | None = None, bpd: str = "vlb", bpd_n: int = 256,
-                 bpd_timesteps: int | None = 100, hutchinson: int = 1, pr_k: int = 3,
-                 recompute_stats: bool = False, batch_size: int = 256, weights: str = "ema",
-                 device: str | torch.device | None = None, progress: bool = True,
-                 log: Callable[[str], None] = print) -> dict:
+def evaluate_run(
+    run: str | os.PathLike,
+    *,
+    sampler: str | None = None,
+    steps: int = 20,
+    n: int = 10_000,
+    seed: int = 0,
+    guidance_scale: float = 1.0,
+    extractor: str | None = None,
+    inception_weights: str | os.PathLike | None = None,
+    bpd: str = "vlb",
+    bpd_n: int = 256,
+    bpd_timesteps: int | None = 100,
+    hutchinson: int = 1,
+    pr_k: int = 3,
+    recompute_stats: bool = False,
+    batch_size: int = 256,
+    weights: str = "ema",
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Score a run: FD, precision, recall, IS analogue (+ class accuracy) and bits/dim (a dict)."""
     from difflab.core.sampling import DEFAULT_SAMPLER
     from difflab.pipeline import Pipeline
@@ -90,9 +109,17 @@ def evaluate_run(run: str | os.PathLike, *, sampler: str | None = None, steps: i
 
     # (1) reference statistics of the training split
     t0 = time.perf_counter()
-    ref = reference_stats(ext, dataset, "train", images=lambda: _run_data(config, "train").images,
-                          data_kwargs=_data_kwargs(config), recompute=recompute_stats,
-                          batch_size=batch_size, progress=progress, log=log)
+    ref = reference_stats(
+        ext,
+        dataset,
+        "train",
+        images=lambda: _run_data(config, "train").images,
+        data_kwargs=_data_kwargs(config),
+        recompute=recompute_stats,
+        batch_size=batch_size,
+        progress=progress,
+        log=log,
+    )
     timings["reference"] = time.perf_counter() - t0
 
     # (2) samples
@@ -104,15 +131,33 @@ def evaluate_run(run: str | os.PathLike, *, sampler: str | None = None, steps: i
         if not captions:
             raise ValueError(f"run {run} is text-conditional but its data set {dataset!r} has no test captions")
         prompts = [captions[i % len(captions)] for i in range(n)]
-    samples = pipe(n, guidance_scale=guidance_scale, sampler=sampler, steps=steps, seed=seed,
-                   batch_size=min(batch_size, 64), progress=progress, **({"prompt": prompts} if text_run else {}))
+    samples = pipe(
+        n,
+        guidance_scale=guidance_scale,
+        sampler=sampler,
+        steps=steps,
+        seed=seed,
+        batch_size=min(batch_size, 64),
+        progress=progress,
+        **({"prompt": prompts} if text_run else {}),
+    )
     labels = None if pipe.num_classes is None else torch.arange(n) % pipe.num_classes
     timings["sampling"] = time.perf_counter() - t0
 
     # (3) sample metrics
     t0 = time.perf_counter()
-    scores = score_samples(samples, ext, ref, dataset, labels=labels, num_classes=pipe.num_classes,
-                           pr_k=pr_k, batch_size=batch_size, progress=progress, device=device)
+    scores = score_samples(
+        samples,
+        ext,
+        ref,
+        dataset,
+        labels=labels,
+        num_classes=pipe.num_classes,
+        pr_k=pr_k,
+        batch_size=batch_size,
+        progress=progress,
+        device=device,
+    )
     fd, is_score, class_acc = scores["fd"], scores["inception_score"], scores["class_accuracy"]
     pr, m, domain = scores, scores["pr_n"], scores["domain"]
     timings["metrics"] = time.perf_counter() - t0
@@ -120,13 +165,14 @@ def evaluate_run(run: str | os.PathLike, *, sampler: str | None = None, steps: i
     # (4) bits/dim on test images
     bpd_report = None
     if bpd != "none" and config.get("autoencoder"):
-        log("bits/dim: skipped -- a latent-diffusion run models autoencoder latents, not pixels, "
-            "so its bound is not a pixel likelihood")
+        log(
+            "bits/dim: skipped -- a latent-diffusion run models autoencoder latents, not pixels, "
+            "so its bound is not a pixel likelihood"
+        )
         bpd = "none"
     if bpd != "none":
         t0 = time.perf_counter()
-        bpd_report = _bits_per_dim(pipe, config, bpd, bpd_n, bpd_timesteps, hutchinson, seed, batch_size,
-                                   progress)
+        bpd_report = _bits_per_dim(pipe, config, bpd, bpd_n, bpd_timesteps, hutchinson, seed, batch_size, progress)
         timings["bits_per_dim"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
 
@@ -141,8 +187,13 @@ def evaluate_run(run: str | os.PathLike, *, sampler: str | None = None, steps: i
         "prompts": "held-out test captions, one per sample" if prompts else None,
         "weights": weights,
         "extractor": {"name": ext_name, "sha256": ext.weights_sha256, "dim": ext.dim},
-        "reference": {"dataset": dataset, "split": "train", "n": ref.n, "path": str(ref.path),
-                      "from_cache": ref.loaded},
+        "reference": {
+            "dataset": dataset,
+            "split": "train",
+            "n": ref.n,
+            "path": str(ref.path),
+            "from_cache": ref.loaded,
+        },
         "fd_name": ext.display_name,
         "fd": fd,
         "precision": pr["precision"],
@@ -158,9 +209,19 @@ def evaluate_run(run: str | os.PathLike, *, sampler: str | None = None, steps: i
     }
 
 
-def score_samples(samples: torch.Tensor, ext, ref, dataset: str, *, labels: torch.Tensor | None = None,
-                  num_classes: int | None = None, pr_k: int = 3, batch_size: int = 256,
-                  progress: bool = False, device=None) -> dict:
+def score_samples(
+    samples: torch.Tensor,
+    ext,
+    ref,
+    dataset: str,
+    *,
+    labels: torch.Tensor | None = None,
+    num_classes: int | None = None,
+    pr_k: int = 3,
+    batch_size: int = 256,
+    progress: bool = False,
+    device=None,
+) -> dict:
     """FD, precision/recall, IS analogue and (with `labels`) class accuracy of `samples` against the
     reference statistics `ref` of `dataset` under the extractor `ext` (see `reference_stats`).
 
@@ -179,13 +240,28 @@ def score_samples(samples: torch.Tensor, ext, ref, dataset: str, *, labels: torc
     class_acc = None
     if domain is not None and labels is not None and probs is not None and probs.shape[1] == num_classes:
         class_acc = (probs.argmax(1) == labels).double().mean().item()
-    return {"fd": fd, "precision": pr["precision"], "recall": pr["recall"], "pr_n": m,
-            "inception_score": is_score, "class_accuracy": class_acc,
-            "domain": None if domain is None else domain.name}
+    return {
+        "fd": fd,
+        "precision": pr["precision"],
+        "recall": pr["recall"],
+        "pr_n": m,
+        "inception_score": is_score,
+        "class_accuracy": class_acc,
+        "domain": None if domain is None else domain.name,
+    }
 
 
-def _bits_per_dim(pipe, config: dict, method: str, bpd_n: int, timesteps: int | None, hutchinson: int,
-                  seed: int, batch_size: int, progress: bool) -> dict:
+def _bits_per_dim(
+    pipe,
+    config: dict,
+    method: str,
+    bpd_n: int,
+    timesteps: int | None,
+    hutchinson: int,
+    seed: int,
+    batch_size: int,
+    progress: bool,
+) -> dict:
     from difflab.metrics.bpd import ode_bits_per_dim, vlb_bits_per_dim
 
     dataset = config["data"]["name"]
@@ -209,17 +285,23 @@ def _bits_per_dim(pipe, config: dict, method: str, bpd_n: int, timesteps: int | 
 
         chunks = tqdm(chunks, desc=f"bits/dim ({method})", leave=False)
     for a in chunks:
-        xb = x[a:a + chunk].to(device)
-        cb = {k: v[a:a + chunk] for k, v in cond.items()}
+        xb = x[a : a + chunk].to(device)
+        cb = {k: v[a : a + chunk] for k, v in cond.items()}
         if method == "vlb":
-            values.append(vlb_bits_per_dim(pipe.denoiser, xb, timesteps=timesteps, generator=g, cond=cb,
-                                           batch_size=batch_size))
+            values.append(
+                vlb_bits_per_dim(pipe.denoiser, xb, timesteps=timesteps, generator=g, cond=cb, batch_size=batch_size)
+            )
         else:
             values.append(ode_bits_per_dim(pipe.denoiser, xb, hutchinson=hutchinson, generator=g, cond=cb))
     v = torch.cat(values).double()
-    out = {"method": method, "value": v.mean().item(),
-           "stderr": (v.std().item() / math.sqrt(len(v))) if len(v) > 1 else None,
-           "n": len(v), "split": split, "conditioning": conditioning}
+    out = {
+        "method": method,
+        "value": v.mean().item(),
+        "stderr": (v.std().item() / math.sqrt(len(v))) if len(v) > 1 else None,
+        "n": len(v),
+        "split": split,
+        "conditioning": conditioning,
+    }
     if method == "vlb":
         sched = pipe.denoiser.schedule
         from difflab.core.schedules import DiscreteVP
@@ -233,12 +315,16 @@ def _bits_per_dim(pipe, config: dict, method: str, bpd_n: int, timesteps: int | 
 
 def format_report(r: dict) -> str:
     """The table `difflab eval` prints."""
+
     def fmt(v, spec=".4f"):
         return "-" if v is None else format(v, spec)
 
     rows = [
-        (r["fd_name"], fmt(r["fd"], ".3f"), f"{r['extractor']['name']} features vs {r['reference']['n']} "
-                                             f"{r['dataset']} train images"),
+        (
+            r["fd_name"],
+            fmt(r["fd"], ".3f"),
+            f"{r['extractor']['name']} features vs {r['reference']['n']} {r['dataset']} train images",
+        ),
         ("precision", fmt(r["precision"]), f"k={r['pr_k']}, {r['pr_n']} vs {r['pr_n']}"),
         ("recall", fmt(r["recall"]), ""),
         ("IS (analogue)", fmt(r["inception_score"], ".3f"), f"classifier {r['is_classifier'] or '-'}"),
@@ -248,13 +334,19 @@ def format_report(r: dict) -> str:
     b = r.get("bpd")
     if b:
         se = f" +- {b['stderr']:.4f}" if b.get("stderr") is not None else ""
-        how = (f"VLB, {b['timesteps']} timesteps, {b['grid']}" if b["method"] == "vlb"
-               else f"PF-ODE, Hutchinson {b['hutchinson']}" if b["hutchinson"] else "PF-ODE, exact divergence")
+        how = (
+            f"VLB, {b['timesteps']} timesteps, {b['grid']}"
+            if b["method"] == "vlb"
+            else f"PF-ODE, Hutchinson {b['hutchinson']}"
+            if b["hutchinson"]
+            else "PF-ODE, exact divergence"
+        )
         rows.append(("bits/dim", f"{b['value']:.4f}{se}", f"{how}; {b['n']} {b['split']} images, {b['conditioning']}"))
     w = max(len(k) for k, _, _ in rows)
     v = max(len(x) for _, x, _ in rows)
-    head = (f"{r['run']}: {r['n']} samples, {r['sampler']} {r['steps']} steps, seed {r['seed']}"
-            + (f", guidance {r['guidance_scale']:g}" if r["guidance_scale"] != 1 else ""))
+    head = f"{r['run']}: {r['n']} samples, {r['sampler']} {r['steps']} steps, seed {r['seed']}" + (
+        f", guidance {r['guidance_scale']:g}" if r["guidance_scale"] != 1 else ""
+    )
     lines = [head] + [f"  {k:<{w}}  {x:>{v}}  {note}".rstrip() for k, x, note in rows]
     return "\n".join(lines)
 

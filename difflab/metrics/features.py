@@ -39,7 +39,11 @@ import torch
 from torch import Tensor
 
 from difflab.metrics.classifiers import (
-    CLASSIFIERS, DATASET_EXTRACTOR, FeatureNet, load_classifier, prepare_images,
+    CLASSIFIERS,
+    DATASET_EXTRACTOR,
+    FeatureNet,
+    load_classifier,
+    prepare_images,
 )
 from difflab.metrics.frechet import GaussianStats
 
@@ -127,8 +131,9 @@ class InceptionExtractor(FeatureExtractor):
         return self
 
 
-def feature_extractor(name: str, weights: str | os.PathLike | None = None,
-                      device: str | torch.device | None = None) -> FeatureExtractor:
+def feature_extractor(
+    name: str, weights: str | os.PathLike | None = None, device: str | torch.device | None = None
+) -> FeatureExtractor:
     """An extractor by name: "fmnist" | "digits" | "shapes" (committed weights, or `weights` =
     another classifier .safetensors) | "inception" (`weights` = the standard Inception-v3 file)."""
     if name == "inception":
@@ -147,14 +152,17 @@ def feature_extractor(name: str, weights: str | os.PathLike | None = None,
 def default_extractor(dataset: str) -> str:
     """The domain classifier of a data set ("fashion_mnist" -> "fmnist", ...)."""
     if dataset not in DATASET_EXTRACTOR:
-        raise ValueError(f"no difflab feature classifier for data set {dataset!r} (have: "
-                         f"{', '.join(DATASET_EXTRACTOR)}); pass --extractor inception "
-                         f"--inception-weights PATH")
+        raise ValueError(
+            f"no difflab feature classifier for data set {dataset!r} (have: "
+            f"{', '.join(DATASET_EXTRACTOR)}); pass --extractor inception "
+            f"--inception-weights PATH"
+        )
     return DATASET_EXTRACTOR[dataset]
 
 
-def extract(extractor: FeatureExtractor, images: Tensor, batch_size: int = 256, progress: bool = False,
-            desc: str = "features") -> tuple[Tensor, Tensor | None]:
+def extract(
+    extractor: FeatureExtractor, images: Tensor, batch_size: int = 256, progress: bool = False, desc: str = "features"
+) -> tuple[Tensor, Tensor | None]:
     """(features (N, dim) float32, probs (N, classes) or None) in batches."""
     feats, probs = [], []
     chunks = range(0, len(images), batch_size)
@@ -163,7 +171,7 @@ def extract(extractor: FeatureExtractor, images: Tensor, batch_size: int = 256, 
 
         chunks = tqdm(chunks, desc=desc, leave=False)
     for a in chunks:
-        f, p = extractor.features_and_probs(images[a:a + batch_size])
+        f, p = extractor.features_and_probs(images[a : a + batch_size])
         feats.append(f)
         if p is not None:
             probs.append(p)
@@ -185,15 +193,16 @@ def stats_cache_dir() -> Path:
 class ReferenceStats:
     mu: np.ndarray
     cov: np.ndarray
-    features: Tensor            # a fixed random subset (for precision/recall)
+    features: Tensor  # a fixed random subset (for precision/recall)
     n: int
     path: Path
-    loaded: bool                # True: read from the cache; False: computed now
+    loaded: bool  # True: read from the cache; False: computed now
     meta: dict = field(default_factory=dict)
 
 
-def _cache_name(dataset: str, split: str, shape: tuple[int, ...], extractor: FeatureExtractor,
-                data_kwargs: dict) -> str:
+def _cache_name(
+    dataset: str, split: str, shape: tuple[int, ...], extractor: FeatureExtractor, data_kwargs: dict
+) -> str:
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", dataset).strip("_")
     if dataset.startswith("folder:"):  # different folders must not share a name
         safe += "-" + hashlib.sha256(dataset.encode()).hexdigest()[:8]
@@ -204,11 +213,20 @@ def _cache_name(dataset: str, split: str, shape: tuple[int, ...], extractor: Fea
     return f"{safe}-{split}-{geometry}{kw}-{extractor.name}-{extractor.weights_sha256[:12]}.safetensors"
 
 
-def reference_stats(extractor: FeatureExtractor, dataset: str, split: str = "train", *,
-                    images: Tensor | Callable[[], Tensor] | None = None, data_kwargs: dict | None = None,
-                    recompute: bool = False, keep: int = 10_000, batch_size: int = 256,
-                    progress: bool = False, log: Callable[[str], None] = print,
-                    cache_dir: str | os.PathLike | None = None) -> ReferenceStats:
+def reference_stats(
+    extractor: FeatureExtractor,
+    dataset: str,
+    split: str = "train",
+    *,
+    images: Tensor | Callable[[], Tensor] | None = None,
+    data_kwargs: dict | None = None,
+    recompute: bool = False,
+    keep: int = 10_000,
+    batch_size: int = 256,
+    progress: bool = False,
+    log: Callable[[str], None] = print,
+    cache_dir: str | os.PathLike | None = None,
+) -> ReferenceStats:
     """Mean/covariance (and `keep` random features) of a data set split under `extractor`,
     read from the cache or computed and cached. `images` (a tensor or a function returning one)
     replaces `load_dataset(dataset, split, **data_kwargs)`; its geometry is part of the key."""
@@ -220,22 +238,30 @@ def reference_stats(extractor: FeatureExtractor, dataset: str, split: str = "tra
 
         def images():
             return load_dataset(dataset, split, **data_kwargs).images
+
     get = images if callable(images) else (lambda: images)
     shape = _geometry(dataset, split, data_kwargs, get)
     folder = Path(cache_dir) if cache_dir is not None else stats_cache_dir()
     path = folder / _cache_name(dataset, split, shape, extractor, data_kwargs)
     if path.exists() and not recompute:
         tensors, meta = read_safetensors(path)
-        if (meta.get("format") != STATS_FORMAT or meta.get("extractor_sha256") != extractor.weights_sha256
-                or meta.get("dataset") != dataset or meta.get("split") != split):
-            raise ValueError(f"cached statistics {path} do not match ({meta.get('dataset')}/"
-                             f"{meta.get('split')}, extractor sha {meta.get('extractor_sha256', '')[:12]}); "
-                             f"delete the file or pass --recompute-stats")
+        if (
+            meta.get("format") != STATS_FORMAT
+            or meta.get("extractor_sha256") != extractor.weights_sha256
+            or meta.get("dataset") != dataset
+            or meta.get("split") != split
+        ):
+            raise ValueError(
+                f"cached statistics {path} do not match ({meta.get('dataset')}/"
+                f"{meta.get('split')}, extractor sha {meta.get('extractor_sha256', '')[:12]}); "
+                f"delete the file or pass --recompute-stats"
+            )
         n = int(meta["n"])
-        log(f"reference statistics: loaded {path} ({n} {dataset}/{split} images, {extractor.name}, "
-            f"computed {meta.get('created', '?')}; --recompute-stats rebuilds them)")
-        return ReferenceStats(tensors["mu"].numpy(), tensors["cov"].numpy(), tensors["features"], n,
-                              path, True, meta)
+        log(
+            f"reference statistics: loaded {path} ({n} {dataset}/{split} images, {extractor.name}, "
+            f"computed {meta.get('created', '?')}; --recompute-stats rebuilds them)"
+        )
+        return ReferenceStats(tensors["mu"].numpy(), tensors["cov"].numpy(), tensors["features"], n, path, True, meta)
     x = get()
     n = len(x)
     verb = "recomputing" if path.exists() else "computing"
@@ -250,7 +276,7 @@ def reference_stats(extractor: FeatureExtractor, dataset: str, split: str = "tra
 
         chunks = tqdm(chunks, desc=f"reference features ({dataset}/{split})", leave=False)
     for a in chunks:
-        f = extractor(x[a:a + batch_size])
+        f = extractor(x[a : a + batch_size])
         stats.update(f)
         sel = keep_idx[(keep_idx >= a) & (keep_idx < a + len(f))] - a
         kept.append(f[sel])
@@ -258,13 +284,21 @@ def reference_stats(extractor: FeatureExtractor, dataset: str, split: str = "tra
     features = torch.cat(kept).float()
     # the subset in random (not index) order, so a prefix of it is itself a random subset
     features = features[torch.randperm(len(features), generator=g)]
-    meta = {"format": STATS_FORMAT, "dataset": dataset, "split": split, "n": str(n),
-            "shape": json.dumps(list(shape)), "data_kwargs": json.dumps(data_kwargs, default=str),
-            "extractor": extractor.name, "extractor_sha256": extractor.weights_sha256,
-            "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+    meta = {
+        "format": STATS_FORMAT,
+        "dataset": dataset,
+        "split": split,
+        "n": str(n),
+        "shape": json.dumps(list(shape)),
+        "data_kwargs": json.dumps(data_kwargs, default=str),
+        "extractor": extractor.name,
+        "extractor_sha256": extractor.weights_sha256,
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_save_safetensors({"mu": torch.from_numpy(mu), "cov": torch.from_numpy(cov), "features": features},
-                            path, metadata=meta)
+    atomic_save_safetensors(
+        {"mu": torch.from_numpy(mu), "cov": torch.from_numpy(cov), "features": features}, path, metadata=meta
+    )
     return ReferenceStats(mu, cov, features, n, path, False, meta)
 
 

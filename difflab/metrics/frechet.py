@@ -62,18 +62,22 @@ def frechet_distance(mu1, cov1, mu2, cov2, eps: float = 1e-6) -> float:
         offset = np.eye(d) * eps
         covmean = sqrt_product(cov1 + offset, cov2 + offset)
         if not np.isfinite(covmean).all():
-            raise ValueError("sqrtm(cov1 @ cov2) is not finite even with eps * I added; "
-                             "are the covariances valid (symmetric positive semi-definite)?")
+            raise ValueError(
+                "sqrtm(cov1 @ cov2) is not finite even with eps * I added; "
+                "are the covariances valid (symmetric positive semi-definite)?"
+            )
     if np.iscomplexobj(covmean):
         scale = max(1.0, abs(np.trace(cov1)), abs(np.trace(cov2)))
         imag = np.max(np.abs(np.diagonal(covmean).imag))
         if imag > 1e-3 * scale:
-            raise ValueError(f"sqrtm(cov1 @ cov2) has a large imaginary component ({imag:.3g}); "
-                             "the covariances are not positive semi-definite")
+            raise ValueError(
+                f"sqrtm(cov1 @ cov2) has a large imaginary component ({imag:.3g}); "
+                "the covariances are not positive semi-definite"
+            )
         covmean = covmean.real
     fd = float(diff @ diff + np.trace(cov1) + np.trace(cov2) - 2 * np.trace(covmean))
     round_off = 1e-9 * max(1.0, float(np.trace(cov1) + np.trace(cov2)))
-    return 0.0 if -round_off < fd < 0 else fd   # identical inputs give -1e-13 and the like
+    return 0.0 if -round_off < fd < 0 else fd  # identical inputs give -1e-13 and the like
 
 
 def mean_cov(features) -> tuple[np.ndarray, np.ndarray]:

@@ -219,13 +219,13 @@ class InceptionV3(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """pool3 features (B, 2048) of images in [-1, 1]."""
         x = self.preprocess(x)
-        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))     # (B, 64, 147, 147)
-        x = F.max_pool2d(x, 3, stride=2)                                        # (B, 64, 73, 73)
-        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))                           # (B, 192, 71, 71)
-        x = F.max_pool2d(x, 3, stride=2)                                        # (B, 192, 35, 35)
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))  # (B, 64, 147, 147)
+        x = F.max_pool2d(x, 3, stride=2)  # (B, 64, 73, 73)
+        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))  # (B, 192, 71, 71)
+        x = F.max_pool2d(x, 3, stride=2)  # (B, 192, 35, 35)
         for name in ("5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b", "7c"):
-            x = getattr(self, f"Mixed_{name}")(x)                               # ... (B, 2048, 8, 8)
-        return x.mean(dim=(2, 3))                                               # (B, 2048)
+            x = getattr(self, f"Mixed_{name}")(x)  # ... (B, 2048, 8, 8)
+        return x.mean(dim=(2, 3))  # (B, 2048)
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,8 +247,9 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a state dict file"
-        raise ValueError(f"{path} is not a readable PyTorch state dict ({type(e).__name__}: {e}). "
-                         f"{INCEPTION_HELP}") from None
+        raise ValueError(
+            f"{path} is not a readable PyTorch state dict ({type(e).__name__}: {e}). {INCEPTION_HELP}"
+        ) from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
@@ -272,17 +273,24 @@ def load_inception(path: str | os.PathLike, variant: str = "auto") -> InceptionV
     wanted = {k: v for k, v in state.items() if not k.startswith(_IGNORED_PREFIXES)}
     missing = [k for k in own if k not in wanted and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in wanted if k not in own]
-    bad_shape = [f"{k}: file {tuple(wanted[k].shape)} vs model {tuple(own[k].shape)}"
-                 for k in own if k in wanted and wanted[k].shape != own[k].shape]
+    bad_shape = [
+        f"{k}: file {tuple(wanted[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in wanted and wanted[k].shape != own[k].shape
+    ]
     if missing or unexpected or bad_shape:
+
         def some(items):
             return ", ".join(items[:4]) + (f" (+{len(items) - 4} more)" if len(items) > 4 else "")
 
-        parts = [f"{len(missing)} missing ({some(missing)})" if missing else "",
-                 f"{len(unexpected)} unexpected ({some(unexpected)})" if unexpected else "",
-                 f"{len(bad_shape)} of the wrong shape ({some(bad_shape)})" if bad_shape else ""]
-        raise ValueError(f"{path} does not fit Inception-v3: tensors " + "; ".join(p for p in parts if p)
-                         + f". {INCEPTION_HELP}")
+        parts = [
+            f"{len(missing)} missing ({some(missing)})" if missing else "",
+            f"{len(unexpected)} unexpected ({some(unexpected)})" if unexpected else "",
+            f"{len(bad_shape)} of the wrong shape ({some(bad_shape)})" if bad_shape else "",
+        ]
+        raise ValueError(
+            f"{path} does not fit Inception-v3: tensors " + "; ".join(p for p in parts if p) + f". {INCEPTION_HELP}"
+        )
     with torch.no_grad():
         for k, v in own.items():
             v.copy_(wanted[k].to(v.dtype) if k in wanted else torch.zeros_like(v))  # zeros: batch counters

@@ -38,7 +38,7 @@ def knn_radii(features: Tensor, k: int = 3, block: int = 1024) -> Tensor:
         raise ValueError(f"k must be in [1, {len(f) - 1}] for {len(f)} points, got {k}")
     out = []
     for a in range(0, len(f), block):
-        d = torch.cdist(f[a:a + block], f)                        # (b, N)
+        d = torch.cdist(f[a : a + block], f)  # (b, N)
         out.append(d.topk(k + 1, dim=1, largest=False).values[:, k])  # [:, 0] is the point itself
     return torch.cat(out)
 
@@ -47,7 +47,7 @@ def in_manifold(points: Tensor, support: Tensor, radii: Tensor, block: int = 102
     """For each point, whether some support point s_i has ||point - s_i|| <= radii_i, (N,) bool."""
     out = []
     for a in range(0, len(points), block):
-        d = torch.cdist(points[a:a + block], support)              # (b, M)
+        d = torch.cdist(points[a : a + block], support)  # (b, M)
         out.append((d <= radii[None, :]).any(dim=1))
     return torch.cat(out)
 

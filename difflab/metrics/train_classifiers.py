@@ -32,7 +32,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from difflab.metrics.classifiers import (
-    CLASSIFIER_DIR, CLASSIFIERS, FeatureNet, FeatureNetConfig, file_sha256, save_classifier,
+    CLASSIFIER_DIR,
+    CLASSIFIERS,
+    FeatureNet,
+    FeatureNetConfig,
+    file_sha256,
+    save_classifier,
 )
 
 __all__ = ["Recipe", "RECIPES", "train_classifier", "evaluate_classifier", "load_split"]
@@ -47,7 +52,7 @@ class Recipe:
     warmup: int = 100
     shift: int = 0
     flip: bool = False
-    n_train: int | None = None   # shapes: how many training items to generate
+    n_train: int | None = None  # shapes: how many training items to generate
     seed: int = 0
     widths: tuple[int, ...] = (16, 32, 64, 128)
 
@@ -85,8 +90,8 @@ def _augment(x: Tensor, recipe: Recipe, g: torch.Generator) -> Tensor:
         padded = F.pad(x, (s, s, s, s), mode="replicate")
         dy = torch.randint(0, 2 * s + 1, (B,), generator=g)
         dx = torch.randint(0, 2 * s + 1, (B,), generator=g)
-        rows = (dy[:, None] + torch.arange(H)[None])  # (B, H)
-        cols = (dx[:, None] + torch.arange(W)[None])  # (B, W)
+        rows = dy[:, None] + torch.arange(H)[None]  # (B, H)
+        cols = dx[:, None] + torch.arange(W)[None]  # (B, W)
         idx_b = torch.arange(B)[:, None, None]
         x = padded.permute(0, 2, 3, 1)[idx_b, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
     if recipe.flip:
@@ -96,15 +101,16 @@ def _augment(x: Tensor, recipe: Recipe, g: torch.Generator) -> Tensor:
 
 
 @torch.no_grad()
-def evaluate_classifier(net: FeatureNet, images: Tensor, targets: dict[str, Tensor],
-                        batch_size: int = 1000) -> dict[str, float]:
+def evaluate_classifier(
+    net: FeatureNet, images: Tensor, targets: dict[str, Tensor], batch_size: int = 1000
+) -> dict[str, float]:
     """Test accuracy per head."""
     net.eval()
     correct = {k: 0 for k in targets}
     for a in range(0, len(images), batch_size):
-        logits = net(images[a:a + batch_size])
+        logits = net(images[a : a + batch_size])
         for k, y in targets.items():
-            correct[k] += int((logits[k].argmax(1) == y[a:a + batch_size]).sum())
+            correct[k] += int((logits[k].argmax(1) == y[a : a + batch_size]).sum())
     return {k: c / len(images) for k, c in correct.items()}
 
 
@@ -119,12 +125,13 @@ def train_classifier(name: str, recipe: Recipe | None = None, progress: bool = T
     x_train, y_train = train.images, _targets(name, train)
     x_test, y_test = test.images, _targets(name, test)
     if tuple(x_train.shape[1:]) != (spec.channels, spec.image_size, spec.image_size):
-        raise ValueError(f"{name}: data shape {tuple(x_train.shape[1:])} != the spec's "
-                         f"{(spec.channels, spec.image_size, spec.image_size)}")
+        raise ValueError(
+            f"{name}: data shape {tuple(x_train.shape[1:])} != the spec's "
+            f"{(spec.channels, spec.image_size, spec.image_size)}"
+        )
 
     torch.manual_seed(recipe.seed)
-    net = FeatureNet(FeatureNetConfig(spec.channels, spec.image_size, widths=recipe.widths,
-                                      heads=dict(spec.heads)))
+    net = FeatureNet(FeatureNetConfig(spec.channels, spec.image_size, widths=recipe.widths, heads=dict(spec.heads)))
     opt = torch.optim.AdamW(net.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     n = len(x_train)
     steps_per_epoch = n // recipe.batch_size
@@ -149,7 +156,7 @@ def train_classifier(name: str, recipe: Recipe | None = None, progress: bool = T
         perm = torch.randperm(n, generator=g)
         running = 0.0
         for j in range(steps_per_epoch):
-            idx = perm[j * recipe.batch_size:(j + 1) * recipe.batch_size]
+            idx = perm[j * recipe.batch_size : (j + 1) * recipe.batch_size]
             x = _augment(x_train[idx], recipe, g)
             logits = net(x)
             loss = sum(F.cross_entropy(logits[k], y[idx]) for k, y in y_train.items())
@@ -194,13 +201,19 @@ def train_classifier(name: str, recipe: Recipe | None = None, progress: bool = T
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m difflab.metrics.train_classifiers",
-                                description="Train the FD feature classifiers (fmnist, digits, shapes).")
+    p = argparse.ArgumentParser(
+        prog="python -m difflab.metrics.train_classifiers",
+        description="Train the FD feature classifiers (fmnist, digits, shapes).",
+    )
     p.add_argument("names", nargs="+", help="fmnist | digits | shapes | all")
     p.add_argument("--out", default=str(CLASSIFIER_DIR), help="folder for NAME.safetensors + NAME.json")
     p.add_argument("--epochs", type=int, help="override the recipe's epochs")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (default 1: bit-reproducible, and on a shared 2-core machine faster)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: bit-reproducible, and on a shared 2-core machine faster)",
+    )
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     names = list(CLASSIFIERS) if args.names == ["all"] else args.names
@@ -220,8 +233,14 @@ def main(argv: list[str] | None = None) -> int:
             command += f" --epochs {args.epochs}"
         if args.threads != 1:
             command += f" --threads {args.threads}"
-        report = {"command": command, **report, "weights": path.name, "sha256": file_sha256(path),
-                  "bytes": path.stat().st_size, "features": "penultimate layer (fc 128 + ReLU)"}
+        report = {
+            "command": command,
+            **report,
+            "weights": path.name,
+            "sha256": file_sha256(path),
+            "bytes": path.stat().st_size,
+            "features": "penultimate layer (fc 128 + ReLU)",
+        }
         (out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
         heads = ", ".join(f"{k} {v:.4f}" for k, v in report["test_accuracy_per_head"].items())
         print(f"{name}: test accuracy {heads}; {report['train_seconds']} s -> {path}")

@@ -60,18 +60,24 @@ _ARCHS: dict[str, type[Backbone]] = {"unet": UNet, "dit": DiT}
 # `create_model("unet-s", image_size=28)` puts attention at 7 px where 32 px gets 8 px.
 _UNET_PRESETS: dict[str, dict[str, Any]] = {
     # Tiny, for tests: 2 levels, 1 block each, attention at the second level.
-    "unet-xs": dict(channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_downsample=(2,),
-                    head_channels=32),
+    "unet-xs": dict(channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_downsample=(2,), head_channels=32),
     # Small, for CPU training on 28/32 px images (~1 s per batch-64 step on one core).
-    "unet-s": dict(channels=32, channel_mult=(1, 2, 2), num_res_blocks=2, attention_downsample=(4,),
-                   head_channels=32),
+    "unet-s": dict(channels=32, channel_mult=(1, 2, 2), num_res_blocks=2, attention_downsample=(4,), head_channels=32),
     # Medium: 4x the FLOPs of unet-s (~3 s per batch-64 step on 2 cores).
-    "unet-m": dict(channels=64, channel_mult=(1, 2, 2), num_res_blocks=2, attention_downsample=(2, 4),
-                   head_channels=32),
+    "unet-m": dict(
+        channels=64, channel_mult=(1, 2, 2), num_res_blocks=2, attention_downsample=(2, 4), head_channels=32
+    ),
     # Reference: DDPM's CIFAR-10 widths (Ho et al. 2020) in ADM blocks (not DDPM's exact layers).
-    "unet-ddpm-cifar10": dict(channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
-                              attention_downsample=(2,), num_heads=1, dropout=0.1,
-                              resblock_updown=False, use_scale_shift_norm=False),
+    "unet-ddpm-cifar10": dict(
+        channels=128,
+        channel_mult=(1, 2, 2, 2),
+        num_res_blocks=2,
+        attention_downsample=(2,),
+        num_heads=1,
+        dropout=0.1,
+        resblock_updown=False,
+        use_scale_shift_norm=False,
+    ),
 }
 
 
@@ -107,9 +113,7 @@ def model_config(name: str, **overrides) -> UNetConfig | DiTConfig:
         if "image_size" in overrides:  # the UNet's name for the input side
             side = overrides.pop("image_size")
             if overrides.setdefault("input_size", side) != side:
-                raise ValueError(
-                    f"image_size={side} and input_size={overrides['input_size']} disagree"
-                )
+                raise ValueError(f"image_size={side} and input_size={overrides['input_size']} disagree")
     else:
         raise ValueError(f"unknown model name {name!r}; known: {list(MODEL_NAMES)}")
     return config_from_dict(config_cls, {**preset, **overrides})

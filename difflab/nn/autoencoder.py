@@ -36,8 +36,15 @@ from difflab.nn.base import Backbone, load_weights
 from difflab.nn.layers import group_norm
 from difflab.runfolder import atomic_save_safetensors, read_json, read_safetensors, write_json
 
-__all__ = ["AutoencoderConfig", "AutoencoderKL", "DiagonalGaussian", "scale_factor", "LatentSpace",
-           "save_latent_space", "load_latent_space"]
+__all__ = [
+    "AutoencoderConfig",
+    "AutoencoderKL",
+    "DiagonalGaussian",
+    "scale_factor",
+    "LatentSpace",
+    "save_latent_space",
+    "load_latent_space",
+]
 
 
 @dataclass
@@ -123,7 +130,7 @@ class AutoencoderKL(Backbone):
         enc += [_Res(cur, cur), group_norm(cur), nn.SiLU(), nn.Conv2d(cur, 2 * cfg.z_channels, 3, padding=1)]
         self.encoder = nn.Sequential(*enc)
         with torch.no_grad():  # start with small posterior noise (std e^-2): short runs learn to reconstruct first
-            enc[-1].bias[cfg.z_channels:].fill_(-4.0)
+            enc[-1].bias[cfg.z_channels :].fill_(-4.0)
         # ---- decoder -----------------------------------------------------------------------
         dec: list[nn.Module] = [nn.Conv2d(cfg.z_channels, cur, 3, padding=1), _Res(cur, cur)]
         for level, c in reversed(list(enumerate(chans))):
@@ -143,8 +150,9 @@ class AutoencoderKL(Backbone):
     def encode(self, x: Tensor) -> DiagonalGaussian:
         c = self.config
         if x.ndim != 4 or x.shape[1] != c.in_channels or x.shape[-1] % c.factor or x.shape[-2] % c.factor:
-            raise ValueError(f"expected (B, {c.in_channels}, H, W) with H, W divisible by {c.factor}, "
-                             f"got {tuple(x.shape)}")
+            raise ValueError(
+                f"expected (B, {c.in_channels}, H, W) with H, W divisible by {c.factor}, got {tuple(x.shape)}"
+            )
         return DiagonalGaussian(self.encoder(x))
 
     def decode(self, z: Tensor) -> Tensor:
@@ -168,7 +176,7 @@ class AutoencoderKL(Backbone):
 @torch.no_grad()
 def scale_factor(ae: AutoencoderKL, images: Tensor, batch_size: int = 256) -> float:
     """1 / std of the latent means over `images` (LDM's rescaling to unit variance)."""
-    zs = [ae.encode(images[i:i + batch_size]).mode() for i in range(0, len(images), batch_size)]
+    zs = [ae.encode(images[i : i + batch_size]).mode() for i in range(0, len(images), batch_size)]
     return float(1.0 / torch.cat(zs).float().std())
 
 
@@ -182,17 +190,20 @@ class LatentSpace:
         self.scale = float(scale)
 
     @torch.no_grad()
-    def encode(self, images: Tensor, *, sample: bool = False, generator: torch.Generator | None = None,
-               batch_size: int = 256) -> Tensor:
+    def encode(
+        self, images: Tensor, *, sample: bool = False, generator: torch.Generator | None = None, batch_size: int = 256
+    ) -> Tensor:
         out = []
         for i in range(0, len(images), batch_size):
-            post = self.autoencoder.encode(images[i:i + batch_size])
+            post = self.autoencoder.encode(images[i : i + batch_size])
             out.append((post.sample(generator) if sample else post.mode()) * self.scale)
         return torch.cat(out)
 
     def decode(self, latents: Tensor, batch_size: int = 256) -> Tensor:
-        out = [self.autoencoder.decode(latents[i:i + batch_size] / self.scale)
-               for i in range(0, len(latents), batch_size)]
+        out = [
+            self.autoencoder.decode(latents[i : i + batch_size] / self.scale)
+            for i in range(0, len(latents), batch_size)
+        ]
         return torch.cat(out)
 
     @property
@@ -205,8 +216,16 @@ def save_latent_space(space: LatentSpace, folder: str | Path, info: dict | None 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     atomic_save_safetensors(space.autoencoder.state_dict(), folder / "model.safetensors")
-    write_json(folder / "config.json", {"kind": "autoencoder", "model": space.autoencoder.config_dict(),
-                                        "scale_factor": space.scale, "info": info or {}, **meta})
+    write_json(
+        folder / "config.json",
+        {
+            "kind": "autoencoder",
+            "model": space.autoencoder.config_dict(),
+            "scale_factor": space.scale,
+            "info": info or {},
+            **meta,
+        },
+    )
     return folder
 
 
@@ -214,8 +233,9 @@ def load_latent_space(folder: str | Path) -> LatentSpace:
     """The latent space of a folder written by `save_latent_space` (or `difflab train-autoencoder`)."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"autoencoder folder {folder} does not exist "
-                                f"(train one with `difflab train-autoencoder --out {folder}`)")
+        raise FileNotFoundError(
+            f"autoencoder folder {folder} does not exist (train one with `difflab train-autoencoder --out {folder}`)"
+        )
     config, weights = folder / "config.json", folder / "model.safetensors"
     if not config.exists() and (folder / "autoencoder.json").exists():  # written before config.json
         config, weights = folder / "autoencoder.json", folder / "autoencoder.safetensors"

@@ -90,8 +90,11 @@ def load_weights(net: nn.Module, state: dict[str, Tensor], path, what: str = "th
     unexpected = sorted(set(state) - set(own))
     wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
     if missing or unexpected or wrong:
-        parts = [f"{len(v)} {kind} (e.g. {v[0]!r})" for kind, v in
-                 (("missing", missing), ("unexpected", unexpected), ("of another shape", wrong)) if v]
+        parts = [
+            f"{len(v)} {kind} (e.g. {v[0]!r})"
+            for kind, v in (("missing", missing), ("unexpected", unexpected), ("of another shape", wrong))
+            if v
+        ]
         raise ValueError(f"{path} does not fit {what}: tensors " + ", ".join(parts))
     net.load_state_dict(state)
 
@@ -123,8 +126,10 @@ class Backbone(nn.Module):
         with torch.device("meta"):  # counted before anything is allocated
             n = sum(t.numel() for t in cls(config).state_dict().values())
         if n > MAX_PARAMETERS:
-            raise ValueError(f"this {cls.__name__} config describes {n:,} parameters, more than difflab builds from a "
-                             f"file ({MAX_PARAMETERS:,})")
+            raise ValueError(
+                f"this {cls.__name__} config describes {n:,} parameters, more than difflab builds from a "
+                f"file ({MAX_PARAMETERS:,})"
+            )
         return cls(config)
 
     @property
@@ -185,53 +190,35 @@ class Backbone(nn.Module):
             raise ValueError(f"t must be a scalar or of shape ({b},), got {tuple(t.shape)}")
 
         if class_labels is not None and cfg.num_classes is None:
-            raise ValueError(
-                "class_labels given to an unconditional network (num_classes=None)"
-            )
+            raise ValueError("class_labels given to an unconditional network (num_classes=None)")
 
         if cfg.extra_in_channels:
             if x_cond is None:
-                raise ValueError(
-                    f"x_cond is required: the network takes extra_in_channels={cfg.extra_in_channels}"
-                )
+                raise ValueError(f"x_cond is required: the network takes extra_in_channels={cfg.extra_in_channels}")
             if x_cond.shape != (b, cfg.extra_in_channels, h, w):
                 raise ValueError(
-                    f"x_cond must have shape {(b, cfg.extra_in_channels, h, w)}, "
-                    f"got {tuple(x_cond.shape)}"
+                    f"x_cond must have shape {(b, cfg.extra_in_channels, h, w)}, got {tuple(x_cond.shape)}"
                 )
         elif x_cond is not None:
-            raise ValueError(
-                f"x_cond of shape {tuple(x_cond.shape)} given to a network with extra_in_channels=0"
-            )
+            raise ValueError(f"x_cond of shape {tuple(x_cond.shape)} given to a network with extra_in_channels=0")
 
         if cfg.context_dim is None:
             if context is not None or context_mask is not None:
-                raise ValueError(
-                    "context given to a network without cross-attention (context_dim=None)"
-                )
+                raise ValueError("context given to a network without cross-attention (context_dim=None)")
             return t, None
         if context is None:
-            raise ValueError(
-                f"context (B, T, {cfg.context_dim}) is required: the network has cross-attention"
-            )
+            raise ValueError(f"context (B, T, {cfg.context_dim}) is required: the network has cross-attention")
         if context.ndim != 3 or context.shape[0] != b or context.shape[2] != cfg.context_dim:
-            raise ValueError(
-                f"context must have shape ({b}, T, {cfg.context_dim}), got {tuple(context.shape)}"
-            )
+            raise ValueError(f"context must have shape ({b}, T, {cfg.context_dim}), got {tuple(context.shape)}")
         if context_mask is not None:
             if context_mask.shape != context.shape[:2]:
                 raise ValueError(
-                    f"context_mask must have shape {tuple(context.shape[:2])}, "
-                    f"got {tuple(context_mask.shape)}"
+                    f"context_mask must have shape {tuple(context.shape[:2])}, got {tuple(context_mask.shape)}"
                 )
             if context_mask.dtype.is_floating_point:
-                raise ValueError(
-                    f"context_mask must be bool (True = real token), got dtype {context_mask.dtype}"
-                )
+                raise ValueError(f"context_mask must be bool (True = real token), got dtype {context_mask.dtype}")
             context_mask = context_mask.to(device=x.device, dtype=torch.bool)
             empty = ~context_mask.any(dim=1)
             if context_mask.device.type != "meta" and empty.any():
-                raise ValueError(
-                    f"context_mask rows {empty.nonzero().flatten().tolist()} mask out every token"
-                )
+                raise ValueError(f"context_mask rows {empty.nonzero().flatten().tolist()} mask out every token")
         return t, context_mask

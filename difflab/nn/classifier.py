@@ -23,8 +23,14 @@ from difflab.nn.layers import Attention, group_norm
 from difflab.nn.unet import Downsample, ResBlock, SpatialAttention, Stage
 from difflab.runfolder import atomic_save_safetensors, read_json, read_safetensors, write_json
 
-__all__ = ["ClassifierConfig", "NoisyClassifier", "preconditioning_of", "save_classifier", "classifier_files",
-           "load_classifier"]
+__all__ = [
+    "ClassifierConfig",
+    "NoisyClassifier",
+    "preconditioning_of",
+    "save_classifier",
+    "classifier_files",
+    "load_classifier",
+]
 
 
 @dataclass
@@ -92,8 +98,13 @@ class NoisyClassifier(Backbone):
                 stages.append(Stage([Downsample(cur)]))
                 side //= 2
         self.down = nn.ModuleList(stages)
-        self.mid = Stage([ResBlock(cur, emb_dim, dropout=cfg.dropout), SpatialAttention(cur, cfg.num_heads),
-                          ResBlock(cur, emb_dim, dropout=cfg.dropout)])
+        self.mid = Stage(
+            [
+                ResBlock(cur, emb_dim, dropout=cfg.dropout),
+                SpatialAttention(cur, cfg.num_heads),
+                ResBlock(cur, emb_dim, dropout=cfg.dropout),
+            ]
+        )
         self.norm_out = group_norm(cur)
         self.pool = AttentionPool(cur, side, cfg.num_heads, cfg.pool_dim)
         self.head = nn.Linear(cfg.pool_dim, cfg.num_classes)
@@ -106,7 +117,9 @@ class NoisyClassifier(Backbone):
         if x.ndim != 4 or x.shape[1] != cfg.in_channels:
             raise ValueError(f"expected (B, {cfg.in_channels}, H, W) input, got {tuple(x.shape)}")
         if x.shape[-1] != cfg.image_size or x.shape[-2] != cfg.image_size:
-            raise ValueError(f"classifier built for {cfg.image_size}x{cfg.image_size} images, got {tuple(x.shape[-2:])}")
+            raise ValueError(
+                f"classifier built for {cfg.image_size}x{cfg.image_size} images, got {tuple(x.shape[-2:])}"
+            )
         t = torch.as_tensor(t, device=x.device, dtype=torch.float32)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
@@ -134,8 +147,11 @@ class NoisyClassifier(Backbone):
 
 def preconditioning_of(denoiser: Preconditioned) -> dict:
     """What fixes the classifier's inputs (c_in x, c_noise): prediction, schedule, sigma_data."""
-    return {"prediction": denoiser.prediction, "schedule": denoiser.schedule.to_config(),
-            "sigma_data": denoiser.sigma_data}
+    return {
+        "prediction": denoiser.prediction,
+        "schedule": denoiser.schedule.to_config(),
+        "sigma_data": denoiser.sigma_data,
+    }
 
 
 def save_classifier(clf: NoisyClassifier, folder: str | Path, info: dict | None = None, **meta) -> Path:
@@ -151,8 +167,9 @@ def classifier_files(folder: str | Path) -> tuple[Path, Path]:
     """(config, weights) of a classifier folder; folders written before config.json keep classifier.*."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"classifier folder {folder} does not exist "
-                                f"(train one with `difflab train-classifier --out {folder}`)")
+        raise FileNotFoundError(
+            f"classifier folder {folder} does not exist (train one with `difflab train-classifier --out {folder}`)"
+        )
     if not (folder / "config.json").exists() and (folder / "classifier.json").exists():
         return folder / "classifier.json", folder / "classifier.safetensors"
     return folder / "config.json", folder / "model.safetensors"

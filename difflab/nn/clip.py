@@ -70,8 +70,9 @@ class SmallCLIP(Backbone):
         ch, emb_dim = cfg.channels, 4 * cfg.channels
         self.time_embed = TimestepEmbedder(emb_dim, frequency_dim=ch)
         self.stem = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
-        self.blocks = nn.ModuleList([_ConvBlock(ch, ch, emb_dim), _ConvBlock(ch, 2 * ch, emb_dim),
-                                     _ConvBlock(2 * ch, 4 * ch, emb_dim)])
+        self.blocks = nn.ModuleList(
+            [_ConvBlock(ch, ch, emb_dim), _ConvBlock(ch, 2 * ch, emb_dim), _ConvBlock(2 * ch, 4 * ch, emb_dim)]
+        )
         self.image_proj = nn.Linear(4 * ch, cfg.dim)
         self.text = WordEncoder(cfg.vocab, cfg.text_dim, cfg.text_depth, max_length=cfg.max_length)
         self.text_proj = nn.Linear(cfg.text_dim, cfg.dim)

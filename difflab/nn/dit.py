@@ -70,17 +70,11 @@ class DiTConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.input_size % self.patch_size:
-            raise ValueError(
-                f"input_size {self.input_size} is not divisible by patch_size {self.patch_size}"
-            )
+            raise ValueError(f"input_size {self.input_size} is not divisible by patch_size {self.patch_size}")
         if self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
-            )
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.hidden_size % 4:
-            raise ValueError(
-                f"hidden_size must be divisible by 4 (2-D positions), got {self.hidden_size}"
-            )
+            raise ValueError(f"hidden_size must be divisible by 4 (2-D positions), got {self.hidden_size}")
         if self.extra_in_channels < 0:
             raise ValueError(f"extra_in_channels must be >= 0, got {self.extra_in_channels}")
 
@@ -116,18 +110,14 @@ class Mlp(nn.Module):
 class DiTBlock(nn.Module):
     """adaLN-Zero transformer block: gated self-attention, optional cross-attention, gated MLP."""
 
-    def __init__(
-        self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, context_dim: int | None = None
-    ):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, context_dim: int | None = None):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads)
         self.cross_attn = None
         if context_dim is not None:
             self.cross_norm = nn.LayerNorm(hidden_size, eps=1e-6)
-            self.cross_attn = Attention(
-                hidden_size, num_heads, context_dim=context_dim, bias=False, zero_out=True
-            )
+            self.cross_attn = Attention(hidden_size, num_heads, context_dim=context_dim, bias=False, zero_out=True)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.ada_ln = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
@@ -141,8 +131,9 @@ class DiTBlock(nn.Module):
         hw: tuple[int, int] | None = None,
     ) -> Tensor:
         """x (B, N, D) tokens, c (B, D) conditioning -> (B, N, D)."""
-        (shift_attn, scale_attn, gate_attn,
-         shift_mlp, scale_mlp, gate_mlp) = self.ada_ln(c).chunk(6, dim=1)  # 6 x (B, D)
+        (shift_attn, scale_attn, gate_attn, shift_mlp, scale_mlp, gate_mlp) = self.ada_ln(c).chunk(
+            6, dim=1
+        )  # 6 x (B, D)
         attn_in = modulate(self.norm1(x), shift_attn, scale_attn)
         x = x + gate_attn[:, None, :] * self.attn(attn_in, hw=hw)
         if self.cross_attn is not None:
@@ -199,9 +190,7 @@ class DiT(Backbone):
             fourier_scale=cfg.fourier_scale,
         )
         self.label_embed = (
-            LabelEmbedder(cfg.num_classes, d, cfg.class_dropout_prob)
-            if cfg.num_classes is not None
-            else None
+            LabelEmbedder(cfg.num_classes, d, cfg.class_dropout_prob) if cfg.num_classes is not None else None
         )
 
         # ---- transformer ---------------------------------------------------------------------

@@ -85,9 +85,7 @@ class TimestepEmbedder(nn.Module):
         self.time_scale = float(time_scale)
         self.max_period = float(max_period)
         self.fourier = FourierFeatures(frequency_dim, fourier_scale) if kind == "fourier" else None
-        self.mlp = nn.Sequential(
-            nn.Linear(frequency_dim, dim), nn.SiLU(), nn.Linear(dim, dim)
-        )
+        self.mlp = nn.Sequential(nn.Linear(frequency_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t: Tensor) -> Tensor:
         t = t.to(torch.float32) * self.time_scale
@@ -144,9 +142,7 @@ class LabelEmbedder(nn.Module):
         if labels.dtype.is_floating_point or labels.dtype == torch.bool:
             raise ValueError(f"class labels must be an integer tensor, got dtype {labels.dtype}")
         if labels.shape != (batch_size,):
-            raise ValueError(
-                f"class labels must have shape ({batch_size},), got {tuple(labels.shape)}"
-            )
+            raise ValueError(f"class labels must have shape ({batch_size},), got {tuple(labels.shape)}")
         bad = (labels < -1) | (labels > self.num_classes)
         if labels.device.type != "meta" and bad.any():  # meta: shapes only (FLOP counting)
             raise ValueError(

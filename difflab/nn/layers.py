@@ -63,8 +63,11 @@ CPU_FP32_ATTENTION_MAX_PAIRS = 512 * 512
 
 
 def _fp32_on_cpu(query: Tensor, key: Tensor) -> bool:
-    return (query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float16)
-            and query.shape[-2] * key.shape[-2] <= CPU_FP32_ATTENTION_MAX_PAIRS)
+    return (
+        query.device.type == "cpu"
+        and query.dtype in (torch.bfloat16, torch.float16)
+        and query.shape[-2] * key.shape[-2] <= CPU_FP32_ATTENTION_MAX_PAIRS
+    )
 
 
 class Attention(HookableAttention):

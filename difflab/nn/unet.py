@@ -87,9 +87,7 @@ class UNetConfig:
         sides = [self.image_size // 2**i for i in range(len(self.channel_mult))]
         unknown = [r for r in self.attention_resolutions if r not in sides]
         if unknown:
-            raise ValueError(
-                f"attention_resolutions {unknown} match no level; the level sides are {sides}"
-            )
+            raise ValueError(f"attention_resolutions {unknown} match no level; the level sides are {sides}")
         if self.context_dim is not None and not (self.attention_resolutions or self.mid_attention):
             raise ValueError(
                 f"context_dim={self.context_dim} needs attention somewhere: "
@@ -103,9 +101,7 @@ class UNetConfig:
                 raise ValueError(f"{channels} channels are not divisible by num_heads={self.num_heads}")
             return self.num_heads
         if channels % self.head_channels:
-            raise ValueError(
-                f"{channels} channels are not divisible by head_channels={self.head_channels}"
-            )
+            raise ValueError(f"{channels} channels are not divisible by head_channels={self.head_channels}")
         return channels // self.head_channels
 
 
@@ -198,21 +194,15 @@ class SpatialAttention(nn.Module):
         self.cross_attn = None
         if context_dim is not None:
             self.cross_norm = nn.LayerNorm(channels)
-            self.cross_attn = Attention(
-                channels, num_heads, context_dim=context_dim, bias=False, zero_out=True
-            )
+            self.cross_attn = Attention(channels, num_heads, context_dim=context_dim, bias=False, zero_out=True)
 
-    def forward(
-        self, x: Tensor, context: Tensor | None = None, context_mask: Tensor | None = None
-    ) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor | None = None, context_mask: Tensor | None = None) -> Tensor:
         b, c, h, w = x.shape
         tokens = x.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, H*W, C)
         normed = self.norm(x).flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, H*W, C)
         tokens = tokens + self.self_attn(normed, hw=(h, w))
         if self.cross_attn is not None:
-            tokens = tokens + self.cross_attn(
-                self.cross_norm(tokens), context, context_mask, hw=(h, w)
-            )
+            tokens = tokens + self.cross_attn(self.cross_norm(tokens), context, context_mask, hw=(h, w))
         return tokens.transpose(1, 2).reshape(b, c, h, w)  # (B, H*W, C) -> (B, C, H, W)
 
 
@@ -279,9 +269,7 @@ class UNet(Backbone):
             fourier_scale=cfg.fourier_scale,
         )
         self.label_embed = (
-            LabelEmbedder(cfg.num_classes, emb_dim, cfg.class_dropout_prob)
-            if cfg.num_classes is not None
-            else None
+            LabelEmbedder(cfg.num_classes, emb_dim, cfg.class_dropout_prob) if cfg.num_classes is not None else None
         )
 
         # ---- encoder -------------------------------------------------------------------------

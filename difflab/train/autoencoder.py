@@ -1,7 +1,7 @@
 """Training the first stage of latent diffusion: the KL autoencoder (Rombach et al. 2022).
 
-    ae, info = train_autoencoder(images, AutoencoderConfig(in_channels=3, factor=4), steps=3000)
-    space = LatentSpace(ae, scale_factor(ae, images))      # difflab.nn.autoencoder
+ae, info = train_autoencoder(images, AutoencoderConfig(in_channels=3, factor=4), steps=3000)
+space = LatentSpace(ae, scale_factor(ae, images))      # difflab.nn.autoencoder
 """
 
 from __future__ import annotations
@@ -20,18 +20,28 @@ from difflab.nn.autoencoder import AutoencoderConfig, AutoencoderKL
 __all__ = ["train_autoencoder"]
 
 
-def train_autoencoder(images: Tensor, config: AutoencoderConfig, *, steps: int | None = 2000, batch_size: int = 64,
-                      lr: float = 1e-3, seed: int = 0, progress: bool = True,
-                      minutes: float | None = None, device: str | torch.device | None = None
-                      ) -> tuple[AutoencoderKL, dict]:
+def train_autoencoder(
+    images: Tensor,
+    config: AutoencoderConfig,
+    *,
+    steps: int | None = 2000,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    seed: int = 0,
+    progress: bool = True,
+    minutes: float | None = None,
+    device: str | torch.device | None = None,
+) -> tuple[AutoencoderKL, dict]:
     """Train the KL autoencoder (L1 + kl_weight KL) with AdamW; randomness from (seed, step).
     `device`: where to train (default: CUDA when available); the model comes back on the CPU.
 
     The budget is `steps`, `minutes` of wall time, or whichever ends first; the learning rate
     warms up over 100 steps, then decays by a half cosine to 10% over the budget."""
     if images.ndim != 4 or images.shape[1] != config.in_channels or images.shape[-1] != config.image_size:
-        raise ValueError(f"images of shape {tuple(images.shape)} do not fit the autoencoder config "
-                         f"({config.in_channels} channels, {config.image_size} px)")
+        raise ValueError(
+            f"images of shape {tuple(images.shape)} do not fit the autoencoder config "
+            f"({config.in_channels} channels, {config.image_size} px)"
+        )
     check_budget(steps, minutes)
     check_number("lr", lr, lo=0, lo_open=True, hi=MAX_LR)
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -58,9 +68,15 @@ def train_autoencoder(images: Tensor, config: AutoencoderConfig, *, steps: int |
             bar.update(1)
     if bar is not None:
         bar.close()
-    info = {"steps": step, "batch_size": batch_size, "lr": lr, "seed": seed,
-            "seconds": time.perf_counter() - t0, "device": device.type,
-            **{f"final_{k}": v for k, v in parts.items()}}
+    info = {
+        "steps": step,
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+        "seconds": time.perf_counter() - t0,
+        "device": device.type,
+        **{f"final_{k}": v for k, v in parts.items()},
+    }
     return ae.cpu().eval(), info
 
 

@@ -1,7 +1,7 @@
 """Training ADM's noise-aware classifier (Dhariwal & Nichol 2021) on noised images.
 
-    clf, info = train_classifier(data, denoiser, steps=2000)
-    save_classifier(clf, "runs/clf", info, preconditioning=preconditioning_of(denoiser))   # nn/classifier.py
+clf, info = train_classifier(data, denoiser, steps=2000)
+save_classifier(clf, "runs/clf", info, preconditioning=preconditioning_of(denoiser))   # nn/classifier.py
 """
 
 from __future__ import annotations
@@ -22,10 +22,20 @@ from difflab.nn.classifier import ClassifierConfig, NoisyClassifier, preconditio
 __all__ = ["train_classifier"]
 
 
-def train_classifier(data: ImageData, denoiser: Preconditioned, *, steps: int | None = 2000, batch_size: int = 128,
-                     lr: float = 1e-3, seed: int = 0, config: ClassifierConfig | None = None,
-                     p_mean: float = -1.2, p_std: float = 1.2, progress: bool = True,
-                     minutes: float | None = None) -> tuple[NoisyClassifier, dict]:
+def train_classifier(
+    data: ImageData,
+    denoiser: Preconditioned,
+    *,
+    steps: int | None = 2000,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    seed: int = 0,
+    config: ClassifierConfig | None = None,
+    p_mean: float = -1.2,
+    p_std: float = 1.2,
+    progress: bool = True,
+    minutes: float | None = None,
+) -> tuple[NoisyClassifier, dict]:
     """Train a noise-aware classifier on x0 + sigma n, sigma ~ the diffusion training distribution.
 
     Half of each batch is drawn at low noise (sigma ~ lognormal) and half log-uniformly over the
@@ -57,8 +67,9 @@ def train_classifier(data: ImageData, denoiser: Preconditioned, *, steps: int | 
         x0, y = data.images[idx], data.labels[idx]
         half = batch_size // 2
         u = torch.rand(batch_size - half, generator=g, dtype=torch.float64)
-        sigma = torch.cat([low(half, g).clamp(smin, smax),
-                           (math.log(smin) + u * (math.log(smax) - math.log(smin))).exp()])
+        sigma = torch.cat(
+            [low(half, g).clamp(smin, smax), (math.log(smin) + u * (math.log(smax) - math.log(smin))).exp()]
+        )
         x = x0 + sigma.float().reshape(-1, 1, 1, 1) * torch.randn(x0.shape, generator=g)
         _, _, c_in, c_noise = denoiser.coeffs_for(x, sigma)
         loss = F.cross_entropy(clf(c_in * x, c_noise), y)
@@ -72,7 +83,13 @@ def train_classifier(data: ImageData, denoiser: Preconditioned, *, steps: int | 
             bar.update(1)
     if bar is not None:
         bar.close()
-    info = {"steps": step, "batch_size": batch_size, "lr": lr, "seed": seed, "seconds": time.perf_counter() - t0,
-            "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:])),
-            "preconditioning": preconditioning_of(denoiser)}
+    info = {
+        "steps": step,
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+        "seconds": time.perf_counter() - t0,
+        "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:])),
+        "preconditioning": preconditioning_of(denoiser),
+    }
     return clf.eval().requires_grad_(False), info

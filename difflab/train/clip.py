@@ -38,15 +38,32 @@ import torch
 from torch import Tensor
 
 from difflab.core.sampling import progress_range
-from difflab.core.validation import LR, MAX_LR, NONNEG_INT, POS_INT, SEED, check_budget, check_number, check_training_state
+from difflab.core.validation import (
+    LR,
+    MAX_LR,
+    NONNEG_INT,
+    POS_INT,
+    SEED,
+    check_budget,
+    check_number,
+    check_training_state,
+)
 from difflab.data import ImageData, batch_indices
 from difflab.data._hash import seed_from
 from difflab.methods.sdg import clip_c_noise, clip_input
 from difflab.nn.clip import SmallCLIP, SmallCLIPConfig
 from difflab.nn.text import WordEncoder
 
-__all__ = ["save_clip", "load_clip", "clip_metrics", "train_clip_folder", "add_command", "train_clip",
-           "finetune_noise_aware", "caption_vocabulary"]
+__all__ = [
+    "save_clip",
+    "load_clip",
+    "clip_metrics",
+    "train_clip_folder",
+    "add_command",
+    "train_clip",
+    "finetune_noise_aware",
+    "caption_vocabulary",
+]
 
 NOISE_AWARE_PREFIX = "noise_aware."
 _TEXT_TOWER = ("text.", "text_proj.", "logit_scale")  # shared by the clean and the noise-aware model
@@ -77,8 +94,10 @@ def save_clip(clip, folder: str | os.PathLike, noise_aware=None, info: dict | No
         theirs = noise_aware.state_dict()
         changed = [k for k in state if k.startswith(_TEXT_TOWER) and not torch.equal(state[k], theirs[k])]
         if changed:
-            raise ValueError(f"the noise-aware model's text tower differs from the clean one's ({changed[:3]}): "
-                             "the folder stores one text tower")
+            raise ValueError(
+                f"the noise-aware model's text tower differs from the clean one's ({changed[:3]}): "
+                "the folder stores one text tower"
+            )
         state.update({NOISE_AWARE_PREFIX + k: v for k, v in _image_tower(theirs).items()})
     atomic_save_safetensors(state, folder / "model.safetensors", metadata={"format": CHECKPOINT_FORMAT})
     write_json(folder / "config.json", {"kind": "clip", "model": clip.config_dict(), "info": info or {}, **meta})
@@ -93,28 +112,35 @@ def load_clip(folder: str | os.PathLike, noise_aware: bool = False):
 
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"CLIP folder {folder} does not exist (train one with `difflab train-clip --out "
-                                f"{folder}`)")
+        raise FileNotFoundError(
+            f"CLIP folder {folder} does not exist (train one with `difflab train-clip --out {folder}`)"
+        )
     meta = read_json(folder / "config.json")
     model = meta.get("model") if isinstance(meta, dict) and meta.get("kind") == "clip" else meta
     if not isinstance(model, dict) or model.get("arch") != SmallCLIP.arch:
-        raise ValueError(f"{folder / 'config.json'} does not describe a difflab SmallCLIP (kind 'clip', "
-                         f"model arch {SmallCLIP.arch!r})")
+        raise ValueError(
+            f"{folder / 'config.json'} does not describe a difflab SmallCLIP (kind 'clip', "
+            f"model arch {SmallCLIP.arch!r})"
+        )
     try:
         clip = SmallCLIP.from_config_dict(model)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{folder / 'config.json'} does not describe a SmallCLIP: {e}") from None
     state, _ = read_safetensors(folder / "model.safetensors")
-    tower = {k[len(NOISE_AWARE_PREFIX):]: v for k, v in state.items() if k.startswith(NOISE_AWARE_PREFIX)}
+    tower = {k[len(NOISE_AWARE_PREFIX) :]: v for k, v in state.items() if k.startswith(NOISE_AWARE_PREFIX)}
     state = {k: v for k, v in state.items() if not k.startswith(NOISE_AWARE_PREFIX)}
     if noise_aware:
         if not tower:
-            raise ValueError(f"{folder / 'model.safetensors'} holds no noise-aware image tower (train one with "
-                             "`difflab train-clip`, whose --noise-steps fine-tunes it)")
+            raise ValueError(
+                f"{folder / 'model.safetensors'} holds no noise-aware image tower (train one with "
+                "`difflab train-clip`, whose --noise-steps fine-tunes it)"
+            )
         unknown = sorted(set(tower) - set(_image_tower(state)))
         if unknown:
-            raise ValueError(f"{folder / 'model.safetensors'}: noise-aware weights {unknown[:3]} are not image-tower "
-                             "weights of the model")
+            raise ValueError(
+                f"{folder / 'model.safetensors'}: noise-aware weights {unknown[:3]} are not image-tower "
+                "weights of the model"
+            )
         state.update(tower)
     try:
         clip.load_state_dict(state)
@@ -133,7 +159,7 @@ def _encode_images(clip, images: Tensor, sigma: float = 0.0, noise_aware: bool =
 
     out = []
     for a in range(0, len(images), batch):
-        x = images[a:a + batch]
+        x = images[a : a + batch]
         if noise_aware:
             out.append(clip.encode_image(clip_input(x, sigma), clip_c_noise(sigma, x)))
         else:
@@ -144,7 +170,7 @@ def _encode_images(clip, images: Tensor, sigma: float = 0.0, noise_aware: bool =
 def _encode_texts(clip, captions: list[str]) -> Tensor:
     """E_T of each caption, each distinct caption encoded once."""
     unique = list(dict.fromkeys(captions))
-    emb = torch.cat([clip.encode_text(unique[a:a + 500]) for a in range(0, len(unique), 500)])
+    emb = torch.cat([clip.encode_text(unique[a : a + 500]) for a in range(0, len(unique), 500)])
     row = {c: i for i, c in enumerate(unique)}
     return emb[torch.tensor([row[c] for c in captions])]
 
@@ -170,11 +196,11 @@ def _retrieval(txt: Tensor, img: Tensor, describes: Tensor | None, batch: int = 
     exact = consistent = chance = 0.0
     n = (len(txt) // batch) * batch
     for a in range(0, n, batch):
-        sim = txt[a:a + batch] @ img[a:a + batch].T  # (B texts, B images)
+        sim = txt[a : a + batch] @ img[a : a + batch].T  # (B texts, B images)
         top = sim.argmax(1)
         exact += (top == torch.arange(batch)).sum().item()
         if describes is not None:
-            d = describes[a:a + batch, a:a + batch]
+            d = describes[a : a + batch, a : a + batch]
             consistent += d[torch.arange(batch), top].sum().item()
             chance += d.float().mean(1).sum().item()
     out = {"exact": exact / n, "exact_chance": 1 / batch}
@@ -188,8 +214,7 @@ def _zero_shot(clip, img: Tensor, attributes: dict[str, Tensor]) -> dict:
     from difflab.data.shapes import ATTRIBUTES, caption_for
 
     n = len(img)
-    base = [{k: int(attributes[k][i]) for k in ("shape", "color", "size", "position", "background")}
-            for i in range(n)]
+    base = [{k: int(attributes[k][i]) for k in ("shape", "color", "size", "position", "background")} for i in range(n)]
     out = {}
     for key, values in ATTRIBUTES.items():
         template = 1 if key == "background" else 0  # template 1 names the background, 0 does not
@@ -224,7 +249,8 @@ def clip_metrics(clip, noise_aware, test: ImageData, sigmas=NOISY_SIGMAS, seed: 
             x = x0 + s * torch.randn(x0.shape, generator=g)
             noisy[f"{s:g}"] = {
                 "noise_aware": _retrieval(txt, _encode_images(noise_aware, x, s, noise_aware=True), describes),
-                "clean_tower": _retrieval(txt, _encode_images(clip, x, s), describes)}
+                "clean_tower": _retrieval(txt, _encode_images(clip, x, s), describes),
+            }
         out["noisy_retrieval"] = noisy
     return out
 
@@ -232,8 +258,10 @@ def clip_metrics(clip, noise_aware, test: ImageData, sigmas=NOISY_SIGMAS, seed: 
 def format_metrics(m: dict) -> str:
     """The metrics of `clip_metrics` as a few lines of text."""
     r = m["retrieval"]
-    first = (f"text->image retrieval top-1 in batches of {m['retrieval_batch']} ({m['n']} test pairs): exact "
-             f"{r['exact']:.3f} (chance {r['exact_chance']:.3f})")
+    first = (
+        f"text->image retrieval top-1 in batches of {m['retrieval_batch']} ({m['n']} test pairs): exact "
+        f"{r['exact']:.3f} (chance {r['exact_chance']:.3f})"
+    )
     if "consistent" in r:
         first += f", consistent {r['consistent']:.3f} (chance {r['consistent_chance']:.3f})"
     lines = [first]
@@ -241,8 +269,10 @@ def format_metrics(m: dict) -> str:
         lines.append("zero-shot attribute accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in m["zero_shot"].items()))
     for s, row in m.get("noisy_retrieval", {}).items():
         key = "consistent" if "consistent" in row["noise_aware"] else "exact"
-        lines.append(f"noisy retrieval ({key}) at sigma {s}: noise-aware tower {row['noise_aware'][key]:.3f}, "
-                     f"clean tower {row['clean_tower'][key]:.3f}")
+        lines.append(
+            f"noisy retrieval ({key}) at sigma {s}: noise-aware tower {row['noise_aware'][key]:.3f}, "
+            f"clean tower {row['clean_tower'][key]:.3f}"
+        )
     return "\n".join(lines)
 
 
@@ -261,9 +291,20 @@ def train_clip_folder(out: str | os.PathLike, *, overwrite: bool = False, **kw) 
         return _train_clip_folder(out, **kw)
 
 
-def _train_clip_folder(out: str | os.PathLike, *, data: str = "shapes", data_kwargs: dict | None = None,
-                       steps: int = 2000, noise_steps: int = 1000, batch_size: int = 128, lr: float = 2e-3,
-                       noise_lr: float = 1e-3, seed: int = 0, eval_n: int = 2000, progress: bool = True) -> Path:
+def _train_clip_folder(
+    out: str | os.PathLike,
+    *,
+    data: str = "shapes",
+    data_kwargs: dict | None = None,
+    steps: int = 2000,
+    noise_steps: int = 1000,
+    batch_size: int = 128,
+    lr: float = 2e-3,
+    noise_lr: float = 1e-3,
+    seed: int = 0,
+    eval_n: int = 2000,
+    progress: bool = True,
+) -> Path:
     from difflab.train.components import _data_info, _load_images
 
     for name, value in (("steps", steps), ("batch_size", batch_size), ("eval_n", eval_n)):
@@ -281,13 +322,23 @@ def _train_clip_folder(out: str | os.PathLike, *, data: str = "shapes", data_kwa
     t1, c1 = time.perf_counter(), time.process_time()
     noisy = None
     if noise_steps:
-        noisy = finetune_noise_aware(clip, images, steps=noise_steps, batch_size=batch_size, lr=noise_lr, seed=seed,
-                                     progress=progress)
+        noisy = finetune_noise_aware(
+            clip, images, steps=noise_steps, batch_size=batch_size, lr=noise_lr, seed=seed, progress=progress
+        )
     t2, c2 = time.perf_counter(), time.process_time()
-    info = {"steps": steps, "noise_steps": noise_steps, "batch_size": batch_size, "lr": lr, "noise_lr": noise_lr,
-            "seed": seed, "seconds": round(t1 - t0, 1), "cpu_seconds": round(c1 - c0, 1),
-            "noise_seconds": round(t2 - t1, 1), "noise_cpu_seconds": round(c2 - c1, 1),
-            "params": sum(p.numel() for p in clip.parameters())}
+    info = {
+        "steps": steps,
+        "noise_steps": noise_steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "noise_lr": noise_lr,
+        "seed": seed,
+        "seconds": round(t1 - t0, 1),
+        "cpu_seconds": round(c1 - c0, 1),
+        "noise_seconds": round(t2 - t1, 1),
+        "noise_cpu_seconds": round(c2 - c1, 1),
+        "params": sum(p.numel() for p in clip.parameters()),
+    }
     test = _test_split(data, data_kwargs, eval_n)
     if test is not None:
         info["metrics"] = clip_metrics(clip, noisy, test, seed=seed)
@@ -315,13 +366,25 @@ def _test_split(data: str, data_kwargs: dict | None, n: int) -> ImageData | None
 def _cmd_train_clip(args: argparse.Namespace) -> int:
     from difflab.train.components import _json_arg
 
-    out = train_clip_folder(args.out, data=args.data, data_kwargs=_json_arg(args.data_kwargs, "--data-kwargs"),
-                            steps=args.steps, noise_steps=args.noise_steps, batch_size=args.batch_size, lr=args.lr,
-                            noise_lr=args.noise_lr, seed=args.seed, eval_n=args.eval_n, progress=not args.no_progress,
-                            overwrite=args.overwrite)
+    out = train_clip_folder(
+        args.out,
+        data=args.data,
+        data_kwargs=_json_arg(args.data_kwargs, "--data-kwargs"),
+        steps=args.steps,
+        noise_steps=args.noise_steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        noise_lr=args.noise_lr,
+        seed=args.seed,
+        eval_n=args.eval_n,
+        progress=not args.no_progress,
+        overwrite=args.overwrite,
+    )
     info = json.loads((out / "config.json").read_text())["info"]
-    print(f"CLIP folder: {out} (config.json, model.safetensors); {info['steps']} + {info['noise_steps']} steps in "
-          f"{info['seconds'] + info['noise_seconds']:.0f} s")
+    print(
+        f"CLIP folder: {out} (config.json, model.safetensors); {info['steps']} + {info['noise_steps']} steps in "
+        f"{info['seconds'] + info['noise_seconds']:.0f} s"
+    )
     if "metrics" in info:
         print(format_metrics(info["metrics"]))
     return 0
@@ -329,20 +392,27 @@ def _cmd_train_clip(args: argparse.Namespace) -> int:
 
 def add_command(sub) -> None:
     """Register `difflab train-clip` on the CLI's subparsers."""
-    c = sub.add_parser("train-clip", help="train the small image-text model (CLIP) of Semantic Diffusion Guidance",
-                       description="Train a small image-text model (SmallCLIP: CNN image tower, word-level "
-                                   "transformer text tower) with CLIP's contrastive loss on a captioned data set, "
-                                   "then fine-tune a noise-aware copy of its image tower (SDG's E'_I: "
-                                   "E'_I(x0 + sigma n, sigma) matches E_I(x0)). Writes OUT/config.json (config, "
-                                   "training info and test metrics: text->image retrieval top-1 in batches of 100, "
-                                   "zero-shot attribute accuracy, noisy retrieval) and OUT/model.safetensors. Load "
-                                   "it with difflab.train.clip.load_clip(OUT[, noise_aware=True]).")
+    c = sub.add_parser(
+        "train-clip",
+        help="train the small image-text model (CLIP) of Semantic Diffusion Guidance",
+        description="Train a small image-text model (SmallCLIP: CNN image tower, word-level "
+        "transformer text tower) with CLIP's contrastive loss on a captioned data set, "
+        "then fine-tune a noise-aware copy of its image tower (SDG's E'_I: "
+        "E'_I(x0 + sigma n, sigma) matches E_I(x0)). Writes OUT/config.json (config, "
+        "training info and test metrics: text->image retrieval top-1 in batches of 100, "
+        "zero-shot attribute accuracy, noisy retrieval) and OUT/model.safetensors. Load "
+        "it with difflab.train.clip.load_clip(OUT[, noise_aware=True]).",
+    )
     c.add_argument("--data", default="shapes", help="a captioned data set (default shapes)")
     c.add_argument("--data-kwargs", metavar="JSON", help='loader arguments, e.g. \'{"n": 2000, "size": 32}\'')
     c.add_argument("--out", required=True, help="folder to write (config.json + model.safetensors)")
     c.add_argument("--steps", type=POS_INT, default=2000, help="contrastive training steps (default 2000)")
-    c.add_argument("--noise-steps", type=NONNEG_INT, default=1000,
-                   help="noise-aware fine-tuning steps of the image tower (default 1000; 0 = none)")
+    c.add_argument(
+        "--noise-steps",
+        type=NONNEG_INT,
+        default=1000,
+        help="noise-aware fine-tuning steps of the image tower (default 1000; 0 = none)",
+    )
     c.add_argument("--batch-size", type=POS_INT, default=128, help="image-caption pairs per step (default 128)")
     c.add_argument("--lr", type=LR, default=2e-3, help="contrastive learning rate (default 2e-3)")
     c.add_argument("--noise-lr", type=LR, default=1e-3, help="fine-tuning learning rate (default 1e-3)")
@@ -362,15 +432,24 @@ def caption_vocabulary(captions) -> list[str]:
     return sorted({w for c in captions for w in WordEncoder.words(c)})
 
 
-def train_clip(data: ImageData, *, steps: int = 2000, batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
-               config: SmallCLIPConfig | None = None, progress: bool = True) -> SmallCLIP:
+def train_clip(
+    data: ImageData,
+    *,
+    steps: int = 2000,
+    batch_size: int = 128,
+    lr: float = 2e-3,
+    seed: int = 0,
+    config: SmallCLIPConfig | None = None,
+    progress: bool = True,
+) -> SmallCLIP:
     """Contrastive image-caption training on clean images (CLIP's objective)."""
     if data.captions is None:
         raise ValueError(f"dataset {data.name!r} has no captions")
     check_budget(steps, None)
     check_number("lr", lr, lo=0, lo_open=True, hi=MAX_LR)
-    config = config or SmallCLIPConfig(vocab=caption_vocabulary(data.captions), in_channels=data.images.shape[1],
-                                       image_size=data.images.shape[-1])
+    config = config or SmallCLIPConfig(
+        vocab=caption_vocabulary(data.captions), in_channels=data.images.shape[1], image_size=data.images.shape[-1]
+    )
     torch.manual_seed(seed)
     model = SmallCLIP(config)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
@@ -384,9 +463,18 @@ def train_clip(data: ImageData, *, steps: int = 2000, batch_size: int = 128, lr:
     return model.eval()
 
 
-def finetune_noise_aware(clip: SmallCLIP, data: ImageData, *, steps: int = 1000, batch_size: int = 128,
-                         lr: float = 1e-3, sigma_min: float = 0.01, sigma_max: float = 80.0, seed: int = 0,
-                         progress: bool = True) -> SmallCLIP:
+def finetune_noise_aware(
+    clip: SmallCLIP,
+    data: ImageData,
+    *,
+    steps: int = 1000,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    sigma_min: float = 0.01,
+    sigma_max: float = 80.0,
+    seed: int = 0,
+    progress: bool = True,
+) -> SmallCLIP:
     """SDG's E'_I: fine-tune the image tower so E'_I(x_t, sigma) matches the frozen E_I(x_0)."""
     teacher = copy.deepcopy(clip).eval().requires_grad_(False)
     student = copy.deepcopy(clip).train()

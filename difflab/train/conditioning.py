@@ -30,8 +30,17 @@ from difflab.data import ImageData
 from difflab.nn.text import TEXT_ENCODERS, MiniLMEncoder, create_text_encoder, text_encoder_from_config
 from difflab.runfolder import read_safetensors
 
-__all__ = ["CONDITIONINGS", "CaptionTable", "build_text_encoder", "encode_latents", "open_autoencoder",
-           "load_text_encoder", "load_run_latent_space", "AUTOENCODER_FOLDER", "TRAINABLE_PREFIX"]
+__all__ = [
+    "CONDITIONINGS",
+    "CaptionTable",
+    "build_text_encoder",
+    "encode_latents",
+    "open_autoencoder",
+    "load_text_encoder",
+    "load_run_latent_space",
+    "AUTOENCODER_FOLDER",
+    "TRAINABLE_PREFIX",
+]
 
 CONDITIONINGS = ("class", "text", "none")
 AUTOENCODER_FOLDER = "autoencoder"  # the run's copy of its autoencoder
@@ -74,14 +83,14 @@ class CaptionTable:
         if self.trainable:  # token ids; the encoder runs in the loss
             self.values, self.mask = encoder.tokenize(prompts)
             return
-        parts = [encoder(prompts[i:i + chunk]) for i in range(0, len(prompts), chunk)]  # fixed chunks: exact resume
+        parts = [encoder(prompts[i : i + chunk]) for i in range(0, len(prompts), chunk)]  # fixed chunks: exact resume
         T = max(m.shape[1] for _, m in parts)
         self.values = torch.zeros(len(prompts), T, parts[0][0].shape[-1])  # (U + 1, T, dim)
         self.mask = torch.zeros(len(prompts), T, dtype=torch.bool)
         a = 0
         for states, mask in parts:
-            self.values[a:a + len(states), : states.shape[1]] = states.float().cpu()
-            self.mask[a:a + len(states), : mask.shape[1]] = mask.cpu()
+            self.values[a : a + len(states), : states.shape[1]] = states.float().cpu()
+            self.mask[a : a + len(states), : mask.shape[1]] = mask.cpu()
             a += len(states)
 
     def __len__(self) -> int:
@@ -103,8 +112,10 @@ def open_autoencoder(source: str | Path, data: ImageData):
     c = space.autoencoder.config
     have = tuple(data.images.shape[1:])
     if have != (c.in_channels, c.image_size, c.image_size):
-        raise ValueError(f"autoencoder {source} takes ({c.in_channels}, {c.image_size}, {c.image_size}) images; "
-                         f"dataset {data.name!r} has {have}")
+        raise ValueError(
+            f"autoencoder {source} takes ({c.in_channels}, {c.image_size}, {c.image_size}) images; "
+            f"dataset {data.name!r} has {have}"
+        )
     return space
 
 
@@ -134,7 +145,7 @@ def load_text_encoder(run: str | Path, config: dict, weights: str = "ema") -> nn
         path = run / ("model.safetensors" if weights == "ema" else "checkpoint.safetensors")
         prefix = TRAINABLE_PREFIX if weights == "ema" else "model." + TRAINABLE_PREFIX
         tensors, _ = read_safetensors(path)
-        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         try:
             encoder.load_state_dict(state)
         except RuntimeError as e:

@@ -48,11 +48,22 @@ from difflab.nn import create_model, create_model_from_config
 from difflab.nn.base import load_weights
 from difflab.nn.text import TEXT_ENCODERS
 from difflab.train.conditioning import (
-    AUTOENCODER_FOLDER, CONDITIONINGS, TRAINABLE_PREFIX, CaptionTable, build_text_encoder, encode_latents,
+    AUTOENCODER_FOLDER,
+    CONDITIONINGS,
+    TRAINABLE_PREFIX,
+    CaptionTable,
+    build_text_encoder,
+    encode_latents,
     open_autoencoder,
 )
 from difflab.runfolder import (
-    CHECKPOINT_FORMAT, RunLock, atomic_write_bytes, check_new_folder, read_run, read_safetensors, remove_stale_temps,
+    CHECKPOINT_FORMAT,
+    RunLock,
+    atomic_write_bytes,
+    check_new_folder,
+    read_run,
+    read_safetensors,
+    remove_stale_temps,
     write_run_save,
 )
 
@@ -121,17 +132,24 @@ class TrainConfig:
         if self.conditioning is None:
             self.conditioning = "none" if legacy is not None and not legacy else "class"
         elif legacy is not None and bool(legacy) != (self.conditioning == "class"):
-            raise ValueError(f"class_conditional={legacy} contradicts conditioning={self.conditioning!r}; "
-                             "give conditioning alone")
+            raise ValueError(
+                f"class_conditional={legacy} contradicts conditioning={self.conditioning!r}; give conditioning alone"
+            )
 
     def validate(self) -> None:
         check_budget(self.steps, self.minutes)
         check_number("lr", self.lr, lo=0, lo_open=True, hi=MAX_LR)
-        for name, lo, lo_open, integer in (("warmup", 0, False, True),
-                                           ("weight_decay", 0, False, False), ("grad_clip", 0, False, False),
-                                           ("p_mean", None, False, False), ("p_std", 0, True, False),
-                                           ("seed", 0, False, True), ("save_every", 0, False, True),
-                                           ("log_every", 1, False, True), ("ema_decay", 0, False, False)):
+        for name, lo, lo_open, integer in (
+            ("warmup", 0, False, True),
+            ("weight_decay", 0, False, False),
+            ("grad_clip", 0, False, False),
+            ("p_mean", None, False, False),
+            ("p_std", 0, True, False),
+            ("seed", 0, False, True),
+            ("save_every", 0, False, True),
+            ("log_every", 1, False, True),
+            ("ema_decay", 0, False, False),
+        ):
             check_number(name, getattr(self, name), lo=lo, lo_open=lo_open, integer=integer)
         if self.sigma_data is not None:
             check_number("sigma_data", self.sigma_data, lo=0, lo_open=True)
@@ -171,7 +189,9 @@ def load_training_data(cfg: TrainConfig) -> ImageData:
     return load_dataset(cfg.data, "train", **kw)
 
 
-def build_denoiser(model_config: dict, schedule: dict, prediction: str, sigma_data: float | None = None) -> Preconditioned:
+def build_denoiser(
+    model_config: dict, schedule: dict, prediction: str, sigma_data: float | None = None
+) -> Preconditioned:
     """Rebuild the denoiser from config.json's pieces (weights freshly initialised)."""
     net = create_model_from_config(model_config)
     return Preconditioned(net, schedule_from_config(schedule), prediction, sigma_data=sigma_data)
@@ -204,12 +224,20 @@ class _RunInputs:
 
 def _run_inputs(cfg: TrainConfig, data: ImageData, out: Path, resume: bool, rank: int) -> _RunInputs:
     """Encode captions (text) and images (latent diffusion) once, before the first step."""
-    inputs = _RunInputs(data, {"data": {"name": data.name, "channels": data.images.shape[1],
-                                        "size": data.images.shape[-1], "class_names": list(data.class_names)}})
+    inputs = _RunInputs(
+        data,
+        {
+            "data": {
+                "name": data.name,
+                "channels": data.images.shape[1],
+                "size": data.images.shape[-1],
+                "class_names": list(data.class_names),
+            }
+        },
+    )
     if cfg.conditioning == "text":
         if data.captions is None:
-            raise ValueError(f"conditioning='text' needs captions, and dataset {cfg.data!r} has none "
-                             "(shapes has them)")
+            raise ValueError(f"conditioning='text' needs captions, and dataset {cfg.data!r} has none (shapes has them)")
         torch.manual_seed(seed_from(cfg.seed, 0x7E47))  # a jointly trained encoder's initial weights
         encoder = build_text_encoder(cfg.text_encoder, data.captions, cfg.text_encoder_kwargs)
         inputs.captions = CaptionTable(encoder, data.captions)
@@ -224,8 +252,12 @@ def _run_inputs(cfg: TrainConfig, data: ImageData, out: Path, resume: bool, rank
         if rank == 0 and not resume:
             save_latent_space(space, copy, source=str(cfg.autoencoder))
         inputs.data = encode_latents(space, data)
-        inputs.extras["autoencoder"] = {"folder": AUTOENCODER_FOLDER, "source": str(cfg.autoencoder),
-                                        "scale_factor": space.scale, "latent_shape": list(space.latent_shape)}
+        inputs.extras["autoencoder"] = {
+            "folder": AUTOENCODER_FOLDER,
+            "source": str(cfg.autoencoder),
+            "scale_factor": space.scale,
+            "latent_shape": list(space.latent_shape),
+        }
     return inputs
 
 
@@ -237,8 +269,9 @@ def _model_state(denoiser: Preconditioned, text_encoder: nn.Module | None = None
     return state
 
 
-def _load_model_state(denoiser: Preconditioned, text_encoder: nn.Module | None, state: dict[str, Tensor],
-                      path: Path) -> None:
+def _load_model_state(
+    denoiser: Preconditioned, text_encoder: nn.Module | None, state: dict[str, Tensor], path: Path
+) -> None:
     if text_encoder is None:
         load_weights(denoiser.net, state, path)
         return
@@ -297,14 +330,33 @@ def _run_config(cfg: TrainConfig, denoiser: Preconditioned, inputs: _RunInputs) 
     }
 
 
-def _save(out: Path, cfg: TrainConfig, denoiser, ema: dict[str, Tensor], opt, params, step: int,
-          elapsed: float, inputs: _RunInputs) -> None:
+def _save(
+    out: Path,
+    cfg: TrainConfig,
+    denoiser,
+    ema: dict[str, Tensor],
+    opt,
+    params,
+    step: int,
+    elapsed: float,
+    inputs: _RunInputs,
+) -> None:
     raw = {f"model.{k}": v for k, v in _model_state(denoiser, inputs.text_encoder).items()}
     ema_t = {f"ema.{k}": v for k, v in ema.items()}
-    meta = {"format": CHECKPOINT_FORMAT, "step": str(step), "elapsed": f"{elapsed:.3f}",
-            "config": json.dumps(dataclasses.asdict(cfg))}
-    write_run_save(out, step, checkpoint={**raw, **ema_t, **_optimizer_tensors(opt, params)}, checkpoint_meta=meta,
-                   weights=ema, config=_run_config(cfg, denoiser, inputs))
+    meta = {
+        "format": CHECKPOINT_FORMAT,
+        "step": str(step),
+        "elapsed": f"{elapsed:.3f}",
+        "config": json.dumps(dataclasses.asdict(cfg)),
+    }
+    write_run_save(
+        out,
+        step,
+        checkpoint={**raw, **ema_t, **_optimizer_tensors(opt, params)},
+        checkpoint_meta=meta,
+        weights=ema,
+        config=_run_config(cfg, denoiser, inputs),
+    )
 
 
 def _log_rows_upto(log_path: Path, step: int) -> list[str]:
@@ -328,8 +380,9 @@ def load_run(run: str | os.PathLike, weights: str = "ema") -> tuple[Precondition
         denoiser = build_denoiser(config["model"], config["schedule"], config["prediction"], config.get("sigma_data"))
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{config_path} does not describe a buildable model: {type(e).__name__}: {e}") from None
-    state = tensors if weights == "ema" else {k[len("model."):]: v for k, v in tensors.items()
-                                              if k.startswith("model.")}
+    state = (
+        tensors if weights == "ema" else {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+    )
     if (config.get("text_encoder") or {}).get("kind") == "word":  # its weights: Pipeline.from_pretrained
         state = {k: v for k, v in state.items() if not k.startswith(TRAINABLE_PREFIX)}
     load_weights(denoiser.net, state, path)
@@ -361,9 +414,17 @@ def _default_device(world: int) -> torch.device:
     return torch.device("cuda")
 
 
-def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, overwrite: bool = False,
-          progress: bool = True, device: str | torch.device | None = None, data: ImageData | None = None,
-          stop_after: int | None = None) -> Path:
+def train(
+    cfg: TrainConfig,
+    out: str | os.PathLike,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    device: str | torch.device | None = None,
+    data: ImageData | None = None,
+    stop_after: int | None = None,
+) -> Path:
     """Train per `cfg`, writing the run folder `out`. Returns the folder.
 
     A folder that already holds a run is continued (`resume`) or replaced (`overwrite`), never
@@ -373,8 +434,9 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, ove
     cfg.validate()
     out = Path(out)
     if resume and overwrite:
-        raise ValueError("resume and overwrite contradict each other: --resume continues the run in --out, "
-                         "--overwrite replaces it")
+        raise ValueError(
+            "resume and overwrite contradict each other: --resume continues the run in --out, --overwrite replaces it"
+        )
     if resume and not out.is_dir():
         raise FileNotFoundError(f"--resume: run folder {out} does not exist")
     if not resume:
@@ -398,23 +460,39 @@ def _remove_run_files(out: Path) -> None:
         shutil.rmtree(out / AUTOENCODER_FOLDER)
 
 
-def _train(cfg: TrainConfig, out: Path, resume: bool, progress: bool, device, data: ImageData | None,
-           stop_after: int | None, rank: int, world: int) -> Path:
+def _train(
+    cfg: TrainConfig,
+    out: Path,
+    resume: bool,
+    progress: bool,
+    device,
+    data: ImageData | None,
+    stop_after: int | None,
+    rank: int,
+    world: int,
+) -> Path:
     device = torch.device(device) if device is not None else _default_device(world)
     micro = cfg.batch_size // cfg.grad_accum
     if micro % world:
-        raise ValueError(f"micro-batch {micro} (batch_size {cfg.batch_size} / grad_accum {cfg.grad_accum}) "
-                         f"is not divisible by the {world} processes")
+        raise ValueError(
+            f"micro-batch {micro} (batch_size {cfg.batch_size} / grad_accum {cfg.grad_accum}) "
+            f"is not divisible by the {world} processes"
+        )
     if cfg.autoencoder and not resume and not Path(cfg.autoencoder).is_dir():  # before loading the data
-        raise FileNotFoundError(f"autoencoder folder {cfg.autoencoder} does not exist "
-                                f"(train one with `difflab train-autoencoder --out {cfg.autoencoder}`)")
+        raise FileNotFoundError(
+            f"autoencoder folder {cfg.autoencoder} does not exist "
+            f"(train one with `difflab train-autoencoder --out {cfg.autoencoder}`)"
+        )
     data = data if data is not None else load_training_data(cfg)
     if data.images.shape[0] < cfg.batch_size:
-        raise ValueError(f"dataset {cfg.data!r} has {data.images.shape[0]} images, fewer than batch_size {cfg.batch_size}")
+        raise ValueError(
+            f"dataset {cfg.data!r} has {data.images.shape[0]} images, fewer than batch_size {cfg.batch_size}"
+        )
     bad = (~torch.isfinite(data.images)).flatten(1).any(1).nonzero().flatten()
     if bad.numel():
-        raise ValueError(f"dataset {cfg.data!r} has NaN/inf pixels in {bad.numel()} image(s), "
-                         f"first at index {bad[0].item()}")
+        raise ValueError(
+            f"dataset {cfg.data!r} has NaN/inf pixels in {bad.numel()} image(s), first at index {bad[0].item()}"
+        )
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(out)  # left by a run killed mid-write
@@ -440,17 +518,35 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, progress: bool, device, da
         if meta.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{ckpt} is not a difflab checkpoint (format {meta.get('format')!r})")
         saved_cfg = _normalised(json.loads(meta["config"]))
-        for key in ("model", "model_overrides", "prediction", "schedule", "sigma_data", "data", "data_kwargs",
-                    "conditioning", "text_encoder", "text_encoder_kwargs", "autoencoder", "batch_size", "seed"):
+        for key in (
+            "model",
+            "model_overrides",
+            "prediction",
+            "schedule",
+            "sigma_data",
+            "data",
+            "data_kwargs",
+            "conditioning",
+            "text_encoder",
+            "text_encoder_kwargs",
+            "autoencoder",
+            "batch_size",
+            "seed",
+        ):
             if saved_cfg.get(key) != dataclasses.asdict(cfg).get(key):
-                raise ValueError(f"--resume: {key} differs from the checkpoint's "
-                                 f"({saved_cfg.get(key)!r} there, {dataclasses.asdict(cfg).get(key)!r} now)")
-        _load_model_state(denoiser, text_encoder, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")},
-                          ckpt)
+                raise ValueError(
+                    f"--resume: {key} differs from the checkpoint's "
+                    f"({saved_cfg.get(key)!r} there, {dataclasses.asdict(cfg).get(key)!r} now)"
+                )
+        _load_model_state(
+            denoiser, text_encoder, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, ckpt
+        )
         ema = {k[4:]: v.to(device) for k, v in tensors.items() if k.startswith("ema.")}
         if set(ema) != set(ema_keys := _model_state(denoiser, text_encoder)):
-            raise ValueError(f"{ckpt} has EMA tensors that do not fit this network "
-                             f"({len(set(ema_keys) - set(ema))} missing, {len(set(ema) - set(ema_keys))} unexpected)")
+            raise ValueError(
+                f"{ckpt} has EMA tensors that do not fit this network "
+                f"({len(set(ema_keys) - set(ema))} missing, {len(set(ema) - set(ema_keys))} unexpected)"
+            )
         _load_optimizer(opt, params, {k: v.to(device) for k, v in tensors.items()})
         step, elapsed = int(meta["step"]), float(meta.get("elapsed", 0))
         if rank == 0 and log_path.exists():  # keep the rows up to the checkpoint; drop the killed tail
@@ -465,7 +561,8 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, progress: bool, device, da
     step_loss = _LossModule(denoiser, loss_fn, text_encoder)
     if world > 1:
         step_loss = nn.parallel.DistributedDataParallel(
-            step_loss, device_ids=[device.index] if device.type == "cuda" else None)
+            step_loss, device_ids=[device.index] if device.type == "cuda" else None
+        )
     n = data.images.shape[0]
     pbar = None
     if progress and rank == 0:
@@ -540,8 +637,13 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, progress: bool, device, da
         window_n += cfg.batch_size
         if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps):
             now = time.perf_counter()
-            row = {"step": step, "loss": sum(losses) / len(losses), "lr": _lr_at(cfg, step - 1),
-                   "img_per_s": window_n / max(now - window_t, 1e-9), "time": clock() - t_start}
+            row = {
+                "step": step,
+                "loss": sum(losses) / len(losses),
+                "lr": _lr_at(cfg, step - 1),
+                "img_per_s": window_n / max(now - window_t, 1e-9),
+                "time": clock() - t_start,
+            }
             if cfg.clock == "cpu":
                 row["clock"] = "cpu"
             with open(log_path, "a") as f:

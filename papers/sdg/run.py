@@ -45,8 +45,17 @@ import torch  # noqa: E402
 
 if __package__ in (None, ""):  # run as a file: python papers/sdg/run.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from papers.runner import (Paper, Results, Run, atomic_write_text, key, log, main,  # noqa: E402
-                           save_figure, save_tensor)
+from papers.runner import (
+    Paper,
+    Results,
+    Run,
+    atomic_write_text,
+    key,
+    log,
+    main,  # noqa: E402
+    save_figure,
+    save_tensor,
+)
 
 from difflab.core import sample  # noqa: E402
 from difflab.core.sampling import DEFAULT_SAMPLER, SAMPLERS  # noqa: E402
@@ -71,17 +80,36 @@ OBJECT_HEADS = ("shape", "color", "size", "position")
 # tower sees; measured |sigma^2 grad_x F| per image (|x0| ~ 45): about 1.5 at sigma 5 and 0.1 at
 # sigma 1 for the cosines, 10-40x less for the Gram distance. A 16-sample pilot on the run's first
 # checkpoint (step 500) raised the cosines up to s ~ 100-300 and the Gram score up to s ~ 3000.
-FULL = {"n": 128, "steps": 20, "targets": 8, "keep": 2,
-        "scales": {"language": (0.0, 10.0, 40.0, 160.0, 640.0), "content": (0.0, 10.0, 40.0, 160.0, 640.0),
-                   "style": (0.0, 100.0, 300.0, 1000.0, 3000.0)}}
-QUICK = {"n": 8, "steps": 4, "targets": 2, "keep": 2,
-         "scales": {"language": (0.0, 160.0), "content": (0.0, 160.0), "style": (0.0, 1000.0)}}
+FULL = {
+    "n": 128,
+    "steps": 20,
+    "targets": 8,
+    "keep": 2,
+    "scales": {
+        "language": (0.0, 10.0, 40.0, 160.0, 640.0),
+        "content": (0.0, 10.0, 40.0, 160.0, 640.0),
+        "style": (0.0, 100.0, 300.0, 1000.0, 3000.0),
+    },
+}
+QUICK = {
+    "n": 8,
+    "steps": 4,
+    "targets": 2,
+    "keep": 2,
+    "scales": {"language": (0.0, 160.0), "content": (0.0, 160.0), "style": (0.0, 1000.0)},
+}
 # the language targets: one per shape, colour and position at least; template-0 captions (the
 # form every other template contains)
-PROMPTS = ("a large red circle on the left", "a small green square at the top", "a large blue triangle in the center",
-           "a small yellow cross on the right", "a large purple star at the bottom",
-           "a small cyan circle in the center", "a large blue circle on the right",
-           "a large yellow triangle at the top")
+PROMPTS = (
+    "a large red circle on the left",
+    "a small green square at the top",
+    "a large blue triangle in the center",
+    "a small yellow cross on the right",
+    "a large purple star at the bottom",
+    "a small cyan circle in the center",
+    "a large blue circle on the right",
+    "a large yellow triangle at the top",
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -114,14 +142,18 @@ class Models:
         if self.pipe.latent_space is not None:
             raise ValueError(f"run {run} samples latents; SDG here guides a pixel-space model")
         if self.pipe.conditioning != "text":
-            raise ValueError(f"run {run} is {self.pipe.conditioning}-conditional; this script takes a text run, "
-                             "whose empty prompt is the unconditional model")
+            raise ValueError(
+                f"run {run} is {self.pipe.conditioning}-conditional; this script takes a text run, "
+                "whose empty prompt is the unconditional model"
+            )
         self.clean = load_clip(clip)  # E_I, E_T: scores the final samples
         self.noisy = load_clip(clip, noise_aware=True)  # E'_I (same E_T): guides
         c = self.clean.config
         if (c.in_channels, c.image_size, c.image_size) != self.pipe.image_shape():
-            raise ValueError(f"CLIP {clip} takes {(c.in_channels, c.image_size, c.image_size)} images; run {run} "
-                             f"makes {self.pipe.image_shape()}")
+            raise ValueError(
+                f"CLIP {clip} takes {(c.in_channels, c.image_size, c.image_size)} images; run {run} "
+                f"makes {self.pipe.image_shape()}"
+            )
         self.classifier = load_classifier("shapes")
         self.exclude = self.pipe.config.get("train", {}).get("data_kwargs", {}).get("exclude", [])
         self.clip_info = json.loads((Path(clip) / "config.json").read_text()).get("info", {})
@@ -173,7 +205,7 @@ def targets_for(kind: str, k: int) -> tuple[list, list[dict[str, int]]]:
         prompts = list(PROMPTS[:k])
         return prompts, [{h: v for h, v in parse_caption(t).items() if h in OBJECT_HEADS} for t in prompts]
     test = load_dataset("shapes", "test", n=k)
-    refs = [test.images[i:i + 1] for i in range(k)]  # (1, 3, 32, 32) each
+    refs = [test.images[i : i + 1] for i in range(k)]  # (1, 3, 32, 32) each
     return refs, [{h: int(test.attributes[h][i]) for h in ATTRIBUTES} for i in range(k)]
 
 
@@ -209,8 +241,11 @@ def attribute_hits(net, x: torch.Tensor, want: dict[str, int]) -> dict[str, torc
 
 
 DIRECTION = {"language": 1, "content": 1, "style": -1}  # +1: the score rises toward the target
-SCORE_NAME = {"language": "cos(E_I(x0), E_T(prompt))", "content": "cos(E_I(x0), E_I(ref))",
-              "style": "Gram distance to ref (E_I blocks)"}
+SCORE_NAME = {
+    "language": "cos(E_I(x0), E_T(prompt))",
+    "content": "cos(E_I(x0), E_I(ref))",
+    "style": "Gram distance to ref (E_I blocks)",
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -232,8 +267,9 @@ def run_kind(kind: str, models: Models, p: dict, sampler: str, seed: int) -> Non
         xs, scores, hits = [], [], []
         for j, target in enumerate(targets):
             sj = seed + 1000 * j
-            x = generate(models, guide_score(kind, models, target, sj), s, per, steps=p["steps"], sampler=sampler,
-                         seed=sj)
+            x = generate(
+                models, guide_score(kind, models, target, sj), s, per, steps=p["steps"], sampler=sampler, seed=sj
+            )
             xs.append(x)
             scores.append(own_score(kind, models.clean, x, target))
             hits.append(attribute_hits(models.classifier, x, wants[j]))
@@ -250,13 +286,21 @@ def run_kind(kind: str, models: Models, p: dict, sampler: str, seed: int) -> Non
         assert all(abs(acc[h] - hit[h].double().mean().item()) < 1e-9 for h in heads), (acc, hit)
         m, se = mean_se(score)
         seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-        rows[key(s)] = {"score": m, "score_se": se, "attributes": acc,
-                        "attributes_se": {h: math.sqrt(max(v * (1 - v), 1e-12) / len(score)) for h, v in acc.items()},
-                        "sample_seconds": round(seconds, 1), "sample_cpu_seconds": round(cpu, 1)}
+        rows[key(s)] = {
+            "score": m,
+            "score_se": se,
+            "attributes": acc,
+            "attributes_se": {h: math.sqrt(max(v * (1 - v), 1e-12) / len(score)) for h, v in acc.items()},
+            "sample_seconds": round(seconds, 1),
+            "sample_cpu_seconds": round(cpu, 1),
+        }
         per_sample[key(s)] = {"score": score, **{f"hit_{h}": v for h, v in hit.items()}}
-        grids[key(s)] = torch.stack([xj[:p["keep"]] for xj in xs], 0)  # (k, keep, 3, H, W)
-        log(f"  s = {key(s)}: {SCORE_NAME[kind]} {m:.4f} ± {se:.4f}; attributes "
-            + ", ".join(f"{h} {v:.3f}" for h, v in acc.items()) + f" ({seconds:.0f} s, {cpu:.0f} CPU-s)")
+        grids[key(s)] = torch.stack([xj[: p["keep"]] for xj in xs], 0)  # (k, keep, 3, H, W)
+        log(
+            f"  s = {key(s)}: {SCORE_NAME[kind]} {m:.4f} ± {se:.4f}; attributes "
+            + ", ".join(f"{h} {v:.3f}" for h, v in acc.items())
+            + f" ({seconds:.0f} s, {cpu:.0f} CPU-s)"
+        )
     base = per_sample[key(scales[0])]
     for s in scales[1:]:  # paired differences from the unguided samples (same noise)
         cur, r = per_sample[key(s)], rows[key(s)]
@@ -271,14 +315,30 @@ def run_kind(kind: str, models: Models, p: dict, sampler: str, seed: int) -> Non
     per_target = {}
     if kind == "language":
         for j, t in enumerate(targets):
-            per_target[t] = {key(s): per_sample[key(s)]["hit_all"][j * per:(j + 1) * per].double().mean().item()
-                             for s in scales}
-    Results(OUT, SORT).save(kind, {"n": n, "targets": k, "per_target": per, "steps": p["steps"], "sampler": sampler,
-                       "seed": seed, "scales": [key(s) for s in scales], "rows": rows,
-                       "target_list": targets if kind == "language" else f"the first {k} shapes test images",
-                       "target_attributes": wants, "unseen": [_unseen(w, models.exclude) for w in wants],
-                       "all_accuracy_by_target": per_target, "run": rel(models.run), "run_step": models.run_step,
-                       "clip": rel(models.clip_dir), "command": p["command"]})
+            per_target[t] = {
+                key(s): per_sample[key(s)]["hit_all"][j * per : (j + 1) * per].double().mean().item() for s in scales
+            }
+    Results(OUT, SORT).save(
+        kind,
+        {
+            "n": n,
+            "targets": k,
+            "per_target": per,
+            "steps": p["steps"],
+            "sampler": sampler,
+            "seed": seed,
+            "scales": [key(s) for s in scales],
+            "rows": rows,
+            "target_list": targets if kind == "language" else f"the first {k} shapes test images",
+            "target_attributes": wants,
+            "unseen": [_unseen(w, models.exclude) for w in wants],
+            "all_accuracy_by_target": per_target,
+            "run": rel(models.run),
+            "run_step": models.run_step,
+            "clip": rel(models.clip_dir),
+            "command": p["command"],
+        },
+    )
 
 
 def _rendered(prompt: str) -> torch.Tensor:
@@ -310,8 +370,9 @@ def figure_grid(kind: str) -> Path | None:
     saved = torch.load(path, weights_only=True)
     grids, targets = saved["grids"], saved["targets"]
     k, keep = next(iter(grids.values())).shape[:2]
-    rows = [("target" if kind != "language" else "prompt (a real image)",
-             targets[:, None].expand(-1, keep, -1, -1, -1))]
+    rows = [
+        ("target" if kind != "language" else "prompt (a real image)", targets[:, None].expand(-1, keep, -1, -1, -1))
+    ]
     rows += [(f"s = {name}", x) for name, x in grids.items()]
     fig, axes = plt.subplots(len(rows), 1, figsize=(max(0.55 * k * keep + 1.6, 6.0), 0.7 * len(rows) + 0.5))
     axes = [axes] if len(rows) == 1 else axes
@@ -319,7 +380,7 @@ def figure_grid(kind: str) -> Path | None:
         x = ((x.clamp(-1, 1) + 1) / 2).reshape(k * keep, *x.shape[2:])  # (k, keep, 3, H, W) -> (k keep, 3, H, W)
         h, w = x.shape[-2:]
         gap = torch.ones(k * keep, 3, h, 2)
-        gap[keep - 1::keep] = 0.5  # a grey bar between targets
+        gap[keep - 1 :: keep] = 0.5  # a grey bar between targets
         strip = torch.cat([torch.cat([x, gap], 3)[i] for i in range(k * keep)], 2)  # (3, H, k keep (W + 2))
         ax.imshow(strip.permute(1, 2, 0).numpy(), interpolation="nearest")
         ax.set_xticks([])
@@ -352,8 +413,10 @@ def verdict(r: dict, kind: str) -> tuple[bool, str]:
     mono = all(b[1] > a[1] for a, b in zip(gains, gains[1:]))
     if not up:
         return False, (f"does not hold: no scale gains more than 2 se (best s = {s}: {gain:+.4f} ± {se:.4f})")
-    return True, (f"holds at s = {', '.join(g[0] for g in up)} (largest gain at s = {max(gains, key=lambda g: g[1])[0]}"
-                  f"; {'monotone' if mono else 'not monotone'} in s)")
+    return True, (
+        f"holds at s = {', '.join(g[0] for g in up)} (largest gain at s = {max(gains, key=lambda g: g[1])[0]}"
+        f"; {'monotone' if mono else 'not monotone'} in s)"
+    )
 
 
 def _fmt(v: float, se: float, digits: int = 3) -> str:
@@ -365,8 +428,10 @@ def kind_table(kind: str, r: dict) -> list[str]:
     heads = [h for h in (*ATTRIBUTES, "all") if h in have]
     d = DIRECTION[kind]
     score_col = SCORE_NAME[kind] + (" (higher = closer)" if d > 0 else " (lower = closer)")
-    L = [f"| s | {score_col} | gain over s = 0 (paired) | " + " | ".join(heads) + " | CPU-s |",
-         "|---|---|---|" + "---|" * len(heads) + "---|"]
+    L = [
+        f"| s | {score_col} | gain over s = 0 (paired) | " + " | ".join(heads) + " | CPU-s |",
+        "|---|---|---|" + "---|" * len(heads) + "---|",
+    ]
     for s in r["scales"]:
         row = r["rows"][s]
         gain = "-" if "gain" not in row else _fmt(row["gain"], row["gain_se"], 4)
@@ -376,8 +441,11 @@ def kind_table(kind: str, r: dict) -> list[str]:
             if "attributes_gain" in row:
                 cell += f" ({row['attributes_gain'][h]:+.3f} ± {row['attributes_gain_se'][h]:.3f})"
             attrs.append(cell)
-        L.append(f"| {s} | {_fmt(row['score'], row['score_se'], 4)} | {gain} | " + " | ".join(attrs)
-                 + f" | {row['sample_cpu_seconds']:.0f} |")
+        L.append(
+            f"| {s} | {_fmt(row['score'], row['score_se'], 4)} | {gain} | "
+            + " | ".join(attrs)
+            + f" | {row['sample_cpu_seconds']:.0f} |"
+        )
     return L
 
 
@@ -386,18 +454,30 @@ def clip_summary(info: dict) -> str:
     if not m:
         return "(no metrics recorded in the CLIP folder)"
     r = m["retrieval"]
-    parts = [f"text->image retrieval top-1 in batches of {m['retrieval_batch']}: {r['exact']:.3f} exact (chance "
-             f"{r['exact_chance']:.2f})" + (f", {r['consistent']:.3f} consistent" if "consistent" in r else "")]
+    parts = [
+        f"text->image retrieval top-1 in batches of {m['retrieval_batch']}: {r['exact']:.3f} exact (chance "
+        f"{r['exact_chance']:.2f})" + (f", {r['consistent']:.3f} consistent" if "consistent" in r else "")
+    ]
     if "zero_shot" in m:
-        parts.append("zero-shot attribute accuracy " + ", ".join(f"{k} {v:.2f}" for k, v in m["zero_shot"].items()
-                                                                 if k != "mean"))
+        parts.append(
+            "zero-shot attribute accuracy "
+            + ", ".join(f"{k} {v:.2f}" for k, v in m["zero_shot"].items() if k != "mean")
+        )
     noisy = m.get("noisy_retrieval", {})
     if noisy:
         col = "consistent" if "consistent" in next(iter(noisy.values()))["noise_aware"] else "exact"
-        parts.append(f"{col} retrieval of noisy images by E'_I / by E_I: " + ", ".join(
-            f"sigma {s}: {v['noise_aware'][col]:.3f} / {v['clean_tower'][col]:.3f}" for s, v in noisy.items())
-            + (" (E'_I at sigma 0 exactly is off its training range: `clip_c_noise` clamps sigma to 1e-5; samplers "
-               "never call it there)" if "0" in noisy else ""))
+        parts.append(
+            f"{col} retrieval of noisy images by E'_I / by E_I: "
+            + ", ".join(
+                f"sigma {s}: {v['noise_aware'][col]:.3f} / {v['clean_tower'][col]:.3f}" for s, v in noisy.items()
+            )
+            + (
+                " (E'_I at sigma 0 exactly is off its training range: `clip_c_noise` clamps sigma to 1e-5; samplers "
+                "never call it there)"
+                if "0" in noisy
+                else ""
+            )
+        )
     return "; ".join(parts)
 
 
@@ -421,23 +501,25 @@ def write_report() -> None:
     meta = next(res[k] for k in KINDS if k in res)
     commands = list(dict.fromkeys(res[k].get("command", "python papers/sdg/run.py") for k in KINDS if k in res))
     clip_info = res.get("clip_info", {})
-    L = ["# Semantic Diffusion Guidance on shapes (Liu et al. 2023, arXiv 2112.05744)\n",
-         "Produced by " + " and ".join(f"`{c}`" for c in commands) + " (all numbers below come from `results.json`; "
-         "`--report` rebuilds this page).\n",
-         f"Unconditional model: the empty prompt \"\" of the text-conditional shapes UNet `{meta['run']}` (step "
-         f"{meta.get('run_step')}; caption dropout 0.1 trained that branch). Guide and judge: the SmallCLIP of "
-         f"`{meta['clip']}` (`difflab train-clip`, {clip_info.get('steps')} contrastive + "
-         f"{clip_info.get('noise_steps')} noise-aware steps; {clip_summary(clip_info)}). Its noise-aware image tower "
-         "E'_I computes F on x_t; the clean tower E_I (the fine-tune's frozen teacher) scores the final samples, so "
-         "the judge is related to, but not the same network as, the guide. Attribute accuracy is measured by "
-         "difflab's shapes classifier (`difflab.metrics.classifiers`; " + _classifier_card() + "), independent of "
-         f"both. Every setting: n = {meta['n']} samples ({meta['targets']} targets x {meta['per_target']}), "
-         f"{meta['steps']} steps of `{meta['sampler']}`, seed {meta['seed']}: sample i starts from the same noise at "
-         "every scale, so differences from s = 0 are paired; ± is one standard error (of the mean, or of the "
-         "paired difference).\n",
-         "Guidance: D + s sigma^2 grad_x F(x_t, sigma) (`difflab.methods.sdg.sdg`, the paper's mu + s Sigma grad F "
-         "in VE coordinates), s = 0 being the unguided model.\n",
-         "## Claims, measured\n"]
+    L = [
+        "# Semantic Diffusion Guidance on shapes (Liu et al. 2023, arXiv 2112.05744)\n",
+        "Produced by " + " and ".join(f"`{c}`" for c in commands) + " (all numbers below come from `results.json`; "
+        "`--report` rebuilds this page).\n",
+        f'Unconditional model: the empty prompt "" of the text-conditional shapes UNet `{meta["run"]}` (step '
+        f"{meta.get('run_step')}; caption dropout 0.1 trained that branch). Guide and judge: the SmallCLIP of "
+        f"`{meta['clip']}` (`difflab train-clip`, {clip_info.get('steps')} contrastive + "
+        f"{clip_info.get('noise_steps')} noise-aware steps; {clip_summary(clip_info)}). Its noise-aware image tower "
+        "E'_I computes F on x_t; the clean tower E_I (the fine-tune's frozen teacher) scores the final samples, so "
+        "the judge is related to, but not the same network as, the guide. Attribute accuracy is measured by "
+        "difflab's shapes classifier (`difflab.metrics.classifiers`; " + _classifier_card() + "), independent of "
+        f"both. Every setting: n = {meta['n']} samples ({meta['targets']} targets x {meta['per_target']}), "
+        f"{meta['steps']} steps of `{meta['sampler']}`, seed {meta['seed']}: sample i starts from the same noise at "
+        "every scale, so differences from s = 0 are paired; ± is one standard error (of the mean, or of the "
+        "paired difference).\n",
+        "Guidance: D + s sigma^2 grad_x F(x_t, sigma) (`difflab.methods.sdg.sdg`, the paper's mu + s Sigma grad F "
+        "in VE coordinates), s = 0 being the unguided model.\n",
+        "## Claims, measured\n",
+    ]
     for kind in KINDS:
         r = res.get(kind)
         if not r:
@@ -445,17 +527,21 @@ def write_report() -> None:
         ok, how = verdict(r, kind)
         s0 = r["rows"]["0"]
         series = ", ".join(f"s = {s}: {r['rows'][s]['score']:.4f}" for s in r["scales"])
-        line = (f"- **{kind.capitalize()} guidance moves its own score toward the target: "
-                f"{'holds' if ok else 'does not hold'}.** "
-                f"{SCORE_NAME[kind]} ({'higher' if DIRECTION[kind] > 0 else 'lower'} = closer) by scale: {series} "
-                f"(unguided ± {s0['score_se']:.4f}); {how}.")
+        line = (
+            f"- **{kind.capitalize()} guidance moves its own score toward the target: "
+            f"{'holds' if ok else 'does not hold'}.** "
+            f"{SCORE_NAME[kind]} ({'higher' if DIRECTION[kind] > 0 else 'lower'} = closer) by scale: {series} "
+            f"(unguided ± {s0['score_se']:.4f}); {how}."
+        )
         top = max(r["scales"][1:], key=lambda s: r["rows"][s]["gain"]) if len(r["scales"]) > 1 else None
         if top:
             a, g = r["rows"][top]["attributes"], r["rows"][top]
             what = "the prompt's attributes" if kind == "language" else "agreement with the reference's attributes"
-            line += (f" Independent check, {what} by the shapes classifier, all at once: {s0['attributes']['all']:.3f} "
-                     f"unguided -> {a['all']:.3f} at s = {top} ({g['attributes_gain']['all']:+.3f} ± "
-                     f"{g['attributes_gain_se']['all']:.3f}).")
+            line += (
+                f" Independent check, {what} by the shapes classifier, all at once: {s0['attributes']['all']:.3f} "
+                f"unguided -> {a['all']:.3f} at s = {top} ({g['attributes_gain']['all']:+.3f} ± "
+                f"{g['attributes_gain_se']['all']:.3f})."
+            )
         L.append(line)
     L.append("")
     for i, kind in enumerate(KINDS, 1):
@@ -465,30 +551,45 @@ def write_report() -> None:
         L.append(f"## {i}. {kind.capitalize()} guidance\n")
         if kind == "language":
             unseen = [t for t, u in zip(r["target_list"], r["unseen"]) if u]
-            L.append("F = cos(E'_I(x_t), E_T(prompt)). Prompts (one batch each): " + "; ".join(
-                f"\"{t}\"" for t in r["target_list"]) + ". Attribute columns: the classifier's shape, colour, size, "
+            L.append(
+                "F = cos(E'_I(x_t), E_T(prompt)). Prompts (one batch each): "
+                + "; ".join(f'"{t}"' for t in r["target_list"])
+                + ". Attribute columns: the classifier's shape, colour, size, "
                 "position of the samples against the prompt's (chance about 0.2, 0.17, 0.5, 0.2), and all four at "
                 "once; in brackets the paired change from s = 0."
-                + (f" The diffusion model never saw {', '.join(unseen)} (excluded (shape, colour) pairs of its "
-                   "training set)." if unseen else "") + "\n")
+                + (
+                    f" The diffusion model never saw {', '.join(unseen)} (excluded (shape, colour) pairs of its "
+                    "training set)."
+                    if unseen
+                    else ""
+                )
+                + "\n"
+            )
         elif kind == "content":
-            L.append("F = cos(E'_I(x_t), E'_I(ref + sigma n)), the reference noised to the same level. References: "
-                     f"{r['target_list']}. Attribute columns: agreement of each sample's attributes with its "
-                     "reference's true ones (the test set's attributes; the shapes classifier on the samples).\n")
+            L.append(
+                "F = cos(E'_I(x_t), E'_I(ref + sigma n)), the reference noised to the same level. References: "
+                f"{r['target_list']}. Attribute columns: agreement of each sample's attributes with its "
+                "reference's true ones (the test set's attributes; the shapes classifier on the samples).\n"
+            )
         else:
-            L.append("F = -sum over E'_I's three blocks of ||G(f(x_t)) - G(f(ref + sigma n))||_F^2 (G: Gram matrix "
-                     "over positions, normalised by C H W). Scored by the same sum with E_I's blocks on the clean "
-                     f"samples (lower = closer). References: {r['target_list']}. Attribute columns: agreement with "
-                     "the reference's attributes (style should move colour and background more than shape or "
-                     "position).\n")
+            L.append(
+                "F = -sum over E'_I's three blocks of ||G(f(x_t)) - G(f(ref + sigma n))||_F^2 (G: Gram matrix "
+                "over positions, normalised by C H W). Scored by the same sum with E_I's blocks on the clean "
+                f"samples (lower = closer). References: {r['target_list']}. Attribute columns: agreement with "
+                "the reference's attributes (style should move colour and background more than shape or "
+                "position).\n"
+            )
         unseen_refs = [str(j + 1) for j, u in enumerate(r["unseen"]) if u] if kind != "language" else []
         if unseen_refs:
-            L.append(f"(References {', '.join(unseen_refs)} show (shape, colour) pairs the diffusion model never "
-                     "saw.)\n")
+            L.append(
+                f"(References {', '.join(unseen_refs)} show (shape, colour) pairs the diffusion model never saw.)\n"
+            )
         L += kind_table(kind, r)
         if kind == "language" and r.get("all_accuracy_by_target"):
-            L.append("\nAll four attributes right, per prompt (n = " + str(r["per_target"]) + " each; * = unseen by "
-                     "the diffusion model):\n")
+            L.append(
+                "\nAll four attributes right, per prompt (n = " + str(r["per_target"]) + " each; * = unseen by "
+                "the diffusion model):\n"
+            )
             L.append("| prompt | " + " | ".join(f"s = {s}" for s in r["scales"]) + " |")
             L.append("|---|" + "---|" * len(r["scales"]))
             for t, u in zip(r["target_list"], r["unseen"]):
@@ -499,9 +600,17 @@ def write_report() -> None:
         L.append("")
     runs = res.get("runs", {})
     if runs:
-        L.append("Run time per part (" + runs.get("machine", "?") + "): "
-                 + ", ".join(f"{p} {v['wall_s'] / 60:.1f} min wall / {v['cpu_s'] / 60:.1f} CPU-min"
-                             for p, v in runs.items() if isinstance(v, dict)) + ".\n")
+        L.append(
+            "Run time per part ("
+            + runs.get("machine", "?")
+            + "): "
+            + ", ".join(
+                f"{p} {v['wall_s'] / 60:.1f} min wall / {v['cpu_s'] / 60:.1f} CPU-min"
+                for p, v in runs.items()
+                if isinstance(v, dict)
+            )
+            + ".\n"
+        )
     atomic_write_text(OUT / "report.md", "\n".join(L) + "\n")
     log(f"wrote {OUT / 'report.md'}")
 
@@ -518,9 +627,12 @@ def options(ap) -> None:
     ap.add_argument("--targets", type=int, help=f"prompts / references per kind (default {FULL['targets']})")
     ap.add_argument("--steps", type=int, help=f"sampler steps (default {FULL['steps']}; quick {QUICK['steps']})")
     ap.add_argument("--scales", type=float, nargs="+", help="guidance scales for the parts run (first must be 0)")
-    ap.add_argument("--sampler", default=SAMPLER, choices=sorted(SAMPLERS),
-                    help=f"default {SAMPLER}: DDPM's ancestral step, whose mean SDG shifts (library default: "
-                         f"{DEFAULT_SAMPLER})")
+    ap.add_argument(
+        "--sampler",
+        default=SAMPLER,
+        choices=sorted(SAMPLERS),
+        help=f"default {SAMPLER}: DDPM's ancestral step, whose mean SDG shifts (library default: {DEFAULT_SAMPLER})",
+    )
 
 
 def configure(run: Run) -> None:
@@ -535,8 +647,9 @@ def configure(run: Run) -> None:
         p["scales"].update({k: tuple(args.scales) for k in args.only or KINDS})
     if p["n"] % p["targets"] or p["n"] < p["targets"]:
         raise ValueError(f"n ({p['n']}) must be a positive multiple of targets ({p['targets']})")
-    p["command"] = "python " + " ".join([rel(sys.argv[0]) if sys.argv[0].endswith("run.py") else "papers/sdg/run.py",
-                                         *sys.argv[1:]])
+    p["command"] = "python " + " ".join(
+        [rel(sys.argv[0]) if sys.argv[0].endswith("run.py") else "papers/sdg/run.py", *sys.argv[1:]]
+    )
 
 
 def setup(run: Run):
@@ -545,11 +658,20 @@ def setup(run: Run):
     return models
 
 
-PAPER = Paper("sdg", __doc__, parts={kind: (lambda run, kind=kind: run_kind(kind, run.state, run.settings,
-                                                                           run.args.sampler, run.seed))
-                                     for kind in KINDS},
-              report=lambda run: write_report(), full=FULL, quick=QUICK, options=options, configure=configure,
-              setup=setup)
+PAPER = Paper(
+    "sdg",
+    __doc__,
+    parts={
+        kind: (lambda run, kind=kind: run_kind(kind, run.state, run.settings, run.args.sampler, run.seed))
+        for kind in KINDS
+    },
+    report=lambda run: write_report(),
+    full=FULL,
+    quick=QUICK,
+    options=options,
+    configure=configure,
+    setup=setup,
+)
 
 
 if __name__ == "__main__":

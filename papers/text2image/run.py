@@ -34,8 +34,21 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 if __package__ in (None, ""):  # run as a file: python papers/text2image/run.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from papers.runner import (SKIPPED, Paper, Results, Run, atomic_write_text, key, log, main,  # noqa: E402
-                           prop_se, save_figure, save_tensor, sign_test, trend)
+from papers.runner import (
+    SKIPPED,
+    Paper,
+    Results,
+    Run,
+    atomic_write_text,
+    key,
+    log,
+    main,  # noqa: E402
+    prop_se,
+    save_figure,
+    save_tensor,
+    sign_test,
+    trend,
+)
 
 from difflab import zoo  # noqa: E402
 from difflab.core.sampling import DEFAULT_SAMPLER  # noqa: E402
@@ -50,10 +63,26 @@ from difflab.pipeline import Pipeline  # noqa: E402
 HERE = Path(__file__).resolve().parent
 OUT = HERE
 SORT = True  # results.json keys sorted
-FULL = {"n": 500, "steps": 10, "w": (0.0, 0.5, 1.0, 2.0, 4.0, 8.0), "heldout_n": 250, "heldout_w": (0.0, 2.0),
-        "ldm_w": 2.0, "real_sets": 4, "keep": 12}
-QUICK = {"n": 20, "steps": 4, "w": (0.0, 2.0), "heldout_n": 10, "heldout_w": (0.0, 2.0), "ldm_w": 2.0,
-         "real_sets": 2, "keep": 6}
+FULL = {
+    "n": 500,
+    "steps": 10,
+    "w": (0.0, 0.5, 1.0, 2.0, 4.0, 8.0),
+    "heldout_n": 250,
+    "heldout_w": (0.0, 2.0),
+    "ldm_w": 2.0,
+    "real_sets": 4,
+    "keep": 12,
+}
+QUICK = {
+    "n": 20,
+    "steps": 4,
+    "w": (0.0, 2.0),
+    "heldout_n": 10,
+    "heldout_w": (0.0, 2.0),
+    "ldm_w": 2.0,
+    "real_sets": 2,
+    "keep": 6,
+}
 HEADS = ("shape", "color", "size", "position", "background")
 MODELS = {"": "pixel", "_latent": "latent"}  # part suffix -> which model (--run, --latent-run)
 
@@ -79,8 +108,14 @@ class Scorer:
     def __init__(self, pipe: Pipeline):
         self.config = pipe.config
         self.ext = feature_extractor("shapes")
-        self.ref = reference_stats(self.ext, "shapes", "train", images=lambda: _run_data(self.config, "train").images,
-                                   data_kwargs=_data_kwargs(self.config), log=log)
+        self.ref = reference_stats(
+            self.ext,
+            "shapes",
+            "train",
+            images=lambda: _run_data(self.config, "train").images,
+            data_kwargs=_data_kwargs(self.config),
+            log=log,
+        )
         self.clf = load_classifier("shapes")
 
     @torch.no_grad()
@@ -89,7 +124,7 @@ class Scorer:
         'shape+color': both right (the pair a held-out prompt recombines)."""
         preds = {h: [] for h in HEADS}
         for a in range(0, len(x), 256):
-            logits = self.clf(prepare_images(x[a:a + 256], self.clf.config.in_channels, self.clf.config.image_size))
+            logits = self.clf(prepare_images(x[a : a + 256], self.clf.config.in_channels, self.clf.config.image_size))
             for h in HEADS:
                 preds[h].append(logits[h].argmax(1))
         preds = {h: torch.cat(v).tolist() for h, v in preds.items()}
@@ -118,8 +153,15 @@ class Scorer:
 
 def generate(pipe: Pipeline, prompts: list[str], w: float, p: dict, seed: int) -> tuple[torch.Tensor, float]:
     c0 = time.process_time()
-    x = pipe(len(prompts), prompt=prompts, guidance_scale=1.0 + w, steps=p["steps"], seed=seed,
-             sampler=p["sampler"], batch_size=p["batch_size"])
+    x = pipe(
+        len(prompts),
+        prompt=prompts,
+        guidance_scale=1.0 + w,
+        steps=p["steps"],
+        seed=seed,
+        sampler=p["sampler"],
+        batch_size=p["batch_size"],
+    )
     return x, time.process_time() - c0
 
 
@@ -145,7 +187,7 @@ def run_real(pipe, score: Scorer, p: dict, seed: int) -> dict:
     test = _run_data(pipe.config, "test")
     n, rows = p["n"], []
     for s in range(min(p["real_sets"], len(test.captions) // n)):
-        x, caps = test.images[s * n:(s + 1) * n], list(test.captions[s * n:(s + 1) * n])
+        x, caps = test.images[s * n : (s + 1) * n], list(test.captions[s * n : (s + 1) * n])
         rows.append(score(x, caps))
         log(f"  real set {s}: {fmt(rows[-1])}")
     mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
@@ -159,11 +201,17 @@ def run_cfg(pipe, score: Scorer, p: dict, seed: int, tag: str = "cfg") -> dict:
     for w in p["w"]:
         x, cpu = generate(pipe, prompts, w, p, seed)
         rows[key(w)] = {**score(x, prompts), "sample_cpu_s": round(cpu, 1)}
-        grid[key(w)] = x[:p["keep"]]
+        grid[key(w)] = x[: p["keep"]]
         log(f"  w = {w:g}: {fmt(rows[key(w)])} ({cpu:.0f} CPU-s)")
-    save_tensor(OUT, f"{tag}_grid", {"grid": grid, "prompts": prompts[:p["keep"]]})
-    return {"n": p["n"], "steps": p["steps"], "sampler": p["sampler"], "seed": seed, "rows": rows,
-            "prompts": "the first n test captions (held-in shape-colour pairs)"}
+    save_tensor(OUT, f"{tag}_grid", {"grid": grid, "prompts": prompts[: p["keep"]]})
+    return {
+        "n": p["n"],
+        "steps": p["steps"],
+        "sampler": p["sampler"],
+        "seed": seed,
+        "rows": rows,
+        "prompts": "the first n test captions (held-in shape-colour pairs)",
+    }
 
 
 def run_paired(models: dict[str, Pipeline], score: Scorer, p: dict, seed: int, ws=(0.0, 2.0)) -> dict:
@@ -179,8 +227,10 @@ def run_paired(models: dict[str, Pipeline], score: Scorer, p: dict, seed: int, w
             every.append(list(score.last_every))
         up, down, pv = sign_test(every[0], every[1])
         out["models"][name] = {"acc": [float(np.mean(e)) for e in every], "gained": up, "lost": down, "p": pv}
-        log(f"  {name}: all-attributes accuracy {np.mean(every[0]):.3f} -> {np.mean(every[1]):.3f}; "
-            f"right only at w = {ws[1]:g}: {up}, only at w = {ws[0]:g}: {down}, sign test p = {pv:.2g}")
+        log(
+            f"  {name}: all-attributes accuracy {np.mean(every[0]):.3f} -> {np.mean(every[1]):.3f}; "
+            f"right only at w = {ws[1]:g}: {up}, only at w = {ws[0]:g}: {down}, sign test p = {pv:.2g}"
+        )
     return out
 
 
@@ -217,7 +267,7 @@ def run_heldout(pipe, score: Scorer, p: dict, seed: int, tag: str = "heldout") -
         for w in p["heldout_w"]:
             x, cpu = generate(pipe, prompts, w, p, seed)
             res["rows"][f"{name} / w = {w:g}"] = {**score(x, prompts, fd=False), "sample_cpu_s": round(cpu, 1)}
-            grid[f"{name} w={w:g}"] = (x[:p["keep"]], prompts[:p["keep"]])
+            grid[f"{name} w={w:g}"] = (x[: p["keep"]], prompts[: p["keep"]])
             log(f"  {name}, w = {w:g}: {fmt(res['rows'][f'{name} / w = {w:g}'])}")
     save_tensor(OUT, f"{tag}_grid", grid)
     return res
@@ -268,9 +318,17 @@ def compute_profile(pipe: Pipeline, run: str) -> dict:
     elif zoo_json.exists():
         t = json.loads(zoo_json.read_text())["train"]
         thr = {"steps": t["steps"], "seconds": t["elapsed_s"], "clock": t.get("clock", "wall")}
-    return {"params_m": params / 1e6, "gflops_nfe": nfe / 1e9, "gflops_decode": dec / 1e9,
-            "gflops_train_step": train / 1e9, "gflops_train_image": train / batch / 1e9, "sample_shape": list(shape), "batch_size": batch,
-            "train": thr, "latent": pipe.latent_space is not None}
+    return {
+        "params_m": params / 1e6,
+        "gflops_nfe": nfe / 1e9,
+        "gflops_decode": dec / 1e9,
+        "gflops_train_step": train / 1e9,
+        "gflops_train_image": train / batch / 1e9,
+        "sample_shape": list(shape),
+        "batch_size": batch,
+        "train": thr,
+        "latent": pipe.latent_space is not None,
+    }
 
 
 def run_ldm(pipe, score: Scorer, p: dict, seed: int, runs: dict[str, str]) -> dict:
@@ -283,7 +341,7 @@ def run_ldm(pipe, score: Scorer, p: dict, seed: int, runs: dict[str, str]) -> di
         x, cpu = generate(m, prompts, p["ldm_w"], p, seed)
         prof.update(score(x, prompts), sample_cpu_s_per_image=cpu / len(prompts), run=str(run))
         out["models"][name] = prof
-        grid[name] = (x[:p["keep"]], prompts[:p["keep"]])
+        grid[name] = (x[: p["keep"]], prompts[: p["keep"]])
         log(f"  {name}: {fmt(prof)}")
     save_tensor(OUT, "ldm_grid", grid)
     return out
@@ -373,10 +431,12 @@ def claims(res: dict) -> list[str]:
         for name, m in pr["models"].items():
             w0, w1 = pr["w"]
             ok = m["gained"] > m["lost"] and m["p"] < 0.05
-            L.append(f"- **CFG ({name} model): attribute accuracy rises from w = {w0:g} to w = {w1:g}, paired.** The "
-                     f"same {pr['n']} prompts and noises: every named attribute right {m['acc'][0]:.3f} -> "
-                     f"{m['acc'][1]:.3f}; right only with guidance {m['gained']}, only without {m['lost']} (sign "
-                     f"test p = {m['p']:.2g}) -> {'**holds**' if ok else '**does not hold**'}.")
+            L.append(
+                f"- **CFG ({name} model): attribute accuracy rises from w = {w0:g} to w = {w1:g}, paired.** The "
+                f"same {pr['n']} prompts and noises: every named attribute right {m['acc'][0]:.3f} -> "
+                f"{m['acc'][1]:.3f}; right only with guidance {m['gained']}, only without {m['lost']} (sign "
+                f"test p = {m['p']:.2g}) -> {'**holds**' if ok else '**does not hold**'}."
+            )
     L += _ldm_claims(res.get("ldm"))
     return L + [""]
 
@@ -391,21 +451,31 @@ def _cfg_claims(cfg: dict | None, real: dict | None, which: str) -> list[str]:
         best = ws[int(np.argmin(fds))]
         noise = f" (FD of real test sets of the same size varies by sd {real['sd']['fd']:.2f})" if real else ""
         small = 0 < float(best) <= 2.0
-        why = "" if small else (" (w = 0: guidance never improves FD here)" if float(best) == 0 else
-                                " (the best w is not small)")
-        L.append(f"- **CFG ({which} model): the best FD is at a small w.** FD-shapes by w: {s}{noise}. Best at w = {best}: "
-                 f"{'holds' if small else 'does not hold'}{why}.")
-        for metric, direction, what in (("acc_all", 1, "attribute accuracy (every named attribute right) rises"),
-                                        ("acc_shape_color", 1, "shape-and-colour accuracy rises"),
-                                        ("recall", -1, "recall falls"), ("precision", 1, "precision rises")):
+        why = (
+            ""
+            if small
+            else (" (w = 0: guidance never improves FD here)" if float(best) == 0 else " (the best w is not small)")
+        )
+        L.append(
+            f"- **CFG ({which} model): the best FD is at a small w.** FD-shapes by w: {s}{noise}. Best at w = {best}: "
+            f"{'holds' if small else 'does not hold'}{why}."
+        )
+        for metric, direction, what in (
+            ("acc_all", 1, "attribute accuracy (every named attribute right) rises"),
+            ("acc_shape_color", 1, "shape-and-colour accuracy rises"),
+            ("recall", -1, "recall falls"),
+            ("precision", 1, "precision rises"),
+        ):
             vals, s = _series(rows, metric)
             se2 = 2 * np.sqrt(2) * max(prop_se(v, n) for v in vals)
             _, how = trend(vals, direction, se2)
             low = [rows[w][metric] for w in sorted(rows, key=float) if float(w) <= 2]  # the usual range of w
             _, how_low = trend(low, direction, se2)
             gain = low[-1] - low[0]
-            L.append(f"- **CFG ({which} model): {what} with w.** {s}; over all w: {how}; over w <= 2: {how_low} "
-                     f"(w = 0 -> 2: {gain:+.3f}) (noise = 2 se of a difference at n = {n}: {se2:.3f}).")
+            L.append(
+                f"- **CFG ({which} model): {what} with w.** {s}; over all w: {how}; over w <= 2: {how_low} "
+                f"(w = 0 -> 2: {gain:+.3f}) (noise = 2 se of a difference at n = {n}: {se2:.3f})."
+            )
     return L
 
 
@@ -419,15 +489,19 @@ def _heldout_claims(ho: dict | None, which: str) -> list[str]:
                 continue
             gap = sn["acc_shape_color"] - h["acc_shape_color"]
             se = np.sqrt(prop_se(h["acc_shape_color"], n) ** 2 + prop_se(sn["acc_shape_color"], n) ** 2)
-            L.append(f"- **LDM / text-to-image ({which} model): prompts with held-out shape-colour pairs (w = {w}).** Shape-and-colour "
-                     f"accuracy {h['acc_shape_color']:.3f} on held-out pairs vs {sn['acc_shape_color']:.3f} on seen "
-                     f"pairs (gap {gap:+.3f}, se {se:.3f}); every named attribute right: {h['acc_all']:.3f} vs "
-                     f"{sn['acc_all']:.3f}; shape {h['acc_shape']:.3f} vs {sn['acc_shape']:.3f}, colour "
-                     f"{h['acc_color']:.3f} vs {sn['acc_color']:.3f}, position {h['acc_position']:.3f} vs "
-                     f"{sn['acc_position']:.3f}. "
-                     + ("The model composes unseen pairs about as well as seen ones."
-                        if gap < 2 * se else
-                        "Composition of unseen pairs falls short of seen pairs."))
+            L.append(
+                f"- **LDM / text-to-image ({which} model): prompts with held-out shape-colour pairs (w = {w}).** Shape-and-colour "
+                f"accuracy {h['acc_shape_color']:.3f} on held-out pairs vs {sn['acc_shape_color']:.3f} on seen "
+                f"pairs (gap {gap:+.3f}, se {se:.3f}); every named attribute right: {h['acc_all']:.3f} vs "
+                f"{sn['acc_all']:.3f}; shape {h['acc_shape']:.3f} vs {sn['acc_shape']:.3f}, colour "
+                f"{h['acc_color']:.3f} vs {sn['acc_color']:.3f}, position {h['acc_position']:.3f} vs "
+                f"{sn['acc_position']:.3f}. "
+                + (
+                    "The model composes unseen pairs about as well as seen ones."
+                    if gap < 2 * se
+                    else "Composition of unseen pairs falls short of seen pairs."
+                )
+            )
     return L
 
 
@@ -440,19 +514,23 @@ def _ldm_claims(ldm: dict | None) -> list[str]:
             m.setdefault("gflops_train_image", m["gflops_train_step"] / m["batch_size"])
         r_train = lt["gflops_train_image"] / px["gflops_train_image"]
         matched = lt["fd"] <= 1.25 * px["fd"] and lt["acc_all"] >= px["acc_all"] - 0.05  # matched or better
-        L.append(f"- **LDM: latent diffusion costs less per sample and per training step.** Per sample "
-                 f"({ldm['steps']} steps + one decode): latent {lt['gflops_nfe'] * ldm['steps'] + lt['gflops_decode']:.3f} "
-                 f"GFLOPs vs pixel {px['gflops_nfe'] * ldm['steps']:.3f} ({r_nfe:.2f}x); per training image "
-                 f"{lt['gflops_train_image']:.3f} vs {px['gflops_train_image']:.3f} GFLOPs ({r_train:.2f}x; per step "
-                 f"at each run's batch: {lt['gflops_train_step']:.2f} at {lt['batch_size']} vs "
-                 f"{px['gflops_train_step']:.2f} at {px['batch_size']}); sampling CPU "
-                 f"{lt['sample_cpu_s_per_image'] * 1000:.0f} vs {px['sample_cpu_s_per_image'] * 1000:.0f} ms per image. "
-                 f"Quality at w = {ldm['w']:g}: FD-shapes {lt['fd']:.1f} vs {px['fd']:.1f}, attribute accuracy "
-                 f"{lt['acc_all']:.3f} vs {px['acc_all']:.3f} -- "
-                 + ("matched or better (FD at most 25 % above the pixel model's, accuracy no more than 0.05 below): "
-                    "holds." if matched else
-                    "not matched: the compute saving is real but the latent model's quality is not the pixel "
-                    "model's, so the claim 'at matched quality' is not shown here."))
+        L.append(
+            f"- **LDM: latent diffusion costs less per sample and per training step.** Per sample "
+            f"({ldm['steps']} steps + one decode): latent {lt['gflops_nfe'] * ldm['steps'] + lt['gflops_decode']:.3f} "
+            f"GFLOPs vs pixel {px['gflops_nfe'] * ldm['steps']:.3f} ({r_nfe:.2f}x); per training image "
+            f"{lt['gflops_train_image']:.3f} vs {px['gflops_train_image']:.3f} GFLOPs ({r_train:.2f}x; per step "
+            f"at each run's batch: {lt['gflops_train_step']:.2f} at {lt['batch_size']} vs "
+            f"{px['gflops_train_step']:.2f} at {px['batch_size']}); sampling CPU "
+            f"{lt['sample_cpu_s_per_image'] * 1000:.0f} vs {px['sample_cpu_s_per_image'] * 1000:.0f} ms per image. "
+            f"Quality at w = {ldm['w']:g}: FD-shapes {lt['fd']:.1f} vs {px['fd']:.1f}, attribute accuracy "
+            f"{lt['acc_all']:.3f} vs {px['acc_all']:.3f} -- "
+            + (
+                "matched or better (FD at most 25 % above the pixel model's, accuracy no more than 0.05 below): holds."
+                if matched
+                else "not matched: the compute saving is real but the latent model's quality is not the pixel "
+                "model's, so the claim 'at matched quality' is not shown here."
+            )
+        )
     return L
 
 
@@ -460,78 +538,100 @@ def write_report() -> None:
     res = Results(OUT).load()
     fig = OUT / "figures"
     fig.mkdir(exist_ok=True)
-    L = ["# Text-to-image on shapes: classifier-free guidance (Ho & Salimans 2022), held-out compositions and "
-         "latent vs pixel diffusion (Rombach et al. 2022)\n",
-         "Produced by `python papers/text2image/run.py` (numbers from `results.json`; `--report` rebuilds this "
-         "page). " + __doc__.split("\n\n", 2)[2].strip().replace("\n", " ") + "\n"]
+    L = [
+        "# Text-to-image on shapes: classifier-free guidance (Ho & Salimans 2022), held-out compositions and "
+        "latent vs pixel diffusion (Rombach et al. 2022)\n",
+        "Produced by `python papers/text2image/run.py` (numbers from `results.json`; `--report` rebuilds this "
+        "page). " + __doc__.split("\n\n", 2)[2].strip().replace("\n", " ") + "\n",
+    ]
     L += claims(res)
     real = res.get("real")
     for sec, (sfx, which) in enumerate(MODELS.items()):
         cfg = res.get("cfg" + sfx)
         if cfg:
-            L += [f"## 1{'ab'[sec]}. Classifier-free guidance over w, {which} model (`{cfg.get('run', '-')}`)\n",
-                  f"n = {cfg['n']} samples per w, prompts = {cfg['prompts']}, {cfg['steps']} steps of `{cfg['sampler']}`, "
-                  f"seed {cfg['seed']}. D = D_u + s (D_c - D_u) with s = 1 + w (`--guidance-scale s`); D_u is the empty "
-                  "prompt, the condition caption dropout trained.\n",
-                  "| w (s = 1 + w) | FD-shapes | precision | recall | all attributes | shape+colour | shape | colour | size | position | sampling CPU-s |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+            L += [
+                f"## 1{'ab'[sec]}. Classifier-free guidance over w, {which} model (`{cfg.get('run', '-')}`)\n",
+                f"n = {cfg['n']} samples per w, prompts = {cfg['prompts']}, {cfg['steps']} steps of `{cfg['sampler']}`, "
+                f"seed {cfg['seed']}. D = D_u + s (D_c - D_u) with s = 1 + w (`--guidance-scale s`); D_u is the empty "
+                "prompt, the condition caption dropout trained.\n",
+                "| w (s = 1 + w) | FD-shapes | precision | recall | all attributes | shape+colour | shape | colour | size | position | sampling CPU-s |",
+                "|---|---|---|---|---|---|---|---|---|---|---|",
+            ]
             for w in sorted(cfg["rows"], key=float):
                 r = cfg["rows"][w]
-                L.append(f"| {w} ({1 + float(w):g}) | {r['fd']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} | "
-                         f"{r['acc_all']:.3f} | {r['acc_shape_color']:.3f} | {r['acc_shape']:.3f} | {r['acc_color']:.3f} | "
-                         f"{r['acc_size']:.3f} | {r['acc_position']:.3f} | {r['sample_cpu_s']:.0f} |")
+                L.append(
+                    f"| {w} ({1 + float(w):g}) | {r['fd']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} | "
+                    f"{r['acc_all']:.3f} | {r['acc_shape_color']:.3f} | {r['acc_shape']:.3f} | {r['acc_color']:.3f} | "
+                    f"{r['acc_size']:.3f} | {r['acc_position']:.3f} | {r['sample_cpu_s']:.0f} |"
+                )
             if real:
                 m, s = real["mean"], real["sd"]
-                L.append(f"| test images ({real['sets']} sets of {real['n']}) | {m['fd']:.2f} ± {s['fd']:.2f} | "
-                         f"{m['precision']:.3f} | {m['recall']:.3f} | {m['acc_all']:.3f} | {m['acc_shape_color']:.3f} | "
-                         f"{m['acc_shape']:.3f} | {m['acc_color']:.3f} | {m['acc_size']:.3f} | {m['acc_position']:.3f} | - |")
+                L.append(
+                    f"| test images ({real['sets']} sets of {real['n']}) | {m['fd']:.2f} ± {s['fd']:.2f} | "
+                    f"{m['precision']:.3f} | {m['recall']:.3f} | {m['acc_all']:.3f} | {m['acc_shape_color']:.3f} | "
+                    f"{m['acc_shape']:.3f} | {m['acc_color']:.3f} | {m['acc_size']:.3f} | {m['acc_position']:.3f} | - |"
+                )
             L.append("")
             figure_curves(cfg, real, fig / f"cfg{sfx}_curves.png")
             L.append(f"![cfg curves](figures/cfg{sfx}_curves.png)\n")
             g = OUT / "cache" / f"cfg{sfx}_grid.pt"
             if g.exists():
                 d = torch.load(g, weights_only=True)
-                figure_rows({f"w={w}": (x, d["prompts"]) for w, x in d["grid"].items()}, fig / f"cfg{sfx}_grid.png",
-                            f"{which} model: same prompts and noise, by guidance weight w")
+                figure_rows(
+                    {f"w={w}": (x, d["prompts"]) for w, x in d["grid"].items()},
+                    fig / f"cfg{sfx}_grid.png",
+                    f"{which} model: same prompts and noise, by guidance weight w",
+                )
                 L.append(f"![cfg grid](figures/cfg{sfx}_grid.png)\n")
     for sfx, which in MODELS.items():
         ho = res.get("heldout" + sfx)
         if ho:
             rules = ", ".join(f"{r['color']} {r['shape']}" for r in ho["rules"])
-            L += [f"## 2. Shape-colour pairs held out of training, {which} model\n",
-                  f"Training captions never contained these pairs: {rules}. Prompts: n = {ho['n']} test-index "
-                  "attribute draws whose pair is held out, and n drawn the same way whose pair was seen "
-                  "(the same template, size, position and background distributions). 'real images' renders each "
-                  "prompt's exact image: the classifier's own ceiling on that set.\n",
-                  "| prompts / setting | all attributes | shape+colour | shape | colour | size | position |",
-                  "|---|---|---|---|---|---|---|"]
+            L += [
+                f"## 2. Shape-colour pairs held out of training, {which} model\n",
+                f"Training captions never contained these pairs: {rules}. Prompts: n = {ho['n']} test-index "
+                "attribute draws whose pair is held out, and n drawn the same way whose pair was seen "
+                "(the same template, size, position and background distributions). 'real images' renders each "
+                "prompt's exact image: the classifier's own ceiling on that set.\n",
+                "| prompts / setting | all attributes | shape+colour | shape | colour | size | position |",
+                "|---|---|---|---|---|---|---|",
+            ]
             for name, r in ho["rows"].items():
-                L.append(f"| {name} | {r['acc_all']:.3f} | {r['acc_shape_color']:.3f} | {r['acc_shape']:.3f} | "
-                         f"{r['acc_color']:.3f} | {r['acc_size']:.3f} | {r['acc_position']:.3f} |")
+                L.append(
+                    f"| {name} | {r['acc_all']:.3f} | {r['acc_shape_color']:.3f} | {r['acc_shape']:.3f} | "
+                    f"{r['acc_color']:.3f} | {r['acc_size']:.3f} | {r['acc_position']:.3f} |"
+                )
             L.append("")
             g = OUT / "cache" / f"heldout{sfx}_grid.pt"
             if g.exists():
-                figure_rows(torch.load(g, weights_only=True), fig / f"heldout{sfx}_grid.png",
-                            f"{which} model: held-out and seen shape-colour pairs")
+                figure_rows(
+                    torch.load(g, weights_only=True),
+                    fig / f"heldout{sfx}_grid.png",
+                    f"{which} model: held-out and seen shape-colour pairs",
+                )
                 L.append(f"![held-out grid](figures/heldout{sfx}_grid.png)\n")
     ldm = res.get("ldm")
     if ldm:
-        L += ["## 3. Latent against pixel diffusion\n",
-              f"Each model sampled for the same n = {ldm['n']} held-in test prompts at w = {ldm['w']:g}, "
-              f"{ldm['steps']} steps. GFLOPs counted by `torch.utils.flop_counter` (one network call at batch 1; "
-              "a training step = forward + backward of the loss at the run's batch size; the decoder once per "
-              "sample). Training CPU: the run's own log.\n",
-              "| model | params (M) | sample shape | GFLOPs / call | GFLOPs decode | GFLOPs / train step (batch) | "
-              "GFLOPs / train image | train steps | train seconds (clock) | FD-shapes | all attributes | position | "
-              "sampling CPU ms / image |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        L += [
+            "## 3. Latent against pixel diffusion\n",
+            f"Each model sampled for the same n = {ldm['n']} held-in test prompts at w = {ldm['w']:g}, "
+            f"{ldm['steps']} steps. GFLOPs counted by `torch.utils.flop_counter` (one network call at batch 1; "
+            "a training step = forward + backward of the loss at the run's batch size; the decoder once per "
+            "sample). Training CPU: the run's own log.\n",
+            "| model | params (M) | sample shape | GFLOPs / call | GFLOPs decode | GFLOPs / train step (batch) | "
+            "GFLOPs / train image | train steps | train seconds (clock) | FD-shapes | all attributes | position | "
+            "sampling CPU ms / image |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for name, m in ldm["models"].items():
             t = m.get("train") or {}
-            L.append(f"| {name} (`{m['run']}`) | {m['params_m']:.2f} | {'x'.join(map(str, m['sample_shape']))} | "
-                     f"{m['gflops_nfe']:.3f} | {m['gflops_decode']:.3f} | {m['gflops_train_step']:.2f} ({m['batch_size']}) | "
-                     f"{m.get('gflops_train_image', m['gflops_train_step'] / m['batch_size']):.3f} | "
-                     f"{t.get('steps', '-')} | {t.get('seconds', 0):.0f} ({t.get('clock', '-')}) | {m['fd']:.2f} | "
-                     f"{m['acc_all']:.3f} | {m['acc_position']:.3f} | {m['sample_cpu_s_per_image'] * 1000:.0f} |")
+            L.append(
+                f"| {name} (`{m['run']}`) | {m['params_m']:.2f} | {'x'.join(map(str, m['sample_shape']))} | "
+                f"{m['gflops_nfe']:.3f} | {m['gflops_decode']:.3f} | {m['gflops_train_step']:.2f} ({m['batch_size']}) | "
+                f"{m.get('gflops_train_image', m['gflops_train_step'] / m['batch_size']):.3f} | "
+                f"{t.get('steps', '-')} | {t.get('seconds', 0):.0f} ({t.get('clock', '-')}) | {m['fd']:.2f} | "
+                f"{m['acc_all']:.3f} | {m['acc_position']:.3f} | {m['sample_cpu_s_per_image'] * 1000:.0f} |"
+            )
         L.append("")
         g = OUT / "cache" / "ldm_grid.pt"
         if g.exists():
@@ -539,8 +639,11 @@ def write_report() -> None:
             L.append("![ldm grid](figures/ldm_grid.png)\n")
     runs = res.get("runs", {})
     if runs:
-        L.append("Run times: " + ", ".join(f"{k} {v['cpu_s']:.0f} CPU-s" for k, v in runs.items() if isinstance(v, dict))
-                 + f" ({runs.get('machine', '')}).\n")
+        L.append(
+            "Run times: "
+            + ", ".join(f"{k} {v['cpu_s']:.0f} CPU-s" for k, v in runs.items() if isinstance(v, dict))
+            + f" ({runs.get('machine', '')}).\n"
+        )
     atomic_write_text(OUT / "report.md", "\n".join(L))
     log(f"wrote {OUT / 'report.md'}")
 
@@ -580,6 +683,7 @@ def part_pixel(fn):
     def part(run: Run):
         pipe, score = run.state
         return {**fn(pipe, score, run.settings, run.seed), "run": run.args.run}
+
     return part
 
 
@@ -590,6 +694,7 @@ def part_latent(fn, tag: str):
             return SKIPPED
         lat = open_model(run.args.latent_run)
         return {**fn(lat, run.state[1], run.settings, run.seed, tag=tag), "run": run.args.latent_run}
+
     return part
 
 
@@ -611,11 +716,25 @@ def part_ldm(run: Run):
     return run_ldm(pipe, score, run.settings, run.seed, models)
 
 
-PAPER = Paper("text2image", __doc__, parts={
-    "real": part_real, "cfg": part_pixel(run_cfg), "heldout": part_pixel(run_heldout), "ldm": part_ldm,
-    "cfg_latent": part_latent(run_cfg, "cfg_latent"), "heldout_latent": part_latent(run_heldout, "heldout_latent"),
-    "paired": part_paired}, report=lambda run: write_report(), full=FULL, quick=QUICK, options=options,
-    configure=configure, setup=setup)
+PAPER = Paper(
+    "text2image",
+    __doc__,
+    parts={
+        "real": part_real,
+        "cfg": part_pixel(run_cfg),
+        "heldout": part_pixel(run_heldout),
+        "ldm": part_ldm,
+        "cfg_latent": part_latent(run_cfg, "cfg_latent"),
+        "heldout_latent": part_latent(run_heldout, "heldout_latent"),
+        "paired": part_paired,
+    },
+    report=lambda run: write_report(),
+    full=FULL,
+    quick=QUICK,
+    options=options,
+    configure=configure,
+    setup=setup,
+)
 
 
 if __name__ == "__main__":

@@ -43,8 +43,15 @@ import torch.nn.functional as F  # noqa: E402
 from difflab.core import cfg as cfg_guidance  # noqa: E402
 from difflab.core.attention import attention_hooks  # noqa: E402
 from difflab.core.sampling import sample  # noqa: E402
-from difflab.data.shapes import (ATTRIBUTES, COLORS, SHAPES, caption_for, make_shapes, render,  # noqa: E402
-                                 sample_attributes)
+from difflab.data.shapes import (
+    ATTRIBUTES,
+    COLORS,
+    SHAPES,
+    caption_for,
+    make_shapes,
+    render,  # noqa: E402
+    sample_attributes,
+)
 from difflab.methods.blended import blended_diffusion  # noqa: E402
 from difflab.methods.diffedit import diffedit, diffedit_mask  # noqa: E402
 from difflab.methods.p2p import P2PController, word_swap_mapper  # noqa: E402
@@ -55,8 +62,19 @@ from difflab.pipeline import Pipeline, grid_for  # noqa: E402
 
 if __package__ in (None, ""):  # run as a file: python papers/text_editing/run.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from papers.runner import (Paper, Results, Run, atomic_write_text, load_tensor, log, main,  # noqa: E402
-                           save_figure, save_tensor, sign_test, timing)
+from papers.runner import (
+    Paper,
+    Results,
+    Run,
+    atomic_write_text,
+    load_tensor,
+    log,
+    main,  # noqa: E402
+    save_figure,
+    save_tensor,
+    sign_test,
+    timing,
+)
 from papers.runner import key as sweep_key  # noqa: E402  (the loops below name their variables key)
 
 HERE = Path(__file__).resolve().parent
@@ -72,20 +90,70 @@ BATCH = 32
 OBJECT_THRESHOLD = 0.8
 
 FULL = {
-    "diffedit": {"n": 96, "steps": 20, "strengths": [0.5, 0.7], "mask_noise": 0.5, "mask_noises": [0.3, 0.7],
-                 "n_draws": 10, "threshold": 0.5, "clamp": 3.0, "cfg": 3.0},
-    "p2p": {"n": 96, "steps": 20, "cfg": 3.0, "cross_replace": 0.8, "self_replace": 0.4, "self_max_pixels": 256,
-            "map_res": 16, "sweep": [0.2, 0.4, 0.6]},
-    "blended": {"n": 60, "steps": 20, "strength": 0.75, "candidates": 4, "scales": [0.0, 100.0, 300.0],
-                "lambda_range": 50.0, "n_aug": 8, "dilate": 1},
+    "diffedit": {
+        "n": 96,
+        "steps": 20,
+        "strengths": [0.5, 0.7],
+        "mask_noise": 0.5,
+        "mask_noises": [0.3, 0.7],
+        "n_draws": 10,
+        "threshold": 0.5,
+        "clamp": 3.0,
+        "cfg": 3.0,
+    },
+    "p2p": {
+        "n": 96,
+        "steps": 20,
+        "cfg": 3.0,
+        "cross_replace": 0.8,
+        "self_replace": 0.4,
+        "self_max_pixels": 256,
+        "map_res": 16,
+        "sweep": [0.2, 0.4, 0.6],
+    },
+    "blended": {
+        "n": 60,
+        "steps": 20,
+        "strength": 0.75,
+        "candidates": 4,
+        "scales": [0.0, 100.0, 300.0],
+        "lambda_range": 50.0,
+        "n_aug": 8,
+        "dilate": 1,
+    },
 }
 QUICK = {
-    "diffedit": {"n": 4, "steps": 6, "strengths": [0.5], "mask_noise": 0.5, "mask_noises": [0.3], "n_draws": 2,
-                 "threshold": 0.5, "clamp": 3.0, "cfg": 3.0},
-    "p2p": {"n": 4, "steps": 6, "cfg": 3.0, "cross_replace": 0.8, "self_replace": 0.4, "self_max_pixels": 256,
-            "map_res": 16, "sweep": [0.4]},
-    "blended": {"n": 2, "steps": 6, "strength": 0.75, "candidates": 2, "scales": [0.0, 100.0],
-                "lambda_range": 50.0, "n_aug": 2, "dilate": 1},
+    "diffedit": {
+        "n": 4,
+        "steps": 6,
+        "strengths": [0.5],
+        "mask_noise": 0.5,
+        "mask_noises": [0.3],
+        "n_draws": 2,
+        "threshold": 0.5,
+        "clamp": 3.0,
+        "cfg": 3.0,
+    },
+    "p2p": {
+        "n": 4,
+        "steps": 6,
+        "cfg": 3.0,
+        "cross_replace": 0.8,
+        "self_replace": 0.4,
+        "self_max_pixels": 256,
+        "map_res": 16,
+        "sweep": [0.4],
+    },
+    "blended": {
+        "n": 2,
+        "steps": 6,
+        "strength": 0.75,
+        "candidates": 2,
+        "scales": [0.0, 100.0],
+        "lambda_range": 50.0,
+        "n_aug": 2,
+        "dilate": 1,
+    },
 }
 
 
@@ -122,8 +190,15 @@ def object_mask(x: torch.Tensor, threshold: float = OBJECT_THRESHOLD) -> torch.T
     """The object mask of (generated) shapes images (N, 3, H, W): pixels whose RGB distance to the
     background estimate exceeds `threshold`. Background = per-channel median of the 2-pixel border
     ring (objects touch the border only at a few pixels)."""
-    border = torch.cat([x[..., :2, :].flatten(2), x[..., -2:, :].flatten(2),
-                        x[..., 2:-2, :2].flatten(2), x[..., 2:-2, -2:].flatten(2)], dim=2)  # (N, C, P)
+    border = torch.cat(
+        [
+            x[..., :2, :].flatten(2),
+            x[..., -2:, :].flatten(2),
+            x[..., 2:-2, :2].flatten(2),
+            x[..., 2:-2, -2:].flatten(2),
+        ],
+        dim=2,
+    )  # (N, C, P)
     bg = border.median(dim=2).values[..., None, None]
     return ((x - bg).norm(dim=1, keepdim=True) > threshold).to(x.dtype)
 
@@ -136,16 +211,22 @@ class Ctx:
         if not path.exists() and (REPO / path).exists():
             path = REPO / path
         if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
-            raise SystemExit(f"--run {run}: no config.json + model.safetensors in {path} (a training run writes "
-                             "them at its first checkpoint; pass --run RUN for another text-conditional shapes run)")
+            raise SystemExit(
+                f"--run {run}: no config.json + model.safetensors in {path} (a training run writes "
+                "them at its first checkpoint; pass --run RUN for another text-conditional shapes run)"
+            )
         self.run = str(run)
         self.pipe = Pipeline.from_pretrained(path)
         if self.pipe.conditioning != "text":
-            raise SystemExit(f"--run {run} is {self.pipe.conditioning}-conditional; these methods need a "
-                             "text-conditional shapes model")
+            raise SystemExit(
+                f"--run {run} is {self.pipe.conditioning}-conditional; these methods need a "
+                "text-conditional shapes model"
+            )
         if self.pipe.latent_space is not None:
-            raise SystemExit(f"--run {run} samples latents: this script edits pixels (a decoder would not keep "
-                             "the unedited pixels, and the masks live in pixel space); use a pixel run")
+            raise SystemExit(
+                f"--run {run} samples latents: this script edits pixels (a decoder would not keep "
+                "the unedited pixels, and the masks live in pixel space); use a pixel run"
+            )
         if self.pipe.config["data"].get("name") != "shapes" or self.pipe.image_shape() != (3, 32, 32):
             raise SystemExit(f"--run {run} is not a 32x32 shapes model ({self.pipe.config['data']})")
         self.D = self.pipe.denoiser.eval()
@@ -170,14 +251,17 @@ class Ctx:
         """The classifier's attribute indices per head, (N,) each."""
         out = {k: [] for k in HEADS}
         for a in range(0, len(x), 256):
-            logits = self.clf(prepare_images(x[a:a + 256].float(), 3, 32))
+            logits = self.clf(prepare_images(x[a : a + 256].float(), 3, 32))
             for k in HEADS:
                 out[k].append(logits[k].argmax(1))
         return {k: torch.cat(v) for k, v in out.items()}
 
     def trained(self, shape: str, color: str) -> bool:
-        return not any(all({"shape": shape, "color": color}.get(k) == v for k, v in rule.items())
-                       and set(rule) <= {"shape", "color"} for rule in self.exclude)
+        return not any(
+            all({"shape": shape, "color": color}.get(k) == v for k, v in rule.items())
+            and set(rule) <= {"shape", "color"}
+            for rule in self.exclude
+        )
 
 
 def pick_edits(ctx: Ctx, n: int, seed: int, *, single_token: bool = False) -> list[dict]:
@@ -198,11 +282,16 @@ def pick_edits(ctx: Ctx, n: int, seed: int, *, single_token: bool = False) -> li
             continue
         kind = ("color", "shape")[len(out) % 2]
         vocab = colors if kind == "color" else list(SHAPES)
-        options = [v for v in vocab if v != src[kind]
-                   and ctx.trained(v if kind == "shape" else src["shape"], v if kind == "color" else src["color"])]
+        options = [
+            v
+            for v in vocab
+            if v != src[kind]
+            and ctx.trained(v if kind == "shape" else src["shape"], v if kind == "color" else src["color"])
+        ]
         dst = dict(src, **{kind: options[int(torch.randint(len(options), (1,), generator=g))]})
-        out.append({"kind": kind, "src": src, "dst": dst, "src_caption": caption_for(src),
-                    "dst_caption": caption_for(dst)})
+        out.append(
+            {"kind": kind, "src": src, "dst": dst, "src_caption": caption_for(src), "dst_caption": caption_for(dst)}
+        )
     if len(out) < n:
         raise ValueError(f"only {len(out)} edits found for n={n}")
     return out
@@ -216,8 +305,12 @@ def render_edits(edits: list[dict]) -> dict[str, torch.Tensor]:
             x, m = render({k: v for k, v in attrs.items() if k != "template"}, return_mask=True)
             imgs.append(x)
             masks.append(m)
-    out = {"src": torch.stack(src), "src_mask": torch.stack(src_m), "dst": torch.stack(dst),
-           "dst_mask": torch.stack(dst_m)}
+    out = {
+        "src": torch.stack(src),
+        "src_mask": torch.stack(src_m),
+        "dst": torch.stack(dst),
+        "dst_mask": torch.stack(dst_m),
+    }
     out["region"] = torch.maximum(out["src_mask"], out["dst_mask"])  # what an edit must (and may) change
     return out
 
@@ -226,8 +319,14 @@ def attr_index(edits: list[dict], which: str, key: str) -> torch.Tensor:
     return torch.tensor([ATTRIBUTES[key].index(e[which][key]) for e in edits])
 
 
-def edit_scores(ctx: Ctx, out: torch.Tensor, edits: list[dict], src_img: torch.Tensor, region: torch.Tensor,
-                src_attrs: dict[str, torch.Tensor] | None = None) -> dict:
+def edit_scores(
+    ctx: Ctx,
+    out: torch.Tensor,
+    edits: list[dict],
+    src_img: torch.Tensor,
+    region: torch.Tensor,
+    src_attrs: dict[str, torch.Tensor] | None = None,
+) -> dict:
     """Per-image: success (the classifier reads the edit's new attribute), others kept (it reads the
     source's other four attributes), background error (mean |out - source| over the pixels outside
     the true edit region) and the change inside it."""
@@ -239,11 +338,16 @@ def edit_scores(ctx: Ctx, out: torch.Tensor, edits: list[dict], src_img: torch.T
         success.append(bool(pred[k][i] == ATTRIBUTES[k].index(e["dst"][k])))
         kept.append(all(bool(pred[h][i] == src_attrs[h][i]) for h in HEADS if h != k))
     diff = (out - src_img).abs().mean(1, keepdim=True)  # (N, 1, H, W)
-    out_bg = (1 - region)
+    out_bg = 1 - region
     bg = (diff * out_bg).flatten(1).sum(1) / out_bg.flatten(1).sum(1).clamp(min=1)
     fg = (diff * region).flatten(1).sum(1) / region.flatten(1).sum(1).clamp(min=1)
-    return {"success": success, "kept": kept, "bg_error": bg.tolist(), "fg_change": fg.tolist(),
-            "pred": {h: pred[h].tolist() for h in HEADS}}
+    return {
+        "success": success,
+        "kept": kept,
+        "bg_error": bg.tolist(),
+        "fg_change": fg.tolist(),
+        "pred": {h: pred[h].tolist() for h in HEADS},
+    }
 
 
 def summarise(rows: dict, kinds: list[str]) -> dict:
@@ -288,17 +392,31 @@ def run_diffedit(ctx: Ctx, cfg: dict, seed: int = 0, **_) -> dict:
             b = min(len(x), a + BATCH)
             qc = ctx.cond([e["dst_caption"] for e in edits[a:b]])
             rc = ctx.cond([e["src_caption"] for e in edits[a:b]])
-            m, s = diffedit_mask(D, x[a:b], qc, rc, sigma=sigma, n_draws=cfg["n_draws"], threshold=cfg["threshold"],
-                                 clamp=clamp, generator=g_mask, return_soft=True)
+            m, s = diffedit_mask(
+                D,
+                x[a:b],
+                qc,
+                rc,
+                sigma=sigma,
+                n_draws=cfg["n_draws"],
+                threshold=cfg["threshold"],
+                clamp=clamp,
+                generator=g_mask,
+                return_soft=True,
+            )
             masks.append(m)
             softs.append(s)
         return sigma, torch.cat(masks), torch.cat(softs)
 
     sigma_mask, mask, soft = auto_mask(cfg["mask_noise"])
     thresholds = [0.3, 0.4, 0.5, 0.6, 0.7]
-    mask_rows = {"iou": iou(mask, region).tolist(), "iou_src_object": iou(mask, r["src_mask"]).tolist(),
-                 "area": mask.flatten(1).mean(1).tolist(), "true_area": region.flatten(1).mean(1).tolist(),
-                 "iou_at": {f"{t:g}": iou((soft > t).float(), region).tolist() for t in thresholds}}
+    mask_rows = {
+        "iou": iou(mask, region).tolist(),
+        "iou_src_object": iou(mask, r["src_mask"]).tolist(),
+        "area": mask.flatten(1).mean(1).tolist(),
+        "true_area": region.flatten(1).mean(1).tolist(),
+        "iou_at": {f"{t:g}": iou((soft > t).float(), region).tolist() for t in thresholds},
+    }
     log(f"diffedit mask (sigma {sigma_mask:.3g}): IoU with the true edit region {mean_se(mask_rows['iou'])[0]:.3f}")
     other_levels = {}
     for level in cfg.get("mask_noises", []):
@@ -309,11 +427,25 @@ def run_diffedit(ctx: Ctx, cfg: dict, seed: int = 0, **_) -> dict:
         _, m3, _ = auto_mask(cfg["mask_noise"], clamp=None)
         mask_rows["iou_minmax"] = iou(m3, region).tolist()
         log(f"diffedit mask, min-max rescaled: IoU {mean_se(mask_rows['iou_minmax'])[0]:.3f}")
-    res = {"config": cfg, "grid": "DDPM linear-beta VP time grid (vp_time_grid)", "sigma_mask": sigma_mask,
-           "edits": edits, "kinds": kinds, "mask": mask_rows, "mask_levels": other_levels,
-           "mask_summary": summarise({"iou": mask_rows["iou"]}, kinds), "strengths": {}}
-    examples = {"src": x[:8], "dst": r["dst"][:8], "region": region[:8], "mask": mask[:8], "soft": soft[:8],
-                "captions": [(e["src_caption"], e["dst_caption"]) for e in edits[:8]]}
+    res = {
+        "config": cfg,
+        "grid": "DDPM linear-beta VP time grid (vp_time_grid)",
+        "sigma_mask": sigma_mask,
+        "edits": edits,
+        "kinds": kinds,
+        "mask": mask_rows,
+        "mask_levels": other_levels,
+        "mask_summary": summarise({"iou": mask_rows["iou"]}, kinds),
+        "strengths": {},
+    }
+    examples = {
+        "src": x[:8],
+        "dst": r["dst"][:8],
+        "region": region[:8],
+        "mask": mask[:8],
+        "soft": soft[:8],
+        "captions": [(e["src_caption"], e["dst_caption"]) for e in edits[:8]],
+    }
     for s in cfg["strengths"]:
         outs = {"diffedit": [], "sdedit": [], "diffedit_true_mask": []}
         g_sd = torch.Generator().manual_seed(seed + 2)
@@ -323,8 +455,9 @@ def run_diffedit(ctx: Ctx, cfg: dict, seed: int = 0, **_) -> dict:
                 qc = ctx.cond([e["dst_caption"] for e in edits[a:b]])
                 # paper: encode with the unconditional model (empty prompt), decode with the query under CFG
                 outs["diffedit"].append(diffedit(guided, x[a:b], mask[a:b], sigmas, qc, ctx.null, strength=s))
-                outs["diffedit_true_mask"].append(diffedit(guided, x[a:b], region[a:b], sigmas, qc, ctx.null,
-                                                           strength=s))
+                outs["diffedit_true_mask"].append(
+                    diffedit(guided, x[a:b], region[a:b], sigmas, qc, ctx.null, strength=s)
+                )
                 outs["sdedit"].append(sdedit(guided, x[a:b], sigmas, strength=s, cond=qc, noise=g_sd))
         row = {}
         for name, parts in outs.items():
@@ -334,8 +467,10 @@ def run_diffedit(ctx: Ctx, cfg: dict, seed: int = 0, **_) -> dict:
             row[name] = {"rows": sc, "summary": summarise(sc, kinds)}
             examples[f"{name}_{s:g}"] = out[:8]
             sm = row[name]["summary"]
-            log(f"diffedit r={s:g} {name}: success {sm['success']['mean']:.3f}, kept {sm['kept']['mean']:.3f}, "
-                f"background error {sm['bg_error']['mean']:.4f}")
+            log(
+                f"diffedit r={s:g} {name}: success {sm['success']['mean']:.3f}, kept {sm['kept']['mean']:.3f}, "
+                f"background error {sm['bg_error']['mean']:.4f}"
+            )
         res["strengths"][f"{s:g}"] = row
     save_tensor(OUT, "diffedit_examples", examples)
     return res
@@ -351,8 +486,15 @@ def _interleave(a: list, b: list) -> list:
 
 
 @torch.no_grad()
-def p2p_pairs(ctx: Ctx, guided, x_T: torch.Tensor, sigmas: torch.Tensor, src: list[str], dst: list[str],
-              controller: P2PController | None) -> tuple[torch.Tensor, torch.Tensor]:
+def p2p_pairs(
+    ctx: Ctx,
+    guided,
+    x_T: torch.Tensor,
+    sigmas: torch.Tensor,
+    src: list[str],
+    dst: list[str],
+    controller: P2PController | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Generate [source_i, edit_i] for P pairs from their shared start x_T (P, C, H, W) in one batch
     (the controller acts on each consecutive [source, edit] chunk, as `prompt_to_prompt` does for
     one pair), with the deterministic Euler (DDIM) sampler. Returns (sources, edits)."""
@@ -381,9 +523,15 @@ def run_p2p(ctx: Ctx, cfg: dict, seed: int = 0, **_) -> dict:
     for a in range(0, len(edits), BATCH):
         b = min(len(edits), a + BATCH)
         sp, dp = [e["src_caption"] for e in edits[a:b]], [e["dst_caption"] for e in edits[a:b]]
-        ctl = P2PController(2, len(sigmas) - 1, cross_replace=cfg["cross_replace"], self_replace=cfg["self_replace"],
-                            self_max_pixels=cfg["self_max_pixels"], store=True,
-                            guided=cfg["cfg"] != 1)
+        ctl = P2PController(
+            2,
+            len(sigmas) - 1,
+            cross_replace=cfg["cross_replace"],
+            self_replace=cfg["self_replace"],
+            self_max_pixels=cfg["self_max_pixels"],
+            store=True,
+            guided=cfg["cfg"] != 1,
+        )
         s, d = p2p_pairs(ctx, guided, x_T[a:b], sigmas, sp, dp, ctl)
         s0, d0 = p2p_pairs(ctx, guided, x_T[a:b], sigmas, sp, dp, None)
         src.append(s), p2p.append(d), free.append(d0), src_free.append(s0)
@@ -397,38 +545,66 @@ def run_p2p(ctx: Ctx, cfg: dict, seed: int = 0, **_) -> dict:
         if i == 0:
             ctl, pair = first_ctl, (src[0], p2p[0])
         else:
-            ctl = P2PController(2, len(sigmas) - 1, cross_replace=cfg["cross_replace"],
-                                self_replace=cfg["self_replace"], self_max_pixels=cfg["self_max_pixels"], store=True,
-                                guided=cfg["cfg"] != 1)
-            s, d = p2p_pairs(ctx, guided, x_T[i:i + 1], sigmas, [e["src_caption"]], [e["dst_caption"]], ctl)
+            ctl = P2PController(
+                2,
+                len(sigmas) - 1,
+                cross_replace=cfg["cross_replace"],
+                self_replace=cfg["self_replace"],
+                self_max_pixels=cfg["self_max_pixels"],
+                store=True,
+                guided=cfg["cfg"] != 1,
+            )
+            s, d = p2p_pairs(ctx, guided, x_T[i : i + 1], sigmas, [e["src_caption"]], [e["dst_caption"]], ctl)
             pair = (s[0].clamp(-1, 1), d[0].clamp(-1, 1))
         ids = tok([e["src_caption"], e["dst_caption"]], padding=True)["input_ids"]
-        maps.append({"maps": ctl.token_maps(cfg["map_res"]).cpu(), "images": pair, "kind": e["kind"],
-                     "tokens": [tok.convert_ids_to_tokens(t) for t in ids],
-                     "captions": (e["src_caption"], e["dst_caption"])})
+        maps.append(
+            {
+                "maps": ctl.token_maps(cfg["map_res"]).cpu(),
+                "images": pair,
+                "kind": e["kind"],
+                "tokens": [tok.convert_ids_to_tokens(t) for t in ids],
+                "captions": (e["src_caption"], e["dst_caption"]),
+            }
+        )
     src_pred = ctx.predict(src)
-    prompt_ok = {h: [bool(src_pred[h][i] == ATTRIBUTES[h].index(e["src"][h])) for i, e in enumerate(edits)]
-                 for h in ("shape", "color", "size", "position")}
+    prompt_ok = {
+        h: [bool(src_pred[h][i] == ATTRIBUTES[h].index(e["src"][h])) for i, e in enumerate(edits)]
+        for h in ("shape", "color", "size", "position")
+    }
     src_mask = object_mask(src)
     r = render_edits(edits)
     ideal = iou(r["src_mask"], r["dst_mask"]).tolist()  # the layout IoU of a perfect edit
-    res = {"config": cfg, "edits": edits, "kinds": kinds, "sampler": "euler (DDIM, deterministic)",
-           "source_max_diff_controlled_vs_free": float((src - src_free).abs().max()),
-           "source_prompt_accuracy": {h: mean_se(v)[0] for h, v in prompt_ok.items()},
-           "source_prompt_all": mean_se([all(v[i] for v in prompt_ok.values()) for i in range(len(edits))])[0],
-           "ideal_layout_iou": ideal, "ideal_layout_summary": summarise({"layout_iou": ideal}, kinds)}
+    res = {
+        "config": cfg,
+        "edits": edits,
+        "kinds": kinds,
+        "sampler": "euler (DDIM, deterministic)",
+        "source_max_diff_controlled_vs_free": float((src - src_free).abs().max()),
+        "source_prompt_accuracy": {h: mean_se(v)[0] for h, v in prompt_ok.items()},
+        "source_prompt_all": mean_se([all(v[i] for v in prompt_ok.values()) for i in range(len(edits))])[0],
+        "ideal_layout_iou": ideal,
+        "ideal_layout_summary": summarise({"layout_iou": ideal}, kinds),
+    }
     # the object-mask estimator, checked on rendered images with exact masks
     real = make_shapes(256, seed=seed + 5, exclude=ctx.exclude)
     res["mask_estimator_iou_on_real"] = mean_se(iou(object_mask(real["images"]), real["masks"]))
     src_attrs = {h: src_pred[h] for h in HEADS}
     for name, out in (("p2p", p2p), ("no_control", free)):
-        sc = edit_scores(ctx, out, edits, src, object_mask(torch.cat([src, out])).reshape(2, *src_mask.shape).amax(0),
-                         src_attrs=src_attrs)
+        sc = edit_scores(
+            ctx,
+            out,
+            edits,
+            src,
+            object_mask(torch.cat([src, out])).reshape(2, *src_mask.shape).amax(0),
+            src_attrs=src_attrs,
+        )
         sc["layout_iou"] = iou(src_mask, object_mask(out)).tolist()
         res[name] = {"rows": sc, "summary": summarise(sc, kinds)}
         sm = res[name]["summary"]
-        log(f"p2p {name}: success {sm['success']['mean']:.3f}, kept {sm['kept']['mean']:.3f}, layout IoU "
-            f"{sm['layout_iou']['mean']:.3f} (ideal {mean_se(ideal)[0]:.3f})")
+        log(
+            f"p2p {name}: success {sm['success']['mean']:.3f}, kept {sm['kept']['mean']:.3f}, layout IoU "
+            f"{sm['layout_iou']['mean']:.3f} (ideal {mean_se(ideal)[0]:.3f})"
+        )
     # how much injection a word swap tolerates: the paper's knob between fidelity to the source
     # (more steps injected) and freedom to change the geometry (fewer), shape swaps above all
     res["sweep"] = {}
@@ -437,20 +613,45 @@ def run_p2p(ctx: Ctx, cfg: dict, seed: int = 0, **_) -> dict:
         for a in range(0, len(edits), BATCH):
             b = min(len(edits), a + BATCH)
             sp, dp = [e["src_caption"] for e in edits[a:b]], [e["dst_caption"] for e in edits[a:b]]
-            ctl = P2PController(2, len(sigmas) - 1, cross_replace=cr, self_replace=min(cfg["self_replace"], cr),
-                                self_max_pixels=cfg["self_max_pixels"], guided=cfg["cfg"] != 1)
+            ctl = P2PController(
+                2,
+                len(sigmas) - 1,
+                cross_replace=cr,
+                self_replace=min(cfg["self_replace"], cr),
+                self_max_pixels=cfg["self_max_pixels"],
+                guided=cfg["cfg"] != 1,
+            )
             outs.append(p2p_pairs(ctx, guided, x_T[a:b], sigmas, sp, dp, ctl)[1])
         out = torch.cat(outs).clamp(-1, 1)
-        sc = edit_scores(ctx, out, edits, src, object_mask(torch.cat([src, out])).reshape(2, *src_mask.shape).amax(0),
-                         src_attrs=src_attrs)
+        sc = edit_scores(
+            ctx,
+            out,
+            edits,
+            src,
+            object_mask(torch.cat([src, out])).reshape(2, *src_mask.shape).amax(0),
+            src_attrs=src_attrs,
+        )
         sc["layout_iou"] = iou(src_mask, object_mask(out)).tolist()
-        res["sweep"][sweep_key(cr)] = {"self_replace": min(cfg["self_replace"], cr), "rows": sc,
-                                 "summary": summarise(sc, kinds)}
+        res["sweep"][sweep_key(cr)] = {
+            "self_replace": min(cfg["self_replace"], cr),
+            "rows": sc,
+            "summary": summarise(sc, kinds),
+        }
         sm = res["sweep"][sweep_key(cr)]["summary"]
-        log(f"p2p cross_replace {cr:g}: success {sm['success']['mean']:.3f}, kept {sm['kept']['mean']:.3f}, "
-            f"layout IoU {sm['layout_iou']['mean']:.3f}")
-    save_tensor(OUT, "p2p_examples", {"src": src[:8], "p2p": p2p[:8], "no_control": free[:8],
-                                 "captions": [(e["src_caption"], e["dst_caption"]) for e in edits[:8]]})
+        log(
+            f"p2p cross_replace {cr:g}: success {sm['success']['mean']:.3f}, kept {sm['kept']['mean']:.3f}, "
+            f"layout IoU {sm['layout_iou']['mean']:.3f}"
+        )
+    save_tensor(
+        OUT,
+        "p2p_examples",
+        {
+            "src": src[:8],
+            "p2p": p2p[:8],
+            "no_control": free[:8],
+            "captions": [(e["src_caption"], e["dst_caption"]) for e in edits[:8]],
+        },
+    )
     save_tensor(OUT, "p2p_maps", maps)
     return res
 
@@ -472,8 +673,9 @@ def throwaway_clip(ctx: Ctx, steps: int = 50):
     log(f"training a throwaway SmallCLIP ({steps} steps) for the plumbing check -> {THROWAWAY_CLIP}")
     data = make_shapes(2000, seed=0, exclude=ctx.exclude)
     images = ImageData(images=data["images"], captions=data["captions"], name="shapes")
-    config = SmallCLIPConfig(vocab=caption_vocabulary(data["captions"]), channels=16, dim=64, text_dim=64,
-                             text_depth=1, max_length=16)
+    config = SmallCLIPConfig(
+        vocab=caption_vocabulary(data["captions"]), channels=16, dim=64, text_dim=64, text_depth=1, max_length=16
+    )
     torch.manual_seed(0)
     model = train_clip(images, steps=steps, batch_size=64, config=config, progress=False)
     save_clip(model, THROWAWAY_CLIP)
@@ -496,9 +698,11 @@ def get_clip(ctx: Ctx, folder: str, quick: bool):
     if (path / "config.json").is_file():
         return load_clip(path), str(folder)
     if not quick:
-        raise SystemExit(f"--clip {folder}: no image-text model there (config.json + model.safetensors). Train one "
-                         f"with `difflab train-clip` (writes {DEFAULT_CLIP}) or pass --clip FOLDER; --quick falls back "
-                         "to a throwaway SmallCLIP for the plumbing check")
+        raise SystemExit(
+            f"--clip {folder}: no image-text model there (config.json + model.safetensors). Train one "
+            f"with `difflab train-clip` (writes {DEFAULT_CLIP}) or pass --clip FOLDER; --quick falls back "
+            "to a throwaway SmallCLIP for the plumbing check"
+        )
     log(f"--clip {folder} not found: --quick uses a throwaway SmallCLIP (numbers meaningless)")
     return throwaway_clip(ctx), f"throwaway ({THROWAWAY_CLIP.relative_to(REPO)})"
 
@@ -512,8 +716,14 @@ def run_blended(ctx: Ctx, cfg: dict, seed: int = 0, clip=None, clip_name: str = 
     region = F.max_pool2d(r["region"], 2 * d + 1, stride=1, padding=d) if d > 0 else r["region"]
     D = ctx.D
     sigmas = vp_time_grid(cfg["steps"])
-    res = {"config": cfg, "clip": clip_name, "edits": edits, "kinds": kinds,
-           "mask_area": mean_se(region.flatten(1).mean(1))[0], "scales": {}}
+    res = {
+        "config": cfg,
+        "clip": clip_name,
+        "edits": edits,
+        "kinds": kinds,
+        "mask_area": mean_se(region.flatten(1).mean(1))[0],
+        "scales": {},
+    }
     examples = {"src": x[:6], "region": region[:6], "captions": [e["dst_caption"] for e in edits[:6]]}
     with torch.no_grad():
         src_sim = (clip.encode_image(x) * clip.encode_text([e["dst_caption"] for e in edits])).sum(-1)
@@ -522,11 +732,22 @@ def run_blended(ctx: Ctx, cfg: dict, seed: int = 0, clip=None, clip_name: str = 
         best, sims_best, sims_all, bg_max, all_out = [], [], [], 0.0, []
         for i, e in enumerate(edits):
             outs, sims = blended_diffusion(
-                D, clip, x[i:i + 1], region[i:i + 1], e["dst_caption"], sigmas, scale=scale,
-                lambda_range=cfg["lambda_range"], n_aug=cfg["n_aug"], strength=cfg["strength"],
-                n_candidates=cfg["candidates"], noise=torch.Generator().manual_seed(seed + 1000 + i),
-                aug_generator=torch.Generator().manual_seed(seed + 2000 + i), cond=ctx.null)
-            bg_max = max(bg_max, float(((outs - x[i:i + 1]).abs() * (1 - region[i:i + 1])).max()))
+                D,
+                clip,
+                x[i : i + 1],
+                region[i : i + 1],
+                e["dst_caption"],
+                sigmas,
+                scale=scale,
+                lambda_range=cfg["lambda_range"],
+                n_aug=cfg["n_aug"],
+                strength=cfg["strength"],
+                n_candidates=cfg["candidates"],
+                noise=torch.Generator().manual_seed(seed + 1000 + i),
+                aug_generator=torch.Generator().manual_seed(seed + 2000 + i),
+                cond=ctx.null,
+            )
+            bg_max = max(bg_max, float(((outs - x[i : i + 1]).abs() * (1 - region[i : i + 1])).max()))
             best.append(outs[:1])
             all_out.append(outs)
             sims_best.append(float(sims[0]))
@@ -538,16 +759,18 @@ def run_blended(ctx: Ctx, cfg: dict, seed: int = 0, clip=None, clip_name: str = 
         K = cfg["candidates"]
         rep = [e for e in edits for _ in range(K)]
         sc_all = edit_scores(ctx, allx, rep, x.repeat_interleave(K, 0), region.repeat_interleave(K, 0))
-        sc["success_any_candidate"] = [any(sc_all["success"][i * K:(i + 1) * K]) for i in range(len(edits))]
-        sc["success_candidate_rate"] = [sum(sc_all["success"][i * K:(i + 1) * K]) / K for i in range(len(edits))]
+        sc["success_any_candidate"] = [any(sc_all["success"][i * K : (i + 1) * K]) for i in range(len(edits))]
+        sc["success_candidate_rate"] = [sum(sc_all["success"][i * K : (i + 1) * K]) / K for i in range(len(edits))]
         summ = summarise(sc, kinds)
         for key in ("clip_best", "clip_mean", "success_any_candidate", "success_candidate_rate"):
             m, se = mean_se(sc[key])
             summ[key] = {"mean": m, "se": se}
         res["scales"][f"{scale:g}"] = {"rows": sc, "summary": summ, "background_max_abs_diff": bg_max}
         examples[f"scale_{scale:g}"] = best[:6]
-        log(f"blended scale {scale:g}: background max diff {bg_max:.1e}, success {summ['success']['mean']:.3f}, "
-            f"CLIP {summ['clip_best']['mean']:.3f}")
+        log(
+            f"blended scale {scale:g}: background max diff {bg_max:.1e}, success {summ['success']['mean']:.3f}, "
+            f"CLIP {summ['clip_best']['mean']:.3f}"
+        )
     save_tensor(OUT, "blended_examples", examples)
     return res
 
@@ -593,10 +816,16 @@ def figure_diffedit(res: dict) -> Path | None:
         return None
     s = f"{r['config']['strengths'][0]:g}"
     k = min(6, len(ex["src"]))
-    cols = [("source", ex["src"]), ("true region", ex["region"] * 2 - 1), ("soft mask", ex["soft"] * 2 - 1),
-            ("auto mask", ex["mask"] * 2 - 1), (f"DiffEdit r={s}", ex[f"diffedit_{s}"]),
-            (f"SDEdit t0={s}", ex[f"sdedit_{s}"]), ("DiffEdit, true mask", ex[f"diffedit_true_mask_{s}"]),
-            ("target (render)", ex["dst"])]
+    cols = [
+        ("source", ex["src"]),
+        ("true region", ex["region"] * 2 - 1),
+        ("soft mask", ex["soft"] * 2 - 1),
+        ("auto mask", ex["mask"] * 2 - 1),
+        (f"DiffEdit r={s}", ex[f"diffedit_{s}"]),
+        (f"SDEdit t0={s}", ex[f"sdedit_{s}"]),
+        ("DiffEdit, true mask", ex[f"diffedit_true_mask_{s}"]),
+        ("target (render)", ex["dst"]),
+    ]
     labels = [f"{a}\n-> {b}" for a, b in ex["captions"][:k]]
     return _grid([(h, t[:k]) for h, t in cols], labels, "diffedit.png", "DiffEdit: automatic mask and edit vs SDEdit")
 
@@ -607,8 +836,12 @@ def figure_p2p(res: dict) -> Path | None:
         return None
     k = min(8, len(ex["src"]))
     labels = [f"{a}\n-> {b}" for a, b in ex["captions"][:k]]
-    return _grid([("source", ex["src"][:k]), ("P2P edit", ex["p2p"][:k]), ("no control", ex["no_control"][:k])],
-                 labels, "p2p.png", "Prompt-to-Prompt word swap vs regenerating from the same seed")
+    return _grid(
+        [("source", ex["src"][:k]), ("P2P edit", ex["p2p"][:k]), ("no control", ex["no_control"][:k])],
+        labels,
+        "p2p.png",
+        "Prompt-to-Prompt word swap vs regenerating from the same seed",
+    )
 
 
 def figure_p2p_maps(res: dict) -> Path | None:
@@ -620,8 +853,14 @@ def figure_p2p_maps(res: dict) -> Path | None:
         m = entry["maps"]  # (2, T, h, w)
         for p in range(2):
             toks = [t for t in entry["tokens"][p] if t != "[PAD]"]
-            rows.append((("source: " if p == 0 else "edit: ") + entry["captions"][p], entry["images"][p],
-                         m[p, :len(toks)], toks))
+            rows.append(
+                (
+                    ("source: " if p == 0 else "edit: ") + entry["captions"][p],
+                    entry["images"][p],
+                    m[p, : len(toks)],
+                    toks,
+                )
+            )
     cols = 1 + max(len(r[3]) for r in rows)
     fig, axes = plt.subplots(len(rows), cols, figsize=(1.05 * cols, 1.35 * len(rows) + 0.4), squeeze=False)
     for i, (cap, img, mm, toks) in enumerate(rows):
@@ -638,9 +877,11 @@ def figure_p2p_maps(res: dict) -> Path | None:
             else:
                 ax.axis("off")
     side = maps[0]["maps"].shape[-1]
-    fig.suptitle(f"Prompt-to-Prompt: cross-attention per token ({side}x{side} layers, mean over layers, heads and "
-                 "steps; conditional branch), as each prompt computes them, before the source's are injected.",
-                 fontsize=8)
+    fig.suptitle(
+        f"Prompt-to-Prompt: cross-attention per token ({side}x{side} layers, mean over layers, heads and "
+        "steps; conditional branch), as each prompt computes them, before the source's are injected.",
+        fontsize=8,
+    )
     fig.tight_layout(pad=0.3)
     return _save(fig, "p2p_token_maps.png")
 
@@ -678,13 +919,15 @@ def _verdict(ok: bool) -> str:
 
 
 def claims(res: dict) -> list[str]:
-    L = ["## Claims, measured\n",
-         "Numbers are means ± one standard error over edits; rates are classifier judgements "
-         "(shapes classifier, 100% test accuracy on rendered images). 'success': the classifier reads the "
-         "edit's new attribute; 'kept': it reads the source's other four attributes; 'background error': mean "
-         "|output - source| (RGB in [-1, 1]) over the pixels outside the true edit region (source object ∪ "
-         "target object). Paired comparisons use the sign test on 0/1 outcomes and the paired standard error "
-         "on continuous ones (a difference counts when it exceeds 2 SE).\n"]
+    L = [
+        "## Claims, measured\n",
+        "Numbers are means ± one standard error over edits; rates are classifier judgements "
+        "(shapes classifier, 100% test accuracy on rendered images). 'success': the classifier reads the "
+        "edit's new attribute; 'kept': it reads the source's other four attributes; 'background error': mean "
+        "|output - source| (RGB in [-1, 1]) over the pixels outside the true edit region (source object ∪ "
+        "target object). Paired comparisons use the sign test on 0/1 outcomes and the paired standard error "
+        "on continuous ones (a difference counts when it exceeds 2 SE).\n",
+    ]
     d = res.get("diffedit")
     if d:
         ms = d["mask_summary"]["iou"]
@@ -699,17 +942,25 @@ def claims(res: dict) -> list[str]:
             f"{_ms(ms['color'])}, shape swaps {_ms(ms['shape'])}); the region covers {area:.1%} of the image, so "
             f"an all-ones mask would score {area:.2f}. Best threshold in hindsight: {best_t} (IoU "
             f"{mean_se(d['mask']['iou_at'][best_t])[0]:.3f})"
-            + "".join(f"; at t = {t} (sigma {v['sigma']:.3g}) IoU {mean_se(v['iou'])[0]:.3f}"
-                      for t, v in d.get("mask_levels", {}).items())
-            + (f"; min-max rescaled instead of clipped at {d['config']['clamp']:g}x the mean: IoU "
-               f"{mean_se(d['mask']['iou_minmax'])[0]:.3f}" if "iou_minmax" in d["mask"] else "")
-            + f". Criterion: mean IoU >= 0.5 -> {_verdict(ok)}.")
+            + "".join(
+                f"; at t = {t} (sigma {v['sigma']:.3g}) IoU {mean_se(v['iou'])[0]:.3f}"
+                for t, v in d.get("mask_levels", {}).items()
+            )
+            + (
+                f"; min-max rescaled instead of clipped at {d['config']['clamp']:g}x the mean: IoU "
+                f"{mean_se(d['mask']['iou_minmax'])[0]:.3f}"
+                if "iou_minmax" in d["mask"]
+                else ""
+            )
+            + f". Criterion: mean IoU >= 0.5 -> {_verdict(ok)}."
+        )
         for s, row in d["strengths"].items():
             de, sd, tm = (row[k]["summary"] for k in ("diffedit", "sdedit", "diffedit_true_mask"))
             a, b = row["sdedit"]["rows"], row["diffedit"]["rows"]
             bw, aw, p = sign_test(a["success"], b["success"])
-            bw2, aw2, p2 = sign_test([x and y for x, y in zip(a["success"], a["kept"])],
-                                     [x and y for x, y in zip(b["success"], b["kept"])])
+            bw2, aw2, p2 = sign_test(
+                [x and y for x, y in zip(a["success"], a["kept"])], [x and y for x, y in zip(b["success"], b["kept"])]
+            )
             dm, dse = _paired(a["bg_error"], b["bg_error"])
             not_worse = not (aw > bw and p < 0.05) and de["success"]["mean"] >= 0.5
             bg_better = dm < -2 * dse
@@ -725,7 +976,8 @@ def claims(res: dict) -> list[str]:
                 f"{row['diffedit']['rows']['outside_auto_mask_max']:.1e} (the last step pastes the input itself). "
                 f"Criterion: success >= 50% and not significantly below SDEdit's, and background error lower by "
                 f"> 2 SE -> "
-                f"{_verdict(not_worse and bg_better)}.")
+                f"{_verdict(not_worse and bg_better)}."
+            )
     p = res.get("p2p")
     if p:
         pp, nc = p["p2p"]["summary"], p["no_control"]["summary"]
@@ -745,19 +997,22 @@ def claims(res: dict) -> list[str]:
             f"{_ms(pp['success']['color'], True)}, shape {_ms(pp['success']['shape'], True)}) against "
             f"{_ms(nc['success'], True)} when the edited prompt is regenerated from the same seed without control "
             f"(P2P right where the free edit is wrong {bw}, the reverse {aw}, p = {pv:.2g}). Criterion: >= 50% "
-            f"and not significantly below the free edit -> {_verdict(swap_ok)}.")
+            f"and not significantly below the free edit -> {_verdict(swap_ok)}."
+        )
         L.append(
             f"- **Prompt-to-Prompt: the other attributes stay.** The classifier reads the source sample's other "
             f"four attributes in {_ms(pp['kept'], True)} of P2P edits vs {_ms(nc['kept'], True)} without control "
             f"(sign test {bw2} vs {aw2}, p = {pv2:.2g}). Criterion: at least the free edit's rate, not "
-            f"significantly lower -> {_verdict(kept_ok)}.")
+            f"significantly lower -> {_verdict(kept_ok)}."
+        )
         L.append(
             f"- **Prompt-to-Prompt: the layout stays.** Object-mask IoU between source and edit "
             f"{_ms(pp['layout_iou'])} "
             f"(colour {_ms(pp['layout_iou']['color'])}, shape {_ms(pp['layout_iou']['shape'])}) vs "
             f"{_ms(nc['layout_iou'])} without control (paired difference {dm:+.3f} ± {dse:.3f}); a perfect edit "
             f"scores {ideal:.3f} (1 for colour swaps; the IoU of the two rendered shapes for shape swaps). "
-            f"Criterion: P2P above the free edit by > 2 SE -> {_verdict(layout_ok)}.")
+            f"Criterion: P2P above the free edit by > 2 SE -> {_verdict(layout_ok)}."
+        )
         sweep = p.get("sweep", {})
         if sweep:
             parts = []
@@ -766,21 +1021,29 @@ def claims(res: dict) -> list[str]:
                 sm = row["summary"]
                 bw_, aw_, pv_ = sign_test(a["success"], row["rows"]["success"])
                 dm_, dse_ = _paired(a["layout_iou"], row["rows"]["layout_iou"])
-                ok = (sm["success"]["mean"] >= 0.5 and not (aw_ > bw_ and pv_ < 0.05) and dm_ > 2 * dse_)
-                parts.append(f"{cr}: success {100 * sm['success']['mean']:.0f}% (shape "
-                             f"{100 * sm['success']['shape']['mean']:.0f}%, p = {pv_:.2g} against the free edit), kept "
-                             f"{100 * sm['kept']['mean']:.0f}%, layout IoU {sm['layout_iou']['mean']:.3f} "
-                             f"({dm_:+.3f} ± {dse_:.3f} over the free edit)")
+                ok = sm["success"]["mean"] >= 0.5 and not (aw_ > bw_ and pv_ < 0.05) and dm_ > 2 * dse_
+                parts.append(
+                    f"{cr}: success {100 * sm['success']['mean']:.0f}% (shape "
+                    f"{100 * sm['success']['shape']['mean']:.0f}%, p = {pv_:.2g} against the free edit), kept "
+                    f"{100 * sm['kept']['mean']:.0f}%, layout IoU {sm['layout_iou']['mean']:.3f} "
+                    f"({dm_:+.3f} ± {dse_:.3f} over the free edit)"
+                )
                 if ok and best is None:
                     best = cr
             L.append(
                 f"- **Prompt-to-Prompt: fewer injected steps free the geometry (the paper's knob).** With "
                 f"cross-attention injected for a fraction of the steps (self-attention for at most "
-                f"{p['config']['self_replace']}): " + "; ".join(parts) + ". "
-                + (f"At cross_replace {best} the swap succeeds as often as the free edit (no significant "
-                   "difference) while the layout stays closer to the source than the free edit's: **holds** at "
-                   "that setting." if best is not None else
-                   "No setting both matches the free edit's success and keeps the layout: **does not hold**."))
+                f"{p['config']['self_replace']}): "
+                + "; ".join(parts)
+                + ". "
+                + (
+                    f"At cross_replace {best} the swap succeeds as often as the free edit (no significant "
+                    "difference) while the layout stays closer to the source than the free edit's: **holds** at "
+                    "that setting."
+                    if best is not None
+                    else "No setting both matches the free edit's success and keeps the layout: **does not hold**."
+                )
+            )
     b = res.get("blended")
     if b:
         scales = sorted(b["scales"], key=float)
@@ -790,7 +1053,8 @@ def claims(res: dict) -> list[str]:
             f"- **Blended Diffusion: the background is unchanged.** Largest |output - input| outside the mask "
             f"over all {len(b['kinds'])} edits x {b['config']['candidates']} candidates x {len(scales)} scales: "
             f"{max(b['scales'][t]['background_max_abs_diff'] for t in scales):.1e} -> {_verdict(exact)} "
-            "(exactly, by the final paste).")
+            "(exactly, by the final paste)."
+        )
         for s in [s for s in scales if float(s) != 0]:
             g = b["scales"][s]
             if zero:
@@ -807,7 +1071,8 @@ def claims(res: dict) -> list[str]:
                     f"{pv:.2g}); per candidate {_ms(gs['success_candidate_rate'], True)} vs "
                     f"{_ms(zs['success_candidate_rate'], True)}; other attributes kept {_ms(gs['kept'], True)} vs "
                     f"{_ms(zs['kept'], True)}. Criterion: success higher with p < 0.05 and CLIP score higher by "
-                    f"> 2 SE -> {_verdict(ok)}.")
+                    f"> 2 SE -> {_verdict(ok)}."
+                )
     L.append("")
     return L
 
@@ -816,8 +1081,10 @@ def write_report() -> None:
     res = Results(OUT, SORT).load()
     meta = timing(res, PAPER.parts)
     L = ["# Text-guided editing on shapes: DiffEdit, Prompt-to-Prompt, Blended Diffusion\n"]
-    held_out = ", ".join(" ".join(str(r[k]) for k in ("size", "color", "shape") if k in r)
-                         for r in meta.get("exclude", [])) or "none"
+    held_out = (
+        ", ".join(" ".join(str(r[k]) for k in ("size", "color", "shape") if k in r) for r in meta.get("exclude", []))
+        or "none"
+    )
     L.append(
         f"Produced by `{meta.get('command', 'python papers/text_editing/run.py')}` (numbers from `results.json`; "
         f"`--report` rebuilds this page). Model: `{meta.get('run', DEFAULT_RUN)}`, a text-conditional pixel UNet "
@@ -827,13 +1094,22 @@ def write_report() -> None:
         "never used as a source or an edit. Sources for DiffEdit and Blended Diffusion are rendered shapes "
         "images with exact object masks; each edit swaps one word of the caption (colour or shape), and "
         "the renderer gives the ideal result. "
-        + (f"Run: {meta.get('wall_min', 0):.1f} min wall, {meta.get('cpu_min', 0):.1f} CPU-min, "
-           f"{meta.get('threads', 1)} thread, torch {meta.get('torch', '?')}." if meta else "")
+        + (
+            f"Run: {meta.get('wall_min', 0):.1f} min wall, {meta.get('cpu_min', 0):.1f} CPU-min, "
+            f"{meta.get('threads', 1)} thread, torch {meta.get('torch', '?')}."
+            if meta
+            else ""
+        )
         + (" **Quick plumbing run: tiny n and few steps, the numbers mean nothing.**" if meta.get("quick") else "")
-        + "\n")
+        + "\n"
+    )
     L.extend(claims(res))
-    figs = {"diffedit": figure_diffedit(res), "p2p": figure_p2p(res), "p2p_maps": figure_p2p_maps(res),
-            "blended": figure_blended(res)}
+    figs = {
+        "diffedit": figure_diffedit(res),
+        "p2p": figure_p2p(res),
+        "p2p_maps": figure_p2p_maps(res),
+        "blended": figure_blended(res),
+    }
     d = res.get("diffedit")
     if d:
         c = d["config"]
@@ -841,36 +1117,49 @@ def write_report() -> None:
         L.append(
             f"Mask: `diffedit_mask` with query = the edited caption, reference = the source caption, "
             f"{c['n_draws']} draws at sigma = {d['sigma_mask']:.3g} (DDPM time t = {c['mask_noise']:g}), no "
-            f"guidance, " + (f"clipped at {c['clamp']:g}x its mean and divided by that (the paper's removal of "
-                             "extreme values)" if c.get("clamp") else "min-max normalised")
+            f"guidance, "
+            + (
+                f"clipped at {c['clamp']:g}x its mean and divided by that (the paper's removal of extreme values)"
+                if c.get("clamp")
+                else "min-max normalised"
+            )
             + f" and thresholded at {c['threshold']}. Edit: `diffedit` on a "
             f"{c['steps']}-step grid uniform in DDPM time (linear betas 0.1 -> 20, as papers/editing; so r is the "
             "paper's encoding ratio: sigma(0.5) = 3.4, sigma(0.7) = 11.8); as in the paper the input is "
             "DDIM-encoded with the "
             f"unconditional model (empty prompt) and decoded with the query under classifier-free guidance s = "
             f"{c['cfg']:g}. Baseline: `sdedit` (ancestral) at t0 = r with the same guided query and no mask. "
-            "'DiffEdit, true mask': the same edit with the true edit region as its mask.\n")
+            "'DiffEdit, true mask': the same edit with the true edit region as its mask.\n"
+        )
         L.append("| mask | IoU with true region | colour swaps | shape swaps | IoU with source object | mask area |")
         L.append("|---|---|---|---|---|---|")
         ms = d["mask_summary"]["iou"]
-        L.append(f"| automatic (threshold {c['threshold']}) | {_ms(ms)} | {_ms(ms['color'])} | {_ms(ms['shape'])} | "
-                 f"{_ms(dict(zip(('mean', 'se'), mean_se(d['mask']['iou_src_object']))))} | "
-                 f"{mean_se(d['mask']['area'])[0]:.3f} (true {mean_se(d['mask']['true_area'])[0]:.3f}) |")
+        L.append(
+            f"| automatic (threshold {c['threshold']}) | {_ms(ms)} | {_ms(ms['color'])} | {_ms(ms['shape'])} | "
+            f"{_ms(dict(zip(('mean', 'se'), mean_se(d['mask']['iou_src_object']))))} | "
+            f"{mean_se(d['mask']['area'])[0]:.3f} (true {mean_se(d['mask']['true_area'])[0]:.3f}) |"
+        )
         for t, v in d["mask"]["iou_at"].items():
             L.append(f"| soft mask > {t} | {_ms(dict(zip(('mean', 'se'), mean_se(v))))} | | | | |")
         for t, v in d.get("mask_levels", {}).items():
-            L.append(f"| automatic, noise at t = {t} (sigma {v['sigma']:.3g}) | "
-                     f"{_ms(dict(zip(('mean', 'se'), mean_se(v['iou']))))} | | | | |")
+            L.append(
+                f"| automatic, noise at t = {t} (sigma {v['sigma']:.3g}) | "
+                f"{_ms(dict(zip(('mean', 'se'), mean_se(v['iou']))))} | | | | |"
+            )
         L.append("")
-        L.append("| r | method | success | colour / shape | others kept | success and kept | background error | "
-                 "change inside region |")
+        L.append(
+            "| r | method | success | colour / shape | others kept | success and kept | background error | "
+            "change inside region |"
+        )
         L.append("|---|---|---|---|---|---|---|---|")
         for s, row in d["strengths"].items():
             for name in ("diffedit", "diffedit_true_mask", "sdedit"):
                 sm = row[name]["summary"]
-                L.append(f"| {s} | {name} | {_ms(sm['success'], True)} | {100 * sm['success']['color']['mean']:.0f}% / "
-                         f"{100 * sm['success']['shape']['mean']:.0f}% | {_ms(sm['kept'], True)} | "
-                         f"{_ms(sm['both'], True)} | {_ms(sm['bg_error'], digits=4)} | {_ms(sm['fg_change'])} |")
+                L.append(
+                    f"| {s} | {name} | {_ms(sm['success'], True)} | {100 * sm['success']['color']['mean']:.0f}% / "
+                    f"{100 * sm['success']['shape']['mean']:.0f}% | {_ms(sm['kept'], True)} | "
+                    f"{_ms(sm['both'], True)} | {_ms(sm['bg_error'], digits=4)} | {_ms(sm['fg_change'])} |"
+                )
         L.append("")
         if figs["diffedit"]:
             L.append(f"![diffedit](figures/{figs['diffedit'].name})\n")
@@ -888,33 +1177,44 @@ def write_report() -> None:
             f"The source sample is the same either way (max difference {p['source_max_diff_controlled_vs_free']:.1e}; "
             "the hooked path computes attention with an explicit softmax). Sources match their prompt (all of "
             f"shape, colour, size, position) in {100 * p['source_prompt_all']:.0f}% of cases ("
-            + ", ".join(f"{h} {100 * v:.0f}%" for h, v in p["source_prompt_accuracy"].items()) + ").\n")
+            + ", ".join(f"{h} {100 * v:.0f}%" for h, v in p["source_prompt_accuracy"].items())
+            + ").\n"
+        )
         L.append(
             f"Layout: the object mask of a generated image is the set of pixels whose RGB distance to the "
             f"background estimate (the per-channel median of the 2-pixel border ring) exceeds {OBJECT_THRESHOLD} "
             "(half the smallest object-background colour distance); on rendered images it scores IoU "
             f"{p['mask_estimator_iou_on_real'][0]:.3f} ± {p['mask_estimator_iou_on_real'][1]:.3f} against the "
             "exact masks. 'kept' compares with the classifier's reading of the source *sample*; the background "
-            "error here is over the pixels outside both estimated object masks.\n")
-        L.append("| variant | success | colour / shape | others kept | success and kept | layout IoU | colour / "
-                 "shape | background error |")
+            "error here is over the pixels outside both estimated object masks.\n"
+        )
+        L.append(
+            "| variant | success | colour / shape | others kept | success and kept | layout IoU | colour / "
+            "shape | background error |"
+        )
         L.append("|---|---|---|---|---|---|---|---|")
         for name in ("p2p", "no_control"):
             sm = p[name]["summary"]
-            L.append(f"| {name} | {_ms(sm['success'], True)} | {100 * sm['success']['color']['mean']:.0f}% / "
-                     f"{100 * sm['success']['shape']['mean']:.0f}% | {_ms(sm['kept'], True)} | {_ms(sm['both'], True)} "
-                     f"| {_ms(sm['layout_iou'])} | {sm['layout_iou']['color']['mean']:.3f} / "
-                     f"{sm['layout_iou']['shape']['mean']:.3f} | {_ms(sm['bg_error'], digits=4)} |")
+            L.append(
+                f"| {name} | {_ms(sm['success'], True)} | {100 * sm['success']['color']['mean']:.0f}% / "
+                f"{100 * sm['success']['shape']['mean']:.0f}% | {_ms(sm['kept'], True)} | {_ms(sm['both'], True)} "
+                f"| {_ms(sm['layout_iou'])} | {sm['layout_iou']['color']['mean']:.3f} / "
+                f"{sm['layout_iou']['shape']['mean']:.3f} | {_ms(sm['bg_error'], digits=4)} |"
+            )
         for cr, row in sorted(p.get("sweep", {}).items(), key=lambda kv: float(kv[0])):
             sm = row["summary"]
-            L.append(f"| p2p, cross_replace {cr}, self_replace {row['self_replace']:g} | {_ms(sm['success'], True)} | "
-                     f"{100 * sm['success']['color']['mean']:.0f}% / {100 * sm['success']['shape']['mean']:.0f}% | "
-                     f"{_ms(sm['kept'], True)} | {_ms(sm['both'], True)} | {_ms(sm['layout_iou'])} | "
-                     f"{sm['layout_iou']['color']['mean']:.3f} / {sm['layout_iou']['shape']['mean']:.3f} | "
-                     f"{_ms(sm['bg_error'], digits=4)} |")
+            L.append(
+                f"| p2p, cross_replace {cr}, self_replace {row['self_replace']:g} | {_ms(sm['success'], True)} | "
+                f"{100 * sm['success']['color']['mean']:.0f}% / {100 * sm['success']['shape']['mean']:.0f}% | "
+                f"{_ms(sm['kept'], True)} | {_ms(sm['both'], True)} | {_ms(sm['layout_iou'])} | "
+                f"{sm['layout_iou']['color']['mean']:.3f} / {sm['layout_iou']['shape']['mean']:.3f} | "
+                f"{_ms(sm['bg_error'], digits=4)} |"
+            )
         il = p["ideal_layout_summary"]["layout_iou"]
-        L.append(f"| perfect edit (rendered) | 100% | | 100% | 100% | {il['mean']:.3f} | "
-                 f"{il['color']['mean']:.3f} / {il['shape']['mean']:.3f} | 0 |")
+        L.append(
+            f"| perfect edit (rendered) | 100% | | 100% | 100% | {il['mean']:.3f} | "
+            f"{il['color']['mean']:.3f} / {il['shape']['mean']:.3f} | 0 |"
+        )
         L.append("")
         if figs["p2p"]:
             L.append(f"![p2p](figures/{figs['p2p'].name})\n")
@@ -932,18 +1232,23 @@ def write_report() -> None:
             "sigma(0.75) = 17), ancestral sampler, {c['candidates']} candidates ranked by the "
             f"image-text score, {c['n_aug']} augmentations, lambda_range {c['lambda_range']:g}. Scale 0 is the same "
             "procedure without the gradient (plain blended inpainting, still ranked). The image-text score is "
-            "the guide's own, so it is optimistic; the classifier is the independent judge.\n")
-        L.append("| scale | background max diff | CLIP best | CLIP mean of K | success (best) | colour / shape | "
-                 "success per candidate | any candidate | others kept | background error |")
+            "the guide's own, so it is optimistic; the classifier is the independent judge.\n"
+        )
+        L.append(
+            "| scale | background max diff | CLIP best | CLIP mean of K | success (best) | colour / shape | "
+            "success per candidate | any candidate | others kept | background error |"
+        )
         L.append("|---|---|---|---|---|---|---|---|---|---|")
         for s in sorted(b["scales"], key=float):
             g = b["scales"][s]
             sm = g["summary"]
-            L.append(f"| {s} | {g['background_max_abs_diff']:.1e} | {_ms(sm['clip_best'])} | {_ms(sm['clip_mean'])} | "
-                     f"{_ms(sm['success'], True)} | {100 * sm['success']['color']['mean']:.0f}% / "
-                     f"{100 * sm['success']['shape']['mean']:.0f}% | {_ms(sm['success_candidate_rate'], True)} | "
-                     f"{_ms(sm['success_any_candidate'], True)} | {_ms(sm['kept'], True)} | "
-                     f"{_ms(sm['bg_error'], digits=4)} |")
+            L.append(
+                f"| {s} | {g['background_max_abs_diff']:.1e} | {_ms(sm['clip_best'])} | {_ms(sm['clip_mean'])} | "
+                f"{_ms(sm['success'], True)} | {100 * sm['success']['color']['mean']:.0f}% / "
+                f"{100 * sm['success']['shape']['mean']:.0f}% | {_ms(sm['success_candidate_rate'], True)} | "
+                f"{_ms(sm['success_any_candidate'], True)} | {_ms(sm['kept'], True)} | "
+                f"{_ms(sm['bg_error'], digits=4)} |"
+            )
         L.append("")
         if figs["blended"]:
             L.append(f"![blended](figures/{figs['blended'].name})\n")
@@ -955,35 +1260,45 @@ def write_report() -> None:
 def notes(res: dict) -> list[str]:
     meta = timing(res, PAPER.parts)
     L = ["## Notes\n"]
-    L.append("- **Noise levels.** DiffEdit, its SDEdit baseline and Blended Diffusion run on a grid uniform in DDPM "
-             "time (`vp_time_grid`, linear betas, as papers/editing), so a strength r starts at the papers' DDPM "
-             "time t = r. On difflab's default grid (`default_sigmas`, logSNR-spaced) the 50% point of a 20-step "
-             "grid is a far lower sigma, and of a 6-step grid 0.08: the fraction-of-the-grid knobs of `difflab edit` "
-             "(DiffEdit's --strength/--mask-noise, Blended's --strength) depend on the grid's spacing. "
-             "Prompt-to-Prompt generates from pure noise on the default grid.")
+    L.append(
+        "- **Noise levels.** DiffEdit, its SDEdit baseline and Blended Diffusion run on a grid uniform in DDPM "
+        "time (`vp_time_grid`, linear betas, as papers/editing), so a strength r starts at the papers' DDPM "
+        "time t = r. On difflab's default grid (`default_sigmas`, logSNR-spaced) the 50% point of a 20-step "
+        "grid is a far lower sigma, and of a 6-step grid 0.08: the fraction-of-the-grid knobs of `difflab edit` "
+        "(DiffEdit's --strength/--mask-noise, Blended's --strength) depend on the grid's spacing. "
+        "Prompt-to-Prompt generates from pure noise on the default grid."
+    )
     if res.get("diffedit"):
-        L.append("- **DiffEdit's encoding.** As in the paper, the input is DDIM-encoded with the unconditional model "
-                 "(the empty prompt passed as `ref_cond`, through the CFG wrapper, which then returns D_u) and "
-                 "decoded with the query under classifier-free guidance. `difflab edit diffedit` instead encodes "
-                 "under --source-prompt and decodes without guidance; that command was not used here.")
+        L.append(
+            "- **DiffEdit's encoding.** As in the paper, the input is DDIM-encoded with the unconditional model "
+            "(the empty prompt passed as `ref_cond`, through the CFG wrapper, which then returns D_u) and "
+            "decoded with the query under classifier-free guidance. `difflab edit diffedit` instead encodes "
+            "under --source-prompt and decodes without guidance; that command was not used here."
+        )
     if res.get("p2p"):
-        L.append("- **Prompt-to-Prompt under CFG.** The controller is built with `guided=True`: classifier-free "
-                 "guidance batches [conditional, unconditional], and the controller edits the conditional half "
-                 "only, as the official code does (the unconditional branch of both prompts is the empty prompt). "
-                 "Pairs are batched through `sample` under `attention_hooks` exactly as `prompt_to_prompt` does "
-                 "for one pair.")
+        L.append(
+            "- **Prompt-to-Prompt under CFG.** The controller is built with `guided=True`: classifier-free "
+            "guidance batches [conditional, unconditional], and the controller edits the conditional half "
+            "only, as the official code does (the unconditional branch of both prompts is the empty prompt). "
+            "Pairs are batched through `sample` under `attention_hooks` exactly as `prompt_to_prompt` does "
+            "for one pair."
+        )
     if res.get("blended"):
-        L.append("- **Blended Diffusion's losses.** difflab scores the composite m * x0_hat + (1 - m) * input with the "
-                 "image-text model (the paper: the masked x0_hat, zeros outside), 1 - cos instead of the squared "
-                 "spherical distance, and the range loss as a per-pixel mean. The last is a fix made by this run: "
-                 "`methods.blended.range_loss` summed over pixels, 3072x the official weight at 32x32, and at the "
-                 "default lambda_range = 50 the guidance overshot: the outputs were NaN on this model at scale 100 "
-                 "(tests/methods/test_blended.py now checks it stays bounded). The image-text score in the table is "
-                 "the guide's own (and ranks the candidates), so it is optimistic; the attribute classifier is the "
-                 "independent judge.")
+        L.append(
+            "- **Blended Diffusion's losses.** difflab scores the composite m * x0_hat + (1 - m) * input with the "
+            "image-text model (the paper: the masked x0_hat, zeros outside), 1 - cos instead of the squared "
+            "spherical distance, and the range loss as a per-pixel mean. The last is a fix made by this run: "
+            "`methods.blended.range_loss` summed over pixels, 3072x the official weight at 32x32, and at the "
+            "default lambda_range = 50 the guidance overshot: the outputs were NaN on this model at scale 100 "
+            "(tests/methods/test_blended.py now checks it stays bounded). The image-text score in the table is "
+            "the guide's own (and ranks the candidates), so it is optimistic; the attribute classifier is the "
+            "independent judge."
+        )
     parts = "; ".join(f"{k} {v['cpu_s'] / 60:.1f}" for k, v in meta.get("parts", {}).items())
-    L.append("- **Budget.** One CPU thread on a shared 2-core machine"
-             + (f"; CPU-minutes per part: {parts}." if parts else "."))
+    L.append(
+        "- **Budget.** One CPU thread on a shared 2-core machine"
+        + (f"; CPU-minutes per part: {parts}." if parts else ".")
+    )
     L.append("")
     return L
 
@@ -1005,8 +1320,11 @@ def _without_only(argv: list[str]) -> list[str]:
 
 def options(ap) -> None:
     ap.add_argument("--run", default=DEFAULT_RUN, help=f"text-conditional shapes pixel run (default {DEFAULT_RUN})")
-    ap.add_argument("--clip", default=DEFAULT_CLIP,
-                    help=f"SmallCLIP folder for Blended Diffusion (default {DEFAULT_CLIP}, from `difflab train-clip`)")
+    ap.add_argument(
+        "--clip",
+        default=DEFAULT_CLIP,
+        help=f"SmallCLIP folder for Blended Diffusion (default {DEFAULT_CLIP}, from `difflab train-clip`)",
+    )
 
 
 def configure(run: Run) -> None:
@@ -1018,11 +1336,18 @@ def setup(run: Run) -> tuple:
     torch.manual_seed(run.seed)
     ctx = Ctx(run.args.run)
     parts = run.args.only or list(PAPER.parts)
-    clip, clip_name = (get_clip(ctx, run.args.clip, run.quick) if "blended" in parts else (None, ""))
-    Results(OUT, SORT).save("meta", {
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "run": run.args.run, "exclude": ctx.exclude,
-        "quick": run.quick,
-        "command": " ".join(["python", "papers/text_editing/run.py"] + _without_only(sys.argv[1:]))})
+    clip, clip_name = get_clip(ctx, run.args.clip, run.quick) if "blended" in parts else (None, "")
+    Results(OUT, SORT).save(
+        "meta",
+        {
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "run": run.args.run,
+            "exclude": ctx.exclude,
+            "quick": run.quick,
+            "command": " ".join(["python", "papers/text_editing/run.py"] + _without_only(sys.argv[1:])),
+        },
+    )
     return ctx, clip, clip_name
 
 
@@ -1030,13 +1355,26 @@ def _part(fn, name: str):
     def part(run: Run) -> dict:
         ctx, clip, clip_name = run.state
         return fn(ctx, run.settings[name], run.seed, clip=clip, clip_name=clip_name)
+
     return part
 
 
-PAPER = Paper("text_editing", __doc__, parts={"diffedit": _part(run_diffedit, "diffedit"), "p2p": _part(run_p2p, "p2p"),
-                                              "blended": _part(run_blended, "blended")},
-              report=lambda run: write_report(), full=FULL, quick=QUICK, options=options, configure=configure,
-              setup=setup, sort_keys=SORT)
+PAPER = Paper(
+    "text_editing",
+    __doc__,
+    parts={
+        "diffedit": _part(run_diffedit, "diffedit"),
+        "p2p": _part(run_p2p, "p2p"),
+        "blended": _part(run_blended, "blended"),
+    },
+    report=lambda run: write_report(),
+    full=FULL,
+    quick=QUICK,
+    options=options,
+    configure=configure,
+    setup=setup,
+    sort_keys=SORT,
+)
 
 
 if __name__ == "__main__":

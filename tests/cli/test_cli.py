@@ -53,9 +53,11 @@ def test_train_resume_with_truncated_checkpoint(tiny_run, tmp_path):
 def test_train_resume_with_changed_model_and_unknown_names(tiny_run, tmp_path):
     run = shutil.copytree(tiny_run, tmp_path / "run")
     config = write_config(tiny_config(steps=5), tmp_path / "cfg.json")
-    proc = difflab_cli("train", "--config", str(config), "--out", str(run), "--resume", "--model", "unet-s",
-                       "--no-progress")
-    _assert_clean_error(proc, "difflab train: error: --resume: model differs from the checkpoint's "
-                              "('unet-xs' there, 'unet-s' now)")
+    proc = difflab_cli(
+        "train", "--config", str(config), "--out", str(run), "--resume", "--model", "unet-s", "--no-progress"
+    )
+    _assert_clean_error(
+        proc, "difflab train: error: --resume: model differs from the checkpoint's ('unet-xs' there, 'unet-s' now)"
+    )
     proc = difflab_cli("train", "--out", str(tmp_path / "new"), "--data", "mnist", "--no-progress")
     _assert_clean_error(proc, "difflab train: error: unknown dataset 'mnist'")

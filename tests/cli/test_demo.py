@@ -57,8 +57,15 @@ def test_tour_on_fashion_mnist_numbers_against_their_references(tmp_path, capsys
     assert own["class_accuracy"] < real["class_accuracy"] - 0.3
 
     page = report.read_text()
-    for heading in ("1. Samplers", "2. Classifier-free guidance", "3. Text-to-image", "4. Editing",
-                    "5. Training from scratch", "held-out real images", "a small blue star on the right"):
+    for heading in (
+        "1. Samplers",
+        "2. Classifier-free guidance",
+        "3. Text-to-image",
+        "4. Editing",
+        "5. Training from scratch",
+        "held-out real images",
+        "a small blue star on the right",
+    ):
         assert heading in page or heading in json.dumps(s), heading
     assert page.count("data:image/png;base64,") == sum(len(v.get("figures", [])) for v in sec.values())
 

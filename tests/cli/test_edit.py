@@ -38,16 +38,44 @@ def files(tmp_path_factory):
     half = torch.zeros(1, 1, SIZE, SIZE)
     half[..., :, : SIZE // 2] = 1  # white left half
     torch.manual_seed(0)
-    clip = SmallCLIP(SmallCLIPConfig(vocab=["a", "digit", "three"], in_channels=1, image_size=SIZE, channels=8,
-                                     dim=16, text_dim=16, text_depth=1, noise_aware=False))
-    return {"image": _png(image, d / "in.png"), "mask": _png(half * 2 - 1, d / "mask.png"),
-            "clip": save_clip(clip, d / "clip"), "dir": d}
+    clip = SmallCLIP(
+        SmallCLIPConfig(
+            vocab=["a", "digit", "three"],
+            in_channels=1,
+            image_size=SIZE,
+            channels=8,
+            dim=16,
+            text_dim=16,
+            text_depth=1,
+            noise_aware=False,
+        )
+    )
+    return {
+        "image": _png(image, d / "in.png"),
+        "mask": _png(half * 2 - 1, d / "mask.png"),
+        "clip": save_clip(clip, d / "clip"),
+        "dir": d,
+    }
 
 
 def _edit(run, files, method, *args, out="out.png"):
     out = files["dir"] / f"{method}_{out}"
-    rc = main(["edit", method, "--run", str(run), "--image", str(files["image"]), "--out", str(out),
-               "--steps", "4", "--no-progress", *args])
+    rc = main(
+        [
+            "edit",
+            method,
+            "--run",
+            str(run),
+            "--image",
+            str(files["image"]),
+            "--out",
+            str(out),
+            "--steps",
+            "4",
+            "--no-progress",
+            *args,
+        ]
+    )
     return rc, out
 
 
@@ -79,17 +107,34 @@ def test_each_method_writes_the_output_and_the_strip(tiny_run, files, method, ca
     if method in KEEPS:
         white = _pixels(files["mask"]) > 127
         kept = white if KEEPS[method] == "white" else ~white
-        assert (f"{method} mask: white = keep" if KEEPS[method] == "white" else
-                f"{method} mask: white = edit, black = keep") in printed.out
+        assert (
+            f"{method} mask: white = keep" if KEEPS[method] == "white" else f"{method} mask: white = edit, black = keep"
+        ) in printed.out
         np.testing.assert_array_equal(result[kept], source[kept])  # the kept region, pixel for pixel
         assert (result[~kept] != source[~kept]).any()
 
 
 def test_python_m_difflab_edit_repaint_end_to_end(tiny_run, files, tmp_path):
     out = tmp_path / "r.png"
-    proc = difflab_cli("edit", "repaint", "--run", str(tiny_run), "--image", str(files["image"]), "--mask",
-                       str(files["mask"]), "--invert-mask", "--out", str(out), "--steps", "3",
-                       "--jump-length", "1", "--jump-n-sample", "1")
+    proc = difflab_cli(
+        "edit",
+        "repaint",
+        "--run",
+        str(tiny_run),
+        "--image",
+        str(files["image"]),
+        "--mask",
+        str(files["mask"]),
+        "--invert-mask",
+        "--out",
+        str(out),
+        "--steps",
+        "3",
+        "--jump-length",
+        "1",
+        "--jump-n-sample",
+        "1",
+    )
     assert proc.returncode == 0, proc.stderr
     assert "repaint mask: white = keep (known pixels), black = repaint (--invert-mask" in proc.stdout
     kept = _pixels(files["mask"]) <= 127  # inverted: the black half of the file is kept
@@ -138,20 +183,72 @@ def test_text_run_diffedit_and_p2p_refine(files, tmp_path_factory, capsys):
 
     if "conditioning" not in TrainConfig.__dataclass_fields__:
         pytest.skip("this checkout trains no text-conditional runs")
-    cfg = tiny_config(steps=2, data="shapes", data_kwargs={"n": 32, "size": SIZE}, conditioning="text",
-                      text_encoder="word", text_encoder_kwargs={"dim": 16, "depth": 1},
-                      model_overrides={"channels": 16})
+    cfg = tiny_config(
+        steps=2,
+        data="shapes",
+        data_kwargs={"n": 32, "size": SIZE},
+        conditioning="text",
+        text_encoder="word",
+        text_encoder_kwargs={"dim": 16, "depth": 1},
+        model_overrides={"channels": 16},
+    )
     run = train(cfg, tmp_path_factory.mktemp("text") / "run", progress=False)
     image = _png(load_dataset("shapes", "test", n=1, size=SIZE).images, files["dir"] / "shape.png")
     out = files["dir"] / "text.png"
     common = ["--run", str(run), "--image", str(image), "--out", str(out), "--steps", "4", "--no-progress"]
-    assert main(["edit", "diffedit", *common, "--prompt", "a red circle", "--source-prompt", "a blue square",
-                 "--n-draws", "2", "--guidance-scale", "3"]) == 0
-    assert main(["edit", "p2p", *common, "--prompt", "a large red circle", "--source-prompt", "a red circle",
-                 "--edit", "refine"]) == 0
+    assert (
+        main(
+            [
+                "edit",
+                "diffedit",
+                *common,
+                "--prompt",
+                "a red circle",
+                "--source-prompt",
+                "a blue square",
+                "--n-draws",
+                "2",
+                "--guidance-scale",
+                "3",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "edit",
+                "p2p",
+                *common,
+                "--prompt",
+                "a large red circle",
+                "--source-prompt",
+                "a red circle",
+                "--edit",
+                "refine",
+            ]
+        )
+        == 0
+    )
     assert "no cross-attention" not in capsys.readouterr().out
-    assert main(["edit", "p2p", *common, "--prompt", "a red circle", "--source-prompt", "a red circle",
-                 "--edit", "reweight", "--reweight-token", "9"]) == 2
+    assert (
+        main(
+            [
+                "edit",
+                "p2p",
+                *common,
+                "--prompt",
+                "a red circle",
+                "--source-prompt",
+                "a red circle",
+                "--edit",
+                "reweight",
+                "--reweight-token",
+                "9",
+            ]
+        )
+        == 2
+    )
     assert "--reweight-token in 0..2" in capsys.readouterr().err
 
 

@@ -13,8 +13,13 @@ from PIL import Image
 from difflab.cli import main
 from difflab.pipeline import Pipeline
 
-SETTINGS = settings(max_examples=int(__import__("os").environ.get("FUZZ_EXAMPLES", 40)), deadline=None, derandomize=True, database=None,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+SETTINGS = settings(
+    max_examples=int(__import__("os").environ.get("FUZZ_EXAMPLES", 40)),
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 
 def _outcome(capsys, argv):
@@ -36,34 +41,53 @@ def _outcome(capsys, argv):
 def _number_text():
     return st.one_of(
         st.floats(allow_nan=True, allow_infinity=True).map(repr),
-        st.integers(-(10 ** 20), 10 ** 20).map(str),
+        st.integers(-(10**20), 10**20).map(str),
         st.sampled_from(["", "1e999", "-0", "0x10", "nan", "inf", "1_000", " 3", "2.5"]),
         st.text(max_size=4),
     )
 
 
 @SETTINGS
-@given(steps=st.one_of(st.integers(-2, 4).map(str), _number_text()), n=st.one_of(st.integers(-2, 4).map(str),
-                                                                                 _number_text()),
-       scale=_number_text(), rescale=_number_text(), seed=_number_text(), label=st.one_of(st.integers(-3, 12).map(str),
-                                                                                            _number_text()))
+@given(
+    steps=st.one_of(st.integers(-2, 4).map(str), _number_text()),
+    n=st.one_of(st.integers(-2, 4).map(str), _number_text()),
+    scale=_number_text(),
+    rescale=_number_text(),
+    seed=_number_text(),
+    label=st.one_of(st.integers(-3, 12).map(str), _number_text()),
+)
 def test_sample_with_random_numbers(tiny_run, tmp_path_factory, capsys, steps, n, scale, rescale, seed, label):
     out = tmp_path_factory.mktemp("s") / "g.png"
     # keep valid budgets small: an n of 10^20 is refused by nothing but patience
     if n.strip().lstrip("+").isdigit() and int(n) > 6 or steps.strip().lstrip("+").isdigit() and int(steps) > 6:
         return
-    code, _ = _outcome(capsys, ["sample", "--run", tiny_run, f"--steps={steps}", f"--n={n}",
-                                f"--guidance-scale={scale}", f"--guidance-rescale={rescale}", f"--seed={seed}",
-                                f"--label={label}", "--out", out])
+    code, _ = _outcome(
+        capsys,
+        [
+            "sample",
+            "--run",
+            tiny_run,
+            f"--steps={steps}",
+            f"--n={n}",
+            f"--guidance-scale={scale}",
+            f"--guidance-rescale={rescale}",
+            f"--seed={seed}",
+            f"--label={label}",
+            "--out",
+            out,
+        ],
+    )
     if code == 0:
         assert out.stat().st_size > 0
 
 
 _json = st.recursive(
-    st.one_of(st.none(), st.booleans(), st.integers(-(2 ** 70), 2 ** 70), st.floats(allow_nan=False),
-              st.text(max_size=8)),
-    lambda children: st.one_of(st.lists(children, max_size=4), st.dictionaries(st.text(max_size=8), children, max_size=4)),
-    max_leaves=12)
+    st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=False), st.text(max_size=8)),
+    lambda children: st.one_of(
+        st.lists(children, max_size=4), st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=12,
+)
 
 
 @SETTINGS
@@ -112,8 +136,13 @@ def test_from_pretrained_with_a_corrupt_safetensors_header(tiny_run, tmp_path_fa
 
 
 @SETTINGS
-@given(w=st.integers(1, 64), h=st.integers(1, 64), mode=st.sampled_from(["1", "L", "LA", "P", "RGB", "RGBA", "I", "F"]),
-       fmt=st.sampled_from(["PNG", "BMP", "TIFF", "garbage", "truncated"]), resize=st.booleans())
+@given(
+    w=st.integers(1, 64),
+    h=st.integers(1, 64),
+    mode=st.sampled_from(["1", "L", "LA", "P", "RGB", "RGBA", "I", "F"]),
+    fmt=st.sampled_from(["PNG", "BMP", "TIFF", "garbage", "truncated"]),
+    resize=st.booleans(),
+)
 def test_edit_with_random_images(tiny_run, tmp_path_factory, capsys, w, h, mode, fmt, resize):
     folder = tmp_path_factory.mktemp("i")
     image = folder / "in.png"
@@ -135,6 +164,8 @@ def test_edit_with_random_images(tiny_run, tmp_path_factory, capsys, w, h, mode,
 
 
 def test_finite_but_huge_guidance_is_an_error_not_a_black_grid(tiny_run, tmp_path, capsys):
-    code, lines = _outcome(capsys, ["sample", "--run", tiny_run, "--n", 2, "--steps", 3, "--guidance-scale", "1e308",
-                                    "--out", tmp_path / "g.png"])
+    code, lines = _outcome(
+        capsys,
+        ["sample", "--run", tiny_run, "--n", 2, "--steps", 3, "--guidance-scale", "1e308", "--out", tmp_path / "g.png"],
+    )
     assert code == 2 and "NaN/inf" in lines[-1] and not (tmp_path / "g.png").exists()

@@ -56,30 +56,36 @@ def test_every_numeric_flag_refuses_non_finite_with_exit_2(words, flag, value, c
     assert "Traceback" not in "\n".join(err)
 
 
-@pytest.mark.parametrize("change, match", [
-    ({"lr": math.inf}, r"lr must be a finite number in \(0, 1\]"),
-    ({"lr": 0.0}, r"lr must be a finite number in \(0, 1\]"),
-    ({"lr": 1e38}, r"lr must be a finite number in \(0, 1\]"),
-    ({"steps": None, "minutes": math.nan}, "minutes must be a finite number > 0"),
-    ({"steps": 0}, "steps must be an integer >= 1"),
-    ({"p_std": math.nan}, "p_std must be a finite number > 0"),
-    ({"grad_clip": math.inf}, "grad_clip must be a finite number >= 0"),
-    ({"sigma_data": -1.0}, "sigma_data must be a finite number > 0"),
-])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"lr": math.inf}, r"lr must be a finite number in \(0, 1\]"),
+        ({"lr": 0.0}, r"lr must be a finite number in \(0, 1\]"),
+        ({"lr": 1e38}, r"lr must be a finite number in \(0, 1\]"),
+        ({"steps": None, "minutes": math.nan}, "minutes must be a finite number > 0"),
+        ({"steps": 0}, "steps must be an integer >= 1"),
+        ({"p_std": math.nan}, "p_std must be a finite number > 0"),
+        ({"grad_clip": math.inf}, "grad_clip must be a finite number >= 0"),
+        ({"sigma_data": -1.0}, "sigma_data must be a finite number > 0"),
+    ],
+)
 def test_train_config_refuses_bad_numbers_before_any_work(change, match, tmp_path):
     with pytest.raises(ValueError, match=match):
         train(tiny_config(**change), tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("kw, match", [
-    ({"guidance_scale": math.nan}, "guidance_scale must be a finite number"),
-    ({"guidance_scale": math.inf}, "guidance_scale must be a finite number"),
-    ({"guidance_rescale": math.nan}, r"guidance_rescale must be a finite number in \[0, 1\]"),
-    ({"steps": 0}, "steps must be an integer >= 1"),
-    ({"n": 2.5}, "n must be an integer >= 1"),
-    ({"classifier_scale": math.inf}, "classifier_scale must be a finite number"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"guidance_scale": math.nan}, "guidance_scale must be a finite number"),
+        ({"guidance_scale": math.inf}, "guidance_scale must be a finite number"),
+        ({"guidance_rescale": math.nan}, r"guidance_rescale must be a finite number in \[0, 1\]"),
+        ({"steps": 0}, "steps must be an integer >= 1"),
+        ({"n": 2.5}, "n must be an integer >= 1"),
+        ({"classifier_scale": math.inf}, "classifier_scale must be a finite number"),
+    ],
+)
 def test_pipeline_refuses_bad_numbers(tiny_run, kw, match):
     pipe = Pipeline.from_pretrained(tiny_run)
     with pytest.raises(ValueError, match=match):
@@ -100,8 +106,9 @@ def _digest(path):
 
 
 @pytest.mark.parametrize("save_every", [0, 1])
-def test_training_that_blows_up_stops_at_the_step_and_keeps_the_last_good_checkpoint(tiny_run, tmp_path, capsys,
-                                                                                      monkeypatch, save_every):
+def test_training_that_blows_up_stops_at_the_step_and_keeps_the_last_good_checkpoint(
+    tiny_run, tmp_path, capsys, monkeypatch, save_every
+):
     run = shutil.copytree(tiny_run, tmp_path / "run")  # 3 good steps, saved
     before = {name: _digest(run / name) for name in ("checkpoint.safetensors", "model.safetensors", "config.json")}
     # a fault: the optimizer's second step of this call (step 5) leaves a NaN weight behind a finite loss
@@ -115,8 +122,19 @@ def test_training_that_blows_up_stops_at_the_step_and_keeps_the_last_good_checkp
         return out
 
     monkeypatch.setattr(torch.optim.AdamW, "step", faulty_step)
-    code = main(["train", "--config", str(_config_file(tmp_path, save_every=save_every)), "--out", str(run),
-                 "--resume", "--steps", "8", "--no-progress"])
+    code = main(
+        [
+            "train",
+            "--config",
+            str(_config_file(tmp_path, save_every=save_every)),
+            "--out",
+            str(run),
+            "--resume",
+            "--steps",
+            "8",
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "weights became NaN/inf after the optimizer step 5 (tensor 3 of" in err and "last good state" in err

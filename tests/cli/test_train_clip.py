@@ -27,8 +27,26 @@ def _run(capsys, *argv):
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     out = tmp_path_factory.mktemp("clip") / "clip"
-    rc = main(["train-clip", "--data-kwargs", json.dumps(TINY), "--steps", "3", "--noise-steps", "2",
-               "--batch-size", "16", "--eval-n", "100", "--seed", "1", "--out", str(out), "--no-progress"])
+    rc = main(
+        [
+            "train-clip",
+            "--data-kwargs",
+            json.dumps(TINY),
+            "--steps",
+            "3",
+            "--noise-steps",
+            "2",
+            "--batch-size",
+            "16",
+            "--eval-n",
+            "100",
+            "--seed",
+            "1",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     return out
 
@@ -50,8 +68,9 @@ def test_folder_loads_back_and_reproduces_its_metrics(folder):
     assert set(info["metrics"]["noisy_retrieval"]) == {"0", "0.5", "2"}
     clean, noisy = load_clip(folder), load_clip(folder, noise_aware=True)
     # one text tower, two image towers
-    torch.testing.assert_close(noisy.encode_text(["a red circle on the left"]),
-                               clean.encode_text(["a red circle on the left"]), rtol=0, atol=0)
+    torch.testing.assert_close(
+        noisy.encode_text(["a red circle on the left"]), clean.encode_text(["a red circle on the left"]), rtol=0, atol=0
+    )
     assert not torch.equal(noisy.stem.weight, clean.stem.weight)
     test = load_dataset("shapes", "test", **{**TINY, "n": 100})
     again = clip_metrics(clean, noisy, test, seed=1)
@@ -75,8 +94,9 @@ def test_corrupt_or_missing_folder_gives_clear_errors(folder, tmp_path):
 def test_a_folder_without_the_noise_aware_tower_says_so(tmp_path):
     from difflab.edit import save_clip as save_flat
 
-    clip = SmallCLIP(SmallCLIPConfig(vocab=["a", "red", "circle"], image_size=8, channels=8, dim=16, text_dim=16,
-                                     text_depth=1))
+    clip = SmallCLIP(
+        SmallCLIPConfig(vocab=["a", "red", "circle"], image_size=8, channels=8, dim=16, text_dim=16, text_depth=1)
+    )
     save_clip(clip, tmp_path / "c")
     assert torch.equal(load_clip(tmp_path / "c").stem.weight, clip.stem.weight)
     save_flat(clip, tmp_path / "flat")  # the older flat layout of `difflab edit blended --clip` loads too

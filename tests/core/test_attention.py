@@ -17,8 +17,14 @@ class TinyAttn(HookableAttention):
         B, L, C = x.shape
         src = ctx if ctx is not None else x
         split = lambda t: t.reshape(B, t.shape[1], self.heads, -1).transpose(1, 2)  # (B, H, L, d)  # noqa: E731
-        o = self.attend(split(self.to_q(x)), split(self.to_k(src)), split(self.to_v(src)),
-                        cross=ctx is not None, mask=mask, hw=(2, L // 2))
+        o = self.attend(
+            split(self.to_q(x)),
+            split(self.to_k(src)),
+            split(self.to_v(src)),
+            cross=ctx is not None,
+            mask=mask,
+            hw=(2, L // 2),
+        )
         return o.transpose(1, 2).reshape(B, L, C)
 
 
@@ -72,7 +78,9 @@ def test_identity_hook_leaves_outputs_unchanged_and_store_sees_maps():
     with attention_hooks(m, store):
         m(x, ctx)
     assert [(n, c, hw, s) for n, c, hw, s, _ in store.seen] == [
-        ("self_attn", False, (2, 3), (2, 2, 6, 6)), ("cross_attn", True, (2, 3), (2, 2, 6, 4))]
+        ("self_attn", False, (2, 3), (2, 2, 6, 6)),
+        ("cross_attn", True, (2, 3), (2, 2, 6, 4)),
+    ]
     for *_, sums in store.seen:
         torch.testing.assert_close(sums, torch.ones_like(sums))
     assert m.self_attn.attn_hook is None  # removed on exit

@@ -10,7 +10,13 @@ import math
 import torch
 
 from difflab.core import (
-    DEFAULT_SAMPLER, GaussianMixture, default_sigmas, sample, sigmas_logsnr, sigmas_spaced, vp_linear,
+    DEFAULT_SAMPLER,
+    GaussianMixture,
+    default_sigmas,
+    sample,
+    sigmas_logsnr,
+    sigmas_spaced,
+    vp_linear,
 )
 from difflab.core.sampling import final_step, sigmas_soft_logsnr
 
@@ -65,8 +71,9 @@ def test_default_grid_shape():
     assert torch.allclose(steps[-5:], steps[-1].expand(5), rtol=1e-3)
     assert steps[0] > 3 * steps[-1]
     # with the knee far above sigma_max it is sigmas_logsnr
-    torch.testing.assert_close(sigmas_soft_logsnr(12, 0.01, 5.0, sigma_knee=1e6), sigmas_logsnr(12, 0.01, 5.0),
-                               rtol=1e-9, atol=0)
+    torch.testing.assert_close(
+        sigmas_soft_logsnr(12, 0.01, 5.0, sigma_knee=1e6), sigmas_logsnr(12, 0.01, 5.0), rtol=1e-9, atol=0
+    )
 
 
 def test_trapezoid_end_on_a_gaussian_is_fourth_order_in_sigma():

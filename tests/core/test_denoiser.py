@@ -1,4 +1,3 @@
-
 import pytest
 import torch
 
@@ -6,8 +5,10 @@ from difflab.core import EDM, VE, GaussianMixture, Preconditioned, from_eps, to_
 from tests.core.conftest import OracleNet
 
 
-@pytest.mark.parametrize("prediction,schedule", [("eps", vp_linear()), ("x0", vp_linear()), ("v", vp_linear()),
-                                                 ("edm", EDM()), ("eps", VE())])
+@pytest.mark.parametrize(
+    "prediction,schedule",
+    [("eps", vp_linear()), ("x0", vp_linear()), ("v", vp_linear()), ("edm", EDM()), ("eps", VE())],
+)
 def test_oracle_network_gives_exact_denoiser_and_zero_loss(prediction, schedule):
     gm = GaussianMixture.random(dim=4, k=2, seed=1)
     net = OracleNet(gm, lambda net: Preconditioned(net, schedule, prediction))

@@ -6,8 +6,16 @@ import pytest
 import torch
 
 from difflab.core import (
-    Preconditioned, sample_ddpm, sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_3m_sde,
-    sample_euler_ancestral, sample_heun, sigmas_karras, sigmas_spaced, vp_linear,
+    Preconditioned,
+    sample_ddpm,
+    sample_dpmpp_2m,
+    sample_dpmpp_2m_sde,
+    sample_dpmpp_3m_sde,
+    sample_euler_ancestral,
+    sample_heun,
+    sigmas_karras,
+    sigmas_spaced,
+    vp_linear,
 )
 from tests.core.conftest import TinyEpsNet
 from tests.refs import diffusers_schedulers, k_sampling
@@ -51,8 +59,14 @@ def test_ddim_matches_diffusers(spacing, eta):
     diffusers = diffusers_schedulers()
     net, sched, denoiser = _setup()
     n = 20
-    ref = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False,
-                                  set_alpha_to_one=True, timestep_spacing=spacing, steps_offset=0)
+    ref = diffusers.DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="linear",
+        clip_sample=False,
+        set_alpha_to_one=True,
+        timestep_spacing=spacing,
+        steps_offset=0,
+    )
     _float64(ref).set_timesteps(n)
     noises = _Noises(n)
     x_vp = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
@@ -69,8 +83,9 @@ def test_ddim_matches_diffusers(spacing, eta):
 def test_ddpm_matches_diffusers():
     diffusers = diffusers_schedulers()
     net, sched, denoiser = _setup()
-    ref = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False,
-                                  variance_type="fixed_small")
+    ref = diffusers.DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule="linear", clip_sample=False, variance_type="fixed_small"
+    )
     _float64(ref).set_timesteps(1000)
     x_vp = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     sample = x_vp.clone()
@@ -80,8 +95,9 @@ def test_ddpm_matches_diffusers():
         sample = ref.step(eps, t, sample, generator=g).prev_sample
     x = x_vp * sched.sigmas[-1].item() / math.sqrt(1 - float(sched.alphas_cumprod[-1]))  # VP -> VE
     g2 = torch.Generator().manual_seed(5)
-    ours = sample_ddpm(denoiser, x, sched,
-                       noise=lambda i, like: torch.randn(like.shape, generator=g2, dtype=like.dtype))
+    ours = sample_ddpm(
+        denoiser, x, sched, noise=lambda i, like: torch.randn(like.shape, generator=g2, dtype=like.dtype)
+    )
     torch.testing.assert_close(ours, sample, rtol=1e-8, atol=1e-8)
 
 
@@ -90,8 +106,9 @@ def test_dpmpp_2m_matches_diffusers_and_k_diffusion(n):
     diffusers = diffusers_schedulers()
     K = k_sampling()
     net, sched, denoiser = _setup()
-    ref = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule="linear",
-                                                algorithm_type="dpmsolver++", solver_order=2)
+    ref = diffusers.DPMSolverMultistepScheduler(
+        num_train_timesteps=1000, beta_schedule="linear", algorithm_type="dpmsolver++", solver_order=2
+    )
     ref.set_timesteps(n)
     x_vp = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     sample = x_vp.clone()

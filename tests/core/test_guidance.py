@@ -6,8 +6,15 @@ import pytest
 import torch
 
 from difflab.core import (
-    GaussianMixture, cfg, clamp, classifier_guidance, compose, dynamic_threshold, interval,
-    sample_heun, sigmas_karras,
+    GaussianMixture,
+    cfg,
+    clamp,
+    classifier_guidance,
+    compose,
+    dynamic_threshold,
+    interval,
+    sample_heun,
+    sigmas_karras,
 )
 
 
@@ -56,7 +63,9 @@ def test_cfg_gives_the_tilted_distribution():
     guided = cfg(s, {"c": torch.tensor([0])})(D)
     n = 20000
     target_mean = mu_u + s * (mu_c - mu_u)
-    x = target_mean + (v + 20.0**2).sqrt() * torch.randn(n, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = target_mean + (v + 20.0**2).sqrt() * torch.randn(
+        n, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64
+    )
     out = sample_heun(guided, x, sigmas_karras(30, 0.002, 20.0), cond={"c": torch.ones(n, dtype=torch.long)})
     se = v.sqrt() / math.sqrt(n)
     assert ((out.mean(0) - target_mean).abs() < 4 * se).all(), out.mean(0)

@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from difflab.core import (
-    EDM, DenoisingLoss, GaussianMixture, Preconditioned, discrete_uniform, lognormal, min_snr, vlb_terms,
+    EDM,
+    DenoisingLoss,
+    GaussianMixture,
+    Preconditioned,
+    discrete_uniform,
+    lognormal,
+    min_snr,
+    vlb_terms,
     vp_linear,
 )
 from difflab.core.losses import WEIGHTINGS, discretized_gaussian_log_likelihood, normal_kl, q_posterior
@@ -50,8 +57,9 @@ def test_discrete_uniform_draws_trained_sigmas():
 def test_normal_kl_matches_torch_distributions():
     m1, m2 = torch.randn(10), torch.randn(10)
     l1, l2 = torch.randn(10), torch.randn(10)
-    ref = torch.distributions.kl_divergence(torch.distributions.Normal(m1, (0.5 * l1).exp()),
-                                            torch.distributions.Normal(m2, (0.5 * l2).exp()))
+    ref = torch.distributions.kl_divergence(
+        torch.distributions.Normal(m1, (0.5 * l1).exp()), torch.distributions.Normal(m2, (0.5 * l2).exp())
+    )
     torch.testing.assert_close(normal_kl(m1, l1, m2, l2), ref)
 
 

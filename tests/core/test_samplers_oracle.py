@@ -6,8 +6,17 @@ import pytest
 import torch
 
 from difflab.core import (
-    SAMPLERS, GaussianMixture, invert_euler, sample, sample_ddpm, sample_euler, sample_euler_ancestral,
-    sample_langevin, sigmas_karras, sigmas_logsnr, vp_linear,
+    SAMPLERS,
+    GaussianMixture,
+    invert_euler,
+    sample,
+    sample_ddpm,
+    sample_euler,
+    sample_euler_ancestral,
+    sample_langevin,
+    sigmas_karras,
+    sigmas_logsnr,
+    vp_linear,
 )
 
 SIGMA_MAX = 80.0
@@ -84,8 +93,11 @@ STOCHASTIC = {
 
 @pytest.mark.parametrize("name", list(STOCHASTIC) + ["ddpm", "langevin"])
 def test_stochastic_sampler_reproduces_mixture(name):
-    gm = GaussianMixture(torch.tensor([0.6, 0.3, 0.1]), torch.tensor([[-2.0, 0.0], [2.0, 1.0], [0.0, -3.0]]),
-                         torch.tensor([[0.3, 0.3], [0.2, 0.5], [0.4, 0.1]]) ** 2)
+    gm = GaussianMixture(
+        torch.tensor([0.6, 0.3, 0.1]),
+        torch.tensor([[-2.0, 0.0], [2.0, 1.0], [0.0, -3.0]]),
+        torch.tensor([[0.3, 0.3], [0.2, 0.5], [0.4, 0.1]]) ** 2,
+    )
     n = 6000
     g = torch.Generator().manual_seed(7)
     if name == "ddpm":
@@ -94,7 +106,12 @@ def test_stochastic_sampler_reproduces_mixture(name):
         out = sample_ddpm(gm.denoiser, x, sched, noise=g)
     elif name == "langevin":
         # annealed Langevin is an MCMC approximation: 30 levels x 50 steps, a_L / sigma_L^2 = 0.12
-        sig = torch.cat([torch.logspace(math.log10(20), math.log10(0.05), 30, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
+        sig = torch.cat(
+            [
+                torch.logspace(math.log10(20), math.log10(0.05), 30, dtype=torch.float64),
+                torch.zeros(1, dtype=torch.float64),
+            ]
+        )
         x = _start(n, 2, 2, 20.0)
         out = sample_langevin(gm.denoiser, x, sig, noise=g, n_steps=50, step_lr=3e-4)
     else:

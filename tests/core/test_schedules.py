@@ -5,14 +5,24 @@ import pytest
 import torch
 
 from difflab.core import (
-    EDM, VE, ContinuousVP, schedule_from_config, sigmas_karras, sigmas_logsnr, sigmas_spaced,
-    timesteps_spaced, vp_cosine, vp_linear, vp_scaled_linear,
+    EDM,
+    VE,
+    ContinuousVP,
+    schedule_from_config,
+    sigmas_karras,
+    sigmas_logsnr,
+    sigmas_spaced,
+    timesteps_spaced,
+    vp_cosine,
+    vp_linear,
+    vp_scaled_linear,
 )
 from tests.refs import diffusers_schedulers, k_sampling
 
 
-@pytest.mark.parametrize("ours,theirs", [(vp_linear, "linear"), (vp_scaled_linear, "scaled_linear"),
-                                         (vp_cosine, "squaredcos_cap_v2")])
+@pytest.mark.parametrize(
+    "ours,theirs", [(vp_linear, "linear"), (vp_scaled_linear, "scaled_linear"), (vp_cosine, "squaredcos_cap_v2")]
+)
 def test_discrete_betas_match_diffusers(ours, theirs):
     diffusers = diffusers_schedulers()
     kw = dict(beta_start=0.00085, beta_end=0.012) if theirs == "scaled_linear" else {}
@@ -31,7 +41,11 @@ def test_ddpm_linear_endpoints():
     assert s.sigma_min < 0.011 and s.sigma_max > 150
 
 
-@pytest.mark.parametrize("sched", [vp_linear(), vp_cosine(), ContinuousVP(), VE(), EDM()], ids=lambda s: type(s).__name__ + getattr(s, "kind", ""))
+@pytest.mark.parametrize(
+    "sched",
+    [vp_linear(), vp_cosine(), ContinuousVP(), VE(), EDM()],
+    ids=lambda s: type(s).__name__ + getattr(s, "kind", ""),
+)
 def test_sigma_t_roundtrip(sched):
     sig = torch.logspace(math.log10(sched.sigma_min), math.log10(sched.sigma_max), 57, dtype=torch.float64)
     torch.testing.assert_close(sched.sigma(sched.t(sig)), sig, rtol=1e-9, atol=0)
@@ -83,6 +97,7 @@ def test_config_roundtrip():
 def test_bad_schedule_arguments():
     with pytest.raises(ValueError, match="unknown beta schedule 'cubic'"):
         from difflab.core.schedules import betas_for
+
         betas_for("cubic")
     with pytest.raises(ValueError, match="unknown spacing 'middle'"):
         timesteps_spaced(1000, 10, "middle")

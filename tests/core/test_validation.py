@@ -65,5 +65,7 @@ def test_sampler_output_that_is_not_finite_is_an_error_not_a_black_image():
         return torch.full_like(x, math.nan) if sigma.max() < 10 else torch.zeros_like(x)
 
     x = torch.randn(4, 2, dtype=torch.float64) * 80
-    with pytest.raises(FloatingPointError, match=r"the sampler's output has 8 NaN/inf value\(s\) of 8 \(euler, 5 steps\)"):
+    with pytest.raises(
+        FloatingPointError, match=r"the sampler's output has 8 NaN/inf value\(s\) of 8 \(euler, 5 steps\)"
+    ):
         sample(nan_after_first_call, x, sigmas_karras(5, 0.01, 80.0), method="euler")

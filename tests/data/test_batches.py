@@ -2,7 +2,12 @@ import pytest
 import torch
 
 from difflab.data import (
-    DATASETS, ImageData, batch_indices, iterate_batches, load_dataset, steps_per_epoch,
+    DATASETS,
+    ImageData,
+    batch_indices,
+    iterate_batches,
+    load_dataset,
+    steps_per_epoch,
 )
 
 
@@ -12,8 +17,7 @@ def test_batch_indices_reproducible_and_epochs_are_permutations():
         spe = steps_per_epoch(n, bs, drop_last)
         assert spe == (10 if drop_last else 11)
         for epoch in range(3):
-            idx = torch.cat([batch_indices(n, bs, 7, epoch * spe + j, drop_last)
-                             for j in range(spe)])
+            idx = torch.cat([batch_indices(n, bs, 7, epoch * spe + j, drop_last) for j in range(spe)])
             if drop_last:
                 assert len(idx) == 100 and len(set(idx.tolist())) == 100
             else:
@@ -28,7 +32,7 @@ def test_batch_indices_reproducible_and_epochs_are_permutations():
 def test_iterator_matches_batch_indices_and_resumes():
     x = torch.arange(50, dtype=torch.float32).reshape(50, 1, 1, 1)
     it = iterate_batches(x, 8, 3)
-    first = [next(it) for _ in range(20)]                    # crosses three epochs
+    first = [next(it) for _ in range(20)]  # crosses three epochs
     for s, b in enumerate(first):
         assert torch.equal(b.flatten().long(), batch_indices(50, 8, 3, s))
     resumed = iterate_batches(x, 8, 3, start_step=13)
@@ -67,8 +71,7 @@ def test_load_dataset_names_and_fields(tmp_path):
     assert d.captions is None and d.masks is None
     s = load_dataset("shapes", n=100, size=24)
     st = load_dataset("shapes", "test", n=100, size=24)
-    assert s.channels == 3 and s.size == 24 and len(s.captions) == 100 and s.masks.shape == (
-        100, 1, 24, 24)
+    assert s.channels == 3 and s.size == 24 and len(s.captions) == 100 and s.masks.shape == (100, 1, 24, 24)
     assert torch.equal(s.labels, s.attributes["shape"]) and s.class_names[0] == "circle"
     assert not torch.equal(s.images, st.images)
     sub = s.subset(torch.tensor([3, 1]))

@@ -11,8 +11,9 @@ def test_digits_shape_range_and_split():
     assert x.min() == -1 and x.max() == 1 and xt.min() >= -1 and xt.max() <= 1
     assert set(y.tolist()) == set(range(10)) == set(yt.tolist())
     # stratified: each class has ~20% of its images in test
-    counts = torch.bincount(yt, minlength=10).double() / (torch.bincount(y, minlength=10)
-                                                          + torch.bincount(yt, minlength=10))
+    counts = torch.bincount(yt, minlength=10).double() / (
+        torch.bincount(y, minlength=10) + torch.bincount(yt, minlength=10)
+    )
     assert (counts - 0.2).abs().max() < 0.01
 
 
@@ -29,7 +30,7 @@ def test_digits_split_deterministic_and_disjoint():
 
 def test_digits_native_grid_and_bilinear_upsampling():
     x8, _ = load_digits("all", size=8)
-    v = (x8 + 1) * 8                                     # back to sklearn's 0..16 integers
+    v = (x8 + 1) * 8  # back to sklearn's 0..16 integers
     assert torch.equal(v, v.round()) and v.min() == 0 and v.max() == 16
     x16, _ = load_digits("all", size=16)
     # bilinear with half-pixel centres: convex combinations, so range and mean are kept

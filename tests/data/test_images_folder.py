@@ -17,7 +17,7 @@ def _halves(h=40, w=60):
     """An RGB image whose left half is red and right half is blue."""
     a = np.zeros((h, w, 3), dtype=np.uint8)
     a[:, : w // 2, 0] = 255
-    a[:, w // 2:, 2] = 255
+    a[:, w // 2 :, 2] = 255
     return a
 
 
@@ -48,12 +48,11 @@ def test_grid_png_has_the_right_size(tmp_path, c, n, nrow):
 
 def test_grid_with_labels(tmp_path):
     x = torch.zeros(4, 3, 32, 32)
-    im = save_image_grid(x, tmp_path / "g.png", nrow=2,
-                         labels=["a small red circle on the left", "b", "c", "d"])
+    im = save_image_grid(x, tmp_path / "g.png", nrow=2, labels=["a small red circle on the left", "b", "c", "d"])
     w, h = im.size
-    assert w == 2 * (64 + 2) + 2                        # upscaled x2 to fit the text
-    assert h > 2 * (64 + 2) + 2                         # a caption row under each image
-    assert (np.asarray(im)[66:h - 2, 2:66] < 128).any()  # some ink in the caption row
+    assert w == 2 * (64 + 2) + 2  # upscaled x2 to fit the text
+    assert h > 2 * (64 + 2) + 2  # a caption row under each image
+    assert (np.asarray(im)[66 : h - 2, 2:66] < 128).any()  # some ink in the caption row
     with pytest.raises(ValueError, match="3 labels for 4"):
         save_image_grid(x, tmp_path / "g.png", labels=["a", "b", "c"])
 
@@ -76,7 +75,7 @@ def test_load_image_resize_and_centre_crop(tmp_path):
 
 def test_load_image_transparency_over_white(tmp_path):
     a = np.zeros((8, 8, 4), dtype=np.uint8)
-    a[:4, :, :] = (0, 0, 0, 255)                        # top opaque black, bottom transparent
+    a[:4, :, :] = (0, 0, 0, 255)  # top opaque black, bottom transparent
     Image.fromarray(a, "RGBA").save(tmp_path / "t.png")
     x = load_image(tmp_path / "t.png")
     assert (x[:, :4] == -1).all() and (x[:, 4:] == 1).all()
@@ -105,7 +104,7 @@ def test_load_mask(tmp_path):
     assert (m[0, :, 11:] == 1).all() and (m[0, :, :9] == 0).all()
     ramp = np.tile(np.linspace(0, 255, 64).astype(np.uint8), (64, 1))
     p = _png(tmp_path / "ramp.png", ramp)
-    assert load_mask(p).mean() == pytest.approx(0.5, abs=0.03)   # thresholded at 128
+    assert load_mask(p).mean() == pytest.approx(0.5, abs=0.03)  # thresholded at 128
     with pytest.raises(ValueError, match="ramp.png.*not binary"):
         load_mask(p, strict=True)
 

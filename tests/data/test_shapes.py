@@ -5,16 +5,30 @@ import pytest
 import torch
 
 from difflab.data.shapes import (
-    ATTRIBUTES, BACKGROUND_RGB, BACKGROUNDS, COLOR_RGB, COLORS, POSITIONS, SHAPES, SIZES,
-    TEMPLATES, ShapesDataset, caption_for, encode_attributes, make_shapes, parse_caption, render,
-    render_batch, sample_attributes,
+    ATTRIBUTES,
+    BACKGROUND_RGB,
+    BACKGROUNDS,
+    COLOR_RGB,
+    COLORS,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    TEMPLATES,
+    ShapesDataset,
+    caption_for,
+    encode_attributes,
+    make_shapes,
+    parse_caption,
+    render,
+    render_batch,
+    sample_attributes,
 )
 
 
 def _coverage_from_image(image, attrs, which=""):
     """Recover the coverage of one object from its colour: (x - bg) / (colour - bg), in the
     channel where colour and background differ most."""
-    x01 = (image.double() + 1) / 2                                      # (3, H, W)
+    x01 = (image.double() + 1) / 2  # (3, H, W)
     bg = torch.tensor(BACKGROUND_RGB[BACKGROUNDS[attrs["background"]]], dtype=torch.float64)
     col = torch.tensor(COLOR_RGB[COLORS[attrs["color" + which]]], dtype=torch.float64)
     ch = int((col - bg).abs().argmax())
@@ -55,13 +69,13 @@ def test_mask_is_where_image_differs_from_background():
         image, mask = b["images"][i], b["masks"][i, 0].bool()
         bg = torch.tensor(BACKGROUND_RGB[BACKGROUNDS[attrs["background"]]]) * 2 - 1
         differs = (image - bg[:, None, None]).abs().amax(0) > 1e-6
-        cov = _coverage_from_image(image, attrs)                       # (H, W), ~ k / 64
+        cov = _coverage_from_image(image, attrs)  # (H, W), ~ k / 64
         assert cov.min() > -1e-5 and cov.max() < 1 + 1e-5
-        assert torch.equal(differs, cov > 1e-5)                        # background elsewhere
+        assert torch.equal(differs, cov > 1e-5)  # background elsewhere
         assert not (mask & ~differs).any()
-        sure = (cov - 0.5).abs() > 1e-4                                # off the 50% level
+        sure = (cov - 0.5).abs() > 1e-4  # off the 50% level
         assert torch.equal(mask[sure], (cov >= 0.5)[sure])
-        assert mask.sum() >= 9                                          # the object is visible
+        assert mask.sum() >= 9  # the object is visible
 
 
 def test_two_object_mask_is_union_of_objects():
@@ -72,7 +86,7 @@ def test_two_object_mask_is_union_of_objects():
         second = {k: a[k + "2"] for k in ("shape", "color", "size", "position")}
         _, m1 = render(first, return_mask=True)
         _, m2 = render({**second, "background": a["background"]}, return_mask=True)
-        assert not (m1.bool() & m2.bool()).any()                       # never overlapping
+        assert not (m1.bool() & m2.bool()).any()  # never overlapping
         assert torch.equal(b["masks"][i], torch.maximum(m1, m2))
 
 
@@ -90,23 +104,23 @@ def test_captions_match_attributes():
         assert SHAPES[attrs["shape"]] in cap and COLORS[attrs["color"]] in cap
         seen.add(attrs["template"])
     assert seen == set(range(len(TEMPLATES)))
-    assert caption_for({"shape": "circle", "color": "red", "size": "large",
-                        "position": "left"}) == "a large red circle on the left"
+    assert (
+        caption_for({"shape": "circle", "color": "red", "size": "large", "position": "left"})
+        == "a large red circle on the left"
+    )
 
 
 def test_two_object_captions_parse():
     b = make_shapes(100, seed=2, objects=2)
     for i, cap in enumerate(b["captions"]):
         parsed = parse_caption(cap)
-        for k in ("shape", "color", "size", "position", "shape2", "color2", "size2",
-                  "position2"):
+        for k in ("shape", "color", "size", "position", "shape2", "color2", "size2", "position2"):
             assert parsed[k] == int(b["attributes"][k][i])
         assert " and " in cap
 
 
 def test_vectorised_and_per_item_renderers_agree():
-    combos = list(itertools.product(range(len(SHAPES)), range(len(SIZES)),
-                                    range(len(POSITIONS))))
+    combos = list(itertools.product(range(len(SHAPES)), range(len(SIZES)), range(len(POSITIONS))))
     attrs = {"shape": [], "color": [], "size": [], "position": [], "background": []}
     for j, (s, z, p) in enumerate(combos):
         for k, v in zip(attrs, (s, j % len(COLORS), z, p, j % len(BACKGROUNDS))):
@@ -126,18 +140,21 @@ def test_vectorised_and_per_item_renderers_agree():
 
 def test_positions_are_where_captions_say():
     for s, p in itertools.product(SHAPES, POSITIONS):
-        _, m = render({"shape": s, "color": "red", "size": "small", "position": p},
-                      return_mask=True)
+        _, m = render({"shape": s, "color": "red", "size": "small", "position": p}, return_mask=True)
         ys, xs = torch.nonzero(m[0], as_tuple=True)
         cy, cx = ys.double().mean() / 31, xs.double().mean() / 31
-        expect = {"left": (0.5, 0.25), "right": (0.5, 0.75), "top": (0.25, 0.5),
-                  "bottom": (0.75, 0.5), "center": (0.5, 0.5)}[p]
+        expect = {
+            "left": (0.5, 0.25),
+            "right": (0.5, 0.75),
+            "top": (0.25, 0.5),
+            "bottom": (0.75, 0.5),
+            "center": (0.5, 0.5),
+        }[p]
         assert abs(cy - expect[0]) < 0.08 and abs(cx - expect[1]) < 0.08, (s, p, cy, cx)
 
 
 def test_render_edit_changes_only_the_colour():
-    a = {"shape": "star", "color": "red", "size": "large", "position": "left",
-         "background": "light"}
+    a = {"shape": "star", "color": "red", "size": "large", "position": "left", "background": "light"}
     x1, m1 = render(a, return_mask=True)
     x2, m2 = render({**a, "color": "blue"}, return_mask=True)
     assert torch.equal(m1, m2)
@@ -151,15 +168,13 @@ def test_render_edit_changes_only_the_colour():
 def test_exclude_holds_out_combinations():
     rules = [{"shape": "circle", "color": "red"}, {"shape": "star", "size": "small"}]
     attrs = sample_attributes(3000, seed=5, exclude=rules)
-    bad = ((attrs["shape"] == 0) & (attrs["color"] == 0)) | ((attrs["shape"] == 4)
-                                                              & (attrs["size"] == 0))
+    bad = ((attrs["shape"] == 0) & (attrs["color"] == 0)) | ((attrs["shape"] == 4) & (attrs["size"] == 0))
     assert not bad.any()
     # everything else still appears; unaffected items are unchanged
     pairs = {(s, c) for s, c in zip(attrs["shape"], attrs["color"])}
     assert len(pairs) == len(SHAPES) * len(COLORS) - 1
     plain = sample_attributes(3000, seed=5)
-    keep = ~(((plain["shape"] == 0) & (plain["color"] == 0)) |
-             ((plain["shape"] == 4) & (plain["size"] == 0)))
+    keep = ~(((plain["shape"] == 0) & (plain["color"] == 0)) | ((plain["shape"] == 4) & (plain["size"] == 0)))
     assert all(np.array_equal(attrs[k][keep], plain[k][keep]) for k in attrs)
 
 
@@ -182,14 +197,15 @@ def test_bad_attributes_are_explained():
     with pytest.raises(ValueError, match="lack"):
         encode_attributes({"shape": "circle"})
     with pytest.raises(ValueError, match="opposite|left, right, top or bottom"):
-        encode_attributes({"shape": 0, "color": 0, "size": 0, "position": "center",
-                           "shape2": 1, "color2": 1, "size2": 1})
+        encode_attributes(
+            {"shape": 0, "color": 0, "size": 0, "position": "center", "shape2": 1, "color2": 1, "size2": 1}
+        )
 
 
 def test_make_shapes_is_fast():
     import time
 
-    make_shapes(16, seed=0)                                   # table warm-up
+    make_shapes(16, seed=0)  # table warm-up
     t = time.perf_counter()
     b = make_shapes(10_000, seed=1)
     assert time.perf_counter() - t < 5.0

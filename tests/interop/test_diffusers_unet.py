@@ -7,7 +7,10 @@ import torch
 
 from difflab.core import AttentionHook, attention_hooks
 from difflab.interop.diffusers import (
-    DiffusersUNet, diffusers_denoiser, prediction_from_diffusers, schedule_from_diffusers,
+    DiffusersUNet,
+    diffusers_denoiser,
+    prediction_from_diffusers,
+    schedule_from_diffusers,
 )
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is a test-only reference dependency")
@@ -18,18 +21,34 @@ def text_unet(seed=0):
     (this class reads attention_head_dim as the number of heads)."""
     torch.manual_seed(seed)
     return diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(16, 32),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=6, attention_head_dim=8, norm_num_groups=8).eval()
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=6,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    ).eval()
 
 
 def class_unet(seed=0):
     """Tiny class-conditional UNet2DModel with spatial self-attention blocks (group norm, residual inside)."""
     torch.manual_seed(seed)
     return diffusers.UNet2DModel(
-        sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(16, 32),
-        down_block_types=("AttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "AttnUpBlock2D"),
-        attention_head_dim=8, norm_num_groups=8, num_class_embeds=5).eval()
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        down_block_types=("AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D"),
+        attention_head_dim=8,
+        norm_num_groups=8,
+        num_class_embeds=5,
+    ).eval()
 
 
 class Record(AttentionHook):
@@ -102,8 +121,14 @@ def test_wrapped_class_unet_equals_diffusers_with_spatial_attention():
 @torch.no_grad()
 def test_denoiser_gives_the_schedulers_x0_at_trained_timesteps(prediction_type):
     # D(x, sigma_t) in VE coordinates must be diffusers' pred_original_sample at x_t = x / sqrt(1 + sigma^2)
-    config = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                  prediction_type=prediction_type, clip_sample=False)
+    config = dict(
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type=prediction_type,
+        clip_sample=False,
+    )
     sched = diffusers.DDPMScheduler(**config)
     unet = class_unet()
     ref = copy.deepcopy(unet)

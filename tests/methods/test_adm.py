@@ -27,16 +27,28 @@ def test_ancestral_classifier_guidance_with_bayes_classifier_samples_the_class()
     n = 8000
     y = torch.ones(n, dtype=torch.long)  # ask for the rarer class
     x = torch.randn(n, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 40
-    out = sample_ancestral_guided(lambda x, s, class_labels: marginal.denoiser(x, s), x,
-                                  sigmas_karras(200, 0.002, 40.0), _bayes_log_prob(marginal), 1.0,
-                                  cond={"class_labels": y}, noise=torch.Generator().manual_seed(1))
+    out = sample_ancestral_guided(
+        lambda x, s, class_labels: marginal.denoiser(x, s),
+        x,
+        sigmas_karras(200, 0.002, 40.0),
+        _bayes_log_prob(marginal),
+        1.0,
+        cond={"class_labels": y},
+        noise=torch.Generator().manual_seed(1),
+    )
     se = v[1].sqrt() / math.sqrt(n)
     assert ((out.mean(0) - mus[1]).abs() < 5 * se + 0.02).all(), out.mean(0)
     torch.testing.assert_close(out.std(0), v[1].sqrt(), rtol=0.08, atol=0)
     # scale 0 is plain ancestral sampling of the marginal: the rare class stays rare
-    out0 = sample_ancestral_guided(lambda x, s, class_labels: marginal.denoiser(x, s), x,
-                                   sigmas_karras(50, 0.002, 40.0), _bayes_log_prob(marginal), 0.0,
-                                   cond={"class_labels": y}, noise=torch.Generator().manual_seed(1))
+    out0 = sample_ancestral_guided(
+        lambda x, s, class_labels: marginal.denoiser(x, s),
+        x,
+        sigmas_karras(50, 0.002, 40.0),
+        _bayes_log_prob(marginal),
+        0.0,
+        cond={"class_labels": y},
+        noise=torch.Generator().manual_seed(1),
+    )
     share = (marginal.responsibilities(out0, 0.0).argmax(1) == 1).double().mean().item()
     assert abs(share - 0.3) < 0.03
 
@@ -44,8 +56,9 @@ def test_ancestral_classifier_guidance_with_bayes_classifier_samples_the_class()
 def test_noisy_classifier_learns_digits_and_round_trips(tmp_path):
     data = load_dataset("digits", "train")
     D = Preconditioned(torch.nn.Identity(), EDM(), "edm")
-    cfg = ClassifierConfig(image_size=16, in_channels=1, num_classes=10, channels=16, channel_mult=(1, 2),
-                           attention_resolutions=(8,))
+    cfg = ClassifierConfig(
+        image_size=16, in_channels=1, num_classes=10, channels=16, channel_mult=(1, 2), attention_resolutions=(8,)
+    )
     clf, info = train_classifier(data, D, steps=150, batch_size=64, lr=2e-3, config=cfg, progress=False)
     test = load_dataset("digits", "test")
     sigma = torch.full((len(test.images),), 0.1, dtype=torch.float64)
@@ -64,8 +77,9 @@ def test_noisy_classifier_learns_digits_and_round_trips(tmp_path):
 
 
 def test_classifier_input_errors():
-    clf = NoisyClassifier(ClassifierConfig(image_size=16, in_channels=1, channels=8, channel_mult=(1, 2),
-                                           attention_resolutions=()))
+    clf = NoisyClassifier(
+        ClassifierConfig(image_size=16, in_channels=1, channels=8, channel_mult=(1, 2), attention_resolutions=())
+    )
     with pytest.raises(ValueError, match=r"expected \(B, 1, H, W\)"):
         clf(torch.zeros(2, 3, 16, 16), 0.0)
     with pytest.raises(ValueError, match="built for 16x16"):

@@ -53,8 +53,16 @@ def _randomize(net: nn.Module, cross_key: str) -> None:
 def _build(name: str) -> Backbone:
     torch.manual_seed(0)
     if name == "unet":
-        net = create_model("unet-xs", image_size=S, in_channels=C, channels=16, channel_mult=(1, 2),
-                           attention_resolutions=(8, 4), head_channels=8, context_dim=DIM)
+        net = create_model(
+            "unet-xs",
+            image_size=S,
+            in_channels=C,
+            channels=16,
+            channel_mult=(1, 2),
+            attention_resolutions=(8, 4),
+            head_channels=8,
+            context_dim=DIM,
+        )
         _randomize(net, "cross_attn.to_k")
         D = Preconditioned(net, EDM(), "edm")
     elif name == "dit":
@@ -66,10 +74,17 @@ def _build(name: str) -> Backbone:
         from difflab.interop.diffusers import diffusers_denoiser
 
         unet = diffusers.UNet2DConditionModel(
-            sample_size=S, in_channels=C, out_channels=C, layers_per_block=1, block_out_channels=(16, 32),
+            sample_size=S,
+            in_channels=C,
+            out_channels=C,
+            layers_per_block=1,
+            block_out_channels=(16, 32),
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=DIM, attention_head_dim=4,
-            norm_num_groups=8)
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=DIM,
+            attention_head_dim=4,
+            norm_num_groups=8,
+        )
         _randomize(unet, "attn2.to_k")
         D = diffusers_denoiser(unet)  # DDPM's linear schedule, eps prediction
         net = D.net
@@ -79,8 +94,9 @@ def _build(name: str) -> Backbone:
     ctx_b = ctx.clone()
     ctx_b[0, 2] = torch.randn(DIM, generator=g)
     keep = torch.ones(1, T, dtype=torch.bool)
-    return Backbone(name, net, D.eval(), {"context": ctx, "context_mask": keep},
-                    {"context": ctx_b, "context_mask": keep})
+    return Backbone(
+        name, net, D.eval(), {"context": ctx, "context_mask": keep}, {"context": ctx_b, "context_mask": keep}
+    )
 
 
 @pytest.fixture(scope="module", params=BACKBONES)
@@ -108,7 +124,7 @@ def test_sdedit_returns_the_input_as_t0_goes_to_0_and_keeps_the_unmasked_region(
     mask = torch.zeros(1, 1, S, S)
     mask[..., : S // 2, :] = 1  # edit the top half
     out = sdedit(bb.D, image, sig, strength=0.6, edit_mask=mask, cond=bb.cond_a, noise=_gen())
-    torch.testing.assert_close(out[..., S // 2:, :], image[..., S // 2:, :], rtol=0, atol=0)
+    torch.testing.assert_close(out[..., S // 2 :, :], image[..., S // 2 :, :], rtol=0, atol=0)
     assert (out[..., : S // 2, :] - image[..., : S // 2, :]).abs().mean() > 0.05
 
 
@@ -132,18 +148,43 @@ def test_repaint_keeps_the_known_region_exactly(bb):
     keep[..., :, : S // 2] = 1  # the left half is known
     out = repaint(bb.D, image, keep, sig, jump_length=2, jump_n_sample=2, cond=bb.cond_a, noise=_gen())
     torch.testing.assert_close(out * keep, image * keep, rtol=0, atol=0)
-    assert torch.isfinite(out).all() and (out - image)[..., S // 2:].abs().mean() > 0.05
+    assert torch.isfinite(out).all() and (out - image)[..., S // 2 :].abs().mean() > 0.05
 
 
 def test_blended_keeps_the_background_exactly_and_ranks(bb):
     torch.manual_seed(0)
-    clip = SmallCLIP(SmallCLIPConfig(vocab=["a", "red", "circle"], image_size=S, channels=8, dim=16, text_dim=16,
-                                     text_depth=1, noise_aware=False)).eval().requires_grad_(False)
+    clip = (
+        SmallCLIP(
+            SmallCLIPConfig(
+                vocab=["a", "red", "circle"],
+                image_size=S,
+                channels=8,
+                dim=16,
+                text_dim=16,
+                text_depth=1,
+                noise_aware=False,
+            )
+        )
+        .eval()
+        .requires_grad_(False)
+    )
     image, sig = _image(), bb.sigmas(6)
     mask = torch.zeros(1, 1, S, S)
     mask[..., 2:6, 2:6] = 1
-    outs, sims = blended_diffusion(bb.D, clip, image, mask, "a red circle", sig, scale=50.0, n_aug=2,
-                                   n_candidates=2, cond=bb.cond_a, noise=_gen(1), aug_generator=_gen(2))
+    outs, sims = blended_diffusion(
+        bb.D,
+        clip,
+        image,
+        mask,
+        "a red circle",
+        sig,
+        scale=50.0,
+        n_aug=2,
+        n_candidates=2,
+        cond=bb.cond_a,
+        noise=_gen(1),
+        aug_generator=_gen(2),
+    )
     assert outs.shape == (2, C, S, S) and sims[0] >= sims[1] and not outs.requires_grad
     torch.testing.assert_close(outs * (1 - mask), image.expand_as(outs) * (1 - mask), rtol=0, atol=0)
     assert ((outs - image) * mask).abs().mean() > 0.01

@@ -9,8 +9,21 @@ from difflab.nn.clip import SmallCLIP, SmallCLIPConfig
 @pytest.fixture(scope="module")
 def clip():
     torch.manual_seed(0)
-    return SmallCLIP(SmallCLIPConfig(vocab=["a", "red", "circle"], image_size=8, channels=8, dim=16,
-                                     text_dim=16, text_depth=1, noise_aware=False)).eval().requires_grad_(False)
+    return (
+        SmallCLIP(
+            SmallCLIPConfig(
+                vocab=["a", "red", "circle"],
+                image_size=8,
+                channels=8,
+                dim=16,
+                text_dim=16,
+                text_depth=1,
+                noise_aware=False,
+            )
+        )
+        .eval()
+        .requires_grad_(False)
+    )
 
 
 def test_blended_keeps_background_exactly_ranks_and_guidance_raises_the_score(clip):
@@ -22,8 +35,17 @@ def test_blended_keeps_background_exactly_ranks_and_guidance_raises_the_score(cl
     # the paper's 8 augmentations: with 2 the guidance did not raise the score; this test passed then
     # only because the (summed) range loss blew the masked region up to ~1e4
     kw = dict(n_candidates=4, n_aug=8, noise=torch.Generator().manual_seed(1))
-    out, sims = blended_diffusion(gm.denoiser, clip, image, mask, "a red circle", sig, scale=50.0,
-                                  aug_generator=torch.Generator().manual_seed(2), **kw)
+    out, sims = blended_diffusion(
+        gm.denoiser,
+        clip,
+        image,
+        mask,
+        "a red circle",
+        sig,
+        scale=50.0,
+        aug_generator=torch.Generator().manual_seed(2),
+        **kw,
+    )
     assert out.shape == (4, 3, 8, 8) and (sims[:-1] >= sims[1:]).all()
     assert out.abs().max() < 1.5, float(out.abs().max())
     torch.testing.assert_close(out * (1 - mask), image.expand(4, -1, -1, -1) * (1 - mask), rtol=0, atol=0)
@@ -53,9 +75,18 @@ def test_range_guidance_stays_bounded_at_default_weights(clip, mu):
     mask = torch.zeros(1, 1, 8, 8)
     mask[..., 2:6, 2:6] = 1
     for sig in (sigmas_karras(12, 0.01, 10.0), sigmas_karras(20, 0.002, 80.0)):
-        out, sims = blended_diffusion(gm.denoiser, clip, image, mask, "a red circle", sig, n_candidates=2, n_aug=2,
-                                      noise=torch.Generator().manual_seed(1),
-                                      aug_generator=torch.Generator().manual_seed(2))
+        out, sims = blended_diffusion(
+            gm.denoiser,
+            clip,
+            image,
+            mask,
+            "a red circle",
+            sig,
+            n_candidates=2,
+            n_aug=2,
+            noise=torch.Generator().manual_seed(1),
+            aug_generator=torch.Generator().manual_seed(2),
+        )
         assert torch.isfinite(out).all() and torch.isfinite(sims).all()
         assert out.abs().max() < 1.5, float(out.abs().max())
 

@@ -92,14 +92,16 @@ def test_cli_flags_are_the_entry_knobs(name, capsys):
     parser = _parser()
     ns = parser.parse_args(["edit", name, *_required(spec)])
     assert {k: getattr(ns, k) for k in spec.defaults()} == spec.defaults()
-    help_text = parser._subparsers._group_actions[0].choices["edit"]._subparsers._group_actions[0].choices[name] \
-        .format_help()
+    help_text = (
+        parser._subparsers._group_actions[0].choices["edit"]._subparsers._group_actions[0].choices[name].format_help()
+    )
     for knob in spec.knobs:
         assert "--" + knob.name.replace("_", "-") in help_text
     numeric = [k for k in spec.knobs if k.type in (int, float) and (k.lo is not None or k.hi is not None)]
     for knob in numeric:  # out of range on the command line: argparse's one-line error, exit 2
-        value = knob.lo if knob.lo is not None and knob.lo_open else (knob.lo - 1 if knob.lo is not None else
-                                                                       knob.hi + 1)
+        value = (
+            knob.lo if knob.lo is not None and knob.lo_open else (knob.lo - 1 if knob.lo is not None else knob.hi + 1)
+        )
         with pytest.raises(SystemExit) as exc:
             parser.parse_args(["edit", name, *_required(spec), "--" + knob.name.replace("_", "-"), str(value)])
         assert exc.value.code == 2
@@ -113,9 +115,18 @@ def _negate_inside(ctx: EditContext, *, amount: float) -> torch.Tensor:
     return ctx.mask * (-amount * ctx.image) + (1 - ctx.mask) * ctx.image
 
 
-TOY = EditMethod("toy", "Toy negation (tests)", "Negate the white region.", mask="required", mask_keeps="black",
-                 prompt="none", source_prompt="none", sampler=None,
-                 knobs=(Knob("amount", 1.0, "scale of the negation", lo=0.0, hi=2.0),), run=_negate_inside)
+TOY = EditMethod(
+    "toy",
+    "Toy negation (tests)",
+    "Negate the white region.",
+    mask="required",
+    mask_keeps="black",
+    prompt="none",
+    source_prompt="none",
+    sampler=None,
+    knobs=(Knob("amount", 1.0, "scale of the negation", lo=0.0, hi=2.0),),
+    run=_negate_inside,
+)
 
 
 def test_a_registered_entry_becomes_a_subcommand(monkeypatch, tiny_run, tmp_path, capsys):
@@ -129,21 +140,53 @@ def test_a_registered_entry_becomes_a_subcommand(monkeypatch, tiny_run, tmp_path
     mask[..., : H // 2, :] = 1
     result = edit(pipe, "toy", image, mask=mask, amount=0.5)
     torch.testing.assert_close(result.output[..., : H // 2, :], -0.5 * image[..., : H // 2, :])
-    assert torch.equal(result.output[..., H // 2:, :], image[..., H // 2:, :])
+    assert torch.equal(result.output[..., H // 2 :, :], image[..., H // 2 :, :])
     assert [c for c, _ in result.tiles] == ["input", "mask: white = edit", "toy tile", "output"]
     assert result.info["toy"] == 0.5 and result.info["sampler"] == "own"
 
     save_image_grid(image, tmp_path / "in.png", nrow=1, padding=0)
     save_image_grid(mask * 2 - 1, tmp_path / "mask.png", nrow=1, padding=0)
     out = tmp_path / "out.png"
-    assert main(["edit", "toy", "--run", str(tiny_run), "--image", str(tmp_path / "in.png"), "--mask",
-                 str(tmp_path / "mask.png"), "--out", str(out), "--amount", "2", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "edit",
+                "toy",
+                "--run",
+                str(tiny_run),
+                "--image",
+                str(tmp_path / "in.png"),
+                "--mask",
+                str(tmp_path / "mask.png"),
+                "--out",
+                str(out),
+                "--amount",
+                "2",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "Toy negation (tests)" in printed and "toy mask: white = edit, black = keep the input" in printed
     assert out.exists() and out.with_name("out_strip.png").exists()
     with pytest.raises(SystemExit) as exc:
-        main(["edit", "toy", "--run", str(tiny_run), "--image", str(tmp_path / "in.png"), "--mask",
-              str(tmp_path / "mask.png"), "--out", str(out), "--amount", "3"])
+        main(
+            [
+                "edit",
+                "toy",
+                "--run",
+                str(tiny_run),
+                "--image",
+                str(tmp_path / "in.png"),
+                "--mask",
+                str(tmp_path / "mask.png"),
+                "--out",
+                str(out),
+                "--amount",
+                "3",
+            ]
+        )
     assert exc.value.code == 2
     assert "--amount: must be a finite number in [0, 2], got '3'" in capsys.readouterr().err
 

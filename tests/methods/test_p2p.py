@@ -9,8 +9,16 @@ from difflab.nn import create_model
 @pytest.fixture(scope="module")
 def setup():
     torch.manual_seed(0)
-    net = create_model("unet-xs", image_size=8, in_channels=1, channels=16, channel_mult=(1, 2),
-                       attention_resolutions=(8, 4), head_channels=8, context_dim=6)
+    net = create_model(
+        "unet-xs",
+        image_size=8,
+        in_channels=1,
+        channels=16,
+        channel_mult=(1, 2),
+        attention_resolutions=(8, 4),
+        head_channels=8,
+        context_dim=6,
+    )
     with torch.no_grad():  # leave the zero init: random weights everywhere so attention matters
         for p in net.parameters():
             p.copy_(torch.randn_like(p) * 0.1)
@@ -117,8 +125,10 @@ def test_guided_controller_leaves_the_unconditional_half_free(setup):
     (the official code's behaviour), and a batch that is not two halves is refused."""
     net, D, cond, x, sig = setup
     ctl = Recording(2, len(sig) - 1, cross_replace=1.0, self_replace=1.0, self_max_pixels=64, guided=True)
-    null = {"context": torch.randn(cond["context"].shape, generator=torch.Generator().manual_seed(4)),
-            "context_mask": cond["context_mask"]}
+    null = {
+        "context": torch.randn(cond["context"].shape, generator=torch.Generator().manual_seed(4)),
+        "context_mask": cond["context_mask"],
+    }
     both = {k: torch.cat([cond[k], null[k]]) for k in cond}
     x2 = torch.cat([x, x]) + torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(3))
     with attention_hooks(net, ctl):

@@ -35,8 +35,14 @@ def test_sdedit_faithfulness_decreases_with_strength_and_mask_keeps_guide():
     gm = GaussianMixture.random(dim=16, k=4, seed=0)
     guide = gm.sample(64, torch.Generator().manual_seed(1))[0].reshape(64, 1, 4, 4) + 0.5
     sig = sigmas_karras(30, 0.002, 80.0)
-    dists = [(sdedit(gm.denoiser, guide, sig, strength=s, noise=torch.Generator().manual_seed(0)) - guide)
-             .flatten(1).norm(dim=1).mean().item() for s in (0.2, 0.4, 0.6, 0.9)]
+    dists = [
+        (sdedit(gm.denoiser, guide, sig, strength=s, noise=torch.Generator().manual_seed(0)) - guide)
+        .flatten(1)
+        .norm(dim=1)
+        .mean()
+        .item()
+        for s in (0.2, 0.4, 0.6, 0.9)
+    ]
     assert all(a < b for a, b in zip(dists, dists[1:])), dists
     mask = torch.zeros(1, 1, 4, 4)
     mask[..., :2, :] = 1  # edit the top half only
@@ -101,8 +107,9 @@ def test_repaint_resampling_moves_the_fill_toward_the_exact_conditional():
     # (exact). Plain replacement (r = 1) ignores most of that; RePaint's resampling (r = 10)
     # must cut the error in the mode share substantially. Measured here: r = 1 -> 0.63,
     # r = 10 -> 0.77, r = 20 -> 0.79 (RePaint is a biased approximation of the conditional).
-    gm = GaussianMixture(torch.tensor([0.5, 0.5]), torch.tensor([[-1.0, -1.5], [1.0, 1.5]]),
-                         torch.tensor([[0.6, 0.3], [0.6, 0.3]]) ** 2)
+    gm = GaussianMixture(
+        torch.tensor([0.5, 0.5]), torch.tensor([[-1.0, -1.5], [1.0, 1.5]]), torch.tensor([[0.6, 0.3], [0.6, 0.3]]) ** 2
+    )
     n = 3000
     known = torch.tensor([0.6, 0.0], dtype=torch.float64).reshape(1, 1, 1, 2).expand(n, 1, 1, 2)
     keep = torch.tensor([1.0, 0.0], dtype=torch.float64).reshape(1, 1, 1, 2)
@@ -111,8 +118,9 @@ def test_repaint_resampling_moves_the_fill_toward_the_exact_conditional():
     sig = sigmas_logsnr(50, 0.005, 40.0)
     errs = {}
     for r in (1, 10):
-        out = repaint(gm.denoiser, known, keep, sig, jump_length=5, jump_n_sample=r,
-                      noise=torch.Generator().manual_seed(0))
+        out = repaint(
+            gm.denoiser, known, keep, sig, jump_length=5, jump_n_sample=r, noise=torch.Generator().manual_seed(0)
+        )
         torch.testing.assert_close(out[..., 0], known[..., 0], rtol=0, atol=0)  # known pixel kept exactly
         share_upper = (out[:, 0, 0, 1] > 0).double().mean().item()
         errs[r] = abs(share_upper - w[1].item())

@@ -9,8 +9,11 @@ from difflab.nn.clip import SmallCLIP, SmallCLIPConfig
 @pytest.fixture(scope="module")
 def clip():
     torch.manual_seed(0)
-    return SmallCLIP(SmallCLIPConfig(vocab=["a", "red", "blue", "circle", "square"], image_size=8, channels=8,
-                                     dim=16, text_dim=16, text_depth=1)).eval()
+    return SmallCLIP(
+        SmallCLIPConfig(
+            vocab=["a", "red", "blue", "circle", "square"], image_size=8, channels=8, dim=16, text_dim=16, text_depth=1
+        )
+    ).eval()
 
 
 def test_scores_are_bounded_and_self_similarity_is_maximal(clip):

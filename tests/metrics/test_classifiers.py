@@ -72,7 +72,9 @@ def test_the_recipe_trains_a_digits_classifier():
     net, report = train_classifier("digits", Recipe(epochs=4, warmup=5, shift=1), progress=False)
     assert report["test_accuracy"] > 0.9 and len(report["history"]) == 4
     assert not net.training
-    assert report["n_train"] == len(load_dataset("digits", "train")) and report["n_test"] == len(load_dataset("digits", "test"))
+    assert report["n_train"] == len(load_dataset("digits", "train")) and report["n_test"] == len(
+        load_dataset("digits", "test")
+    )
 
 
 def test_inception_score_analogue_of_real_digits_is_near_the_class_count():
@@ -80,6 +82,6 @@ def test_inception_score_analogue_of_real_digits_is_near_the_class_count():
 
     net = load_classifier("digits")
     test = load_dataset("digits", "test")
-    assert inception_score(net.probs(test.images)) > 8.5          # confident and balanced: up to 10
+    assert inception_score(net.probs(test.images)) > 8.5  # confident and balanced: up to 10
     noise = torch.rand(test.images.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
     assert inception_score(net.probs(noise)) < 3.0

@@ -14,8 +14,7 @@ def tiny_run(tmp_path_factory):
     from difflab.train import TrainConfig, train
 
     out = tmp_path_factory.mktemp("tiny_run")
-    cfg = TrainConfig(data="digits", model="unet-xs", steps=3, batch_size=16, save_every=0, log_every=1,
-                      warmup=1)
+    cfg = TrainConfig(data="digits", model="unet-xs", steps=3, batch_size=16, save_every=0, log_every=1, warmup=1)
     before = torch.get_num_threads()  # module-scoped: set up before the one_thread fixture applies
     torch.set_num_threads(1)
     try:
@@ -27,8 +26,24 @@ def tiny_run(tmp_path_factory):
 def test_eval_prints_and_writes_json(tiny_run, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("DIFFLAB_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "eval.json"
-    args = ["eval", "--run", str(tiny_run), "--sampler", "euler", "--steps", "2", "--n", "64",
-            "--bpd", "vlb", "--bpd-n", "8", "--bpd-timesteps", "10", "--no-progress"]
+    args = [
+        "eval",
+        "--run",
+        str(tiny_run),
+        "--sampler",
+        "euler",
+        "--steps",
+        "2",
+        "--n",
+        "64",
+        "--bpd",
+        "vlb",
+        "--bpd-n",
+        "8",
+        "--bpd-timesteps",
+        "10",
+        "--no-progress",
+    ]
     assert main(args + ["--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "reference statistics: computing digits/train" in printed
@@ -45,7 +60,7 @@ def test_eval_prints_and_writes_json(tiny_run, tmp_path, monkeypatch, capsys):
     assert b["conditioning"] == "null label" and b["grid"] == "vp_linear(1000)"
     assert r["bits_per_dim"] == b["value"] and 0 < b["value"] < 100
     # the second evaluation reads the cached reference statistics, and says so
-    assert main(args + ["--bpd", "none"]) == 0   # the last --bpd wins; JSON to RUN/eval.json
+    assert main(args + ["--bpd", "none"]) == 0  # the last --bpd wins; JSON to RUN/eval.json
     printed = capsys.readouterr().out
     assert "reference statistics: loaded" in printed and "bits/dim" not in printed
     r2 = json.loads((tiny_run / "eval.json").read_text())

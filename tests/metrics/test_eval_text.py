@@ -1,7 +1,6 @@
 """`evaluate_run` on a text-conditional latent run: samples are drawn for held-out captions
 (not the empty prompt), and bits/dim is refused for latents (not a pixel likelihood)."""
 
-
 from difflab.metrics.evaluate import evaluate_run
 from difflab.pipeline import Pipeline
 from difflab.train import train

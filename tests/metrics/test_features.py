@@ -6,7 +6,12 @@ import torch
 
 from difflab.data import load_dataset
 from difflab.metrics import (
-    default_extractor, extract, feature_extractor, frechet_distance, mean_cov, reference_stats,
+    default_extractor,
+    extract,
+    feature_extractor,
+    frechet_distance,
+    mean_cov,
+    reference_stats,
     stats_cache_dir,
 )
 
@@ -30,7 +35,7 @@ def test_reference_stats_are_computed_once_cached_and_announced(cache):
     assert r1.path.name == f"digits-train-1x16x16-digits-{ext.weights_sha256[:12]}.safetensors"
     assert not r1.loaded and "computing" in logs[-1] and calls == [1] and r1.n == len(load_dataset("digits", "train"))
     r2 = reference_stats(ext, "digits", "train", images=images, log=logs.append, keep=500)
-    assert r2.loaded and "loaded" in logs[-1] and calls == [1]      # never recomputed silently
+    assert r2.loaded and "loaded" in logs[-1] and calls == [1]  # never recomputed silently
     np.testing.assert_array_equal(r1.mu, r2.mu)
     np.testing.assert_array_equal(r1.cov, r2.cov)
     torch.testing.assert_close(r1.features, r2.features)

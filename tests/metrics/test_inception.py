@@ -38,13 +38,22 @@ def _random_inception(with_head: int | None = None) -> dict:
 
 def test_layer_names_are_torchvisions():
     keys = set(InceptionV3("fid").state_dict())
-    for k in ("Conv2d_1a_3x3.conv.weight", "Conv2d_4a_3x3.bn.running_var", "Mixed_5b.branch5x5_2.conv.weight",
-              "Mixed_6e.branch7x7dbl_5.bn.bias", "Mixed_7a.branch7x7x3_4.conv.weight",
-              "Mixed_7c.branch3x3dbl_3b.bn.weight", "Mixed_7b.branch_pool.conv.weight"):
+    for k in (
+        "Conv2d_1a_3x3.conv.weight",
+        "Conv2d_4a_3x3.bn.running_var",
+        "Mixed_5b.branch5x5_2.conv.weight",
+        "Mixed_6e.branch7x7dbl_5.bn.bias",
+        "Mixed_7a.branch7x7x3_4.conv.weight",
+        "Mixed_7c.branch3x3dbl_3b.bn.weight",
+        "Mixed_7b.branch_pool.conv.weight",
+    ):
         assert k in keys, k
     assert set(InceptionV3("torchvision").state_dict()) == keys  # variants differ only in pooling
-    n_params = sum(v.numel() for k, v in InceptionV3("fid").state_dict().items()
-                   if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
+    n_params = sum(
+        v.numel()
+        for k, v in InceptionV3("fid").state_dict().items()
+        if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))
+    )
     # torchvision's documented 27,161,264 less its fc (2,049,000) and AuxLogits (3,326,696)
     assert n_params == 21_785_568
 
@@ -60,8 +69,9 @@ def test_random_weights_load_and_give_pool3_features(tmp_path):
     # a grey 16 x 16 image is repeated to RGB and resized to 299: same as feeding that by hand
     g = torch.Generator().manual_seed(0)
     grey = torch.rand(1, 1, 16, 16, generator=g) * 2 - 1
-    rgb = torch.nn.functional.interpolate(grey.expand(-1, 3, -1, -1), size=(299, 299), mode="bilinear",
-                                          align_corners=False)
+    rgb = torch.nn.functional.interpolate(
+        grey.expand(-1, 3, -1, -1), size=(299, 299), mode="bilinear", align_corners=False
+    )
     f = ext(torch.cat([grey.expand(-1, 3, -1, -1), torch.rand(1, 3, 16, 16, generator=g) * 2 - 1]))
     assert f.shape == (2, 2048) and torch.isfinite(f).all() and (f >= 0).all()  # post-ReLU mean
     assert f[0].abs().sum() > 0 and not torch.allclose(f[0], f[1])

@@ -45,7 +45,7 @@ def test_precision_recall_refuses_mismatched_features():
 
 def test_inception_score_extremes():
     k = 10
-    one_hot = torch.eye(k).repeat(50, 1)                 # confident, every class equally often
+    one_hot = torch.eye(k).repeat(50, 1)  # confident, every class equally often
     assert inception_score(one_hot) == pytest.approx(k, rel=1e-12)
     constant = torch.softmax(torch.randn(1, k), 1).expand(500, k)
     assert inception_score(constant) == pytest.approx(1.0, abs=1e-12)

@@ -32,8 +32,9 @@ def test_smoke_dit_patch_and_learn_sigma(patch, learn_sigma):
 
 
 def test_smoke_dit_all_conditioning():
-    net = tiny(num_classes=5, class_dropout_prob=0.1, context_dim=12, extra_in_channels=2,
-               out_channels=1, learn_sigma=True)
+    net = tiny(
+        num_classes=5, class_dropout_prob=0.1, context_dim=12, extra_in_channels=2, out_channels=1, learn_sigma=True
+    )
     x, t = inputs()
     out = net(
         x,
@@ -112,8 +113,9 @@ def test_sincos_positions_match_the_formula():
     row, col = 2, 4
     token = pos[row * 5 + col]
     freqs = torch.tensor([1.0, 0.01])  # 10000^(-i/2), i = 0, 1
-    expected = torch.cat([torch.sin(col * freqs), torch.cos(col * freqs),
-                          torch.sin(row * freqs), torch.cos(row * freqs)])
+    expected = torch.cat(
+        [torch.sin(col * freqs), torch.cos(col * freqs), torch.sin(row * freqs), torch.cos(row * freqs)]
+    )
     assert torch.allclose(token, expected, atol=1e-6)
     net = tiny(2)
     assert torch.equal(net.pos_embed[0], sincos_pos_embed_2d(64, 8, 8))

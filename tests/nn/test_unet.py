@@ -38,9 +38,12 @@ def test_smoke_unet_block_options(learn_sigma, resblock_updown, use_scale_shift_
 
 
 @pytest.mark.parametrize(
-    "attention", [dict(attention_resolutions=(), mid_attention=False),
-                  dict(attention_resolutions=(), mid_attention=True),
-                  dict(attention_resolutions=(16, 8), mid_attention=True)]
+    "attention",
+    [
+        dict(attention_resolutions=(), mid_attention=False),
+        dict(attention_resolutions=(), mid_attention=True),
+        dict(attention_resolutions=(16, 8), mid_attention=True),
+    ],
 )
 def test_smoke_unet_attention_on_off(attention):
     net = tiny(**attention)
@@ -63,8 +66,16 @@ def test_smoke_unet_all_conditioning():
 
 
 def test_smoke_unet_head_channels_and_three_levels():
-    net = UNet(UNetConfig(image_size=S, channels=16, channel_mult=(1, 2, 2), num_res_blocks=1,
-                          attention_resolutions=(8, 4), head_channels=8))
+    net = UNet(
+        UNetConfig(
+            image_size=S,
+            channels=16,
+            channel_mult=(1, 2, 2),
+            num_res_blocks=1,
+            attention_resolutions=(8, 4),
+            head_channels=8,
+        )
+    )
     x, t = inputs()
     assert net(x, t).shape == (B, C, S, S)
     assert net(torch.randn(1, C, 8, 12), 3.0).shape == (1, C, 8, 12)  # other sizes, scalar t
@@ -114,8 +125,9 @@ def test_unet_conditioning_changes_output(randomize):
     assert not torch.allclose(base, net(x, t + 99, class_labels=torch.tensor([1, 2]), x_cond=x_cond))
     assert not torch.allclose(base, net(x, t, class_labels=torch.tensor([1, 2]), x_cond=x_cond + 1))
     # the three spellings of the null class agree
-    null = [net(x, t, class_labels=labels, x_cond=x_cond)
-            for labels in (None, torch.tensor([-1, -1]), torch.tensor([4, 4]))]
+    null = [
+        net(x, t, class_labels=labels, x_cond=x_cond) for labels in (None, torch.tensor([-1, -1]), torch.tensor([4, 4]))
+    ]
     assert torch.equal(null[0], null[1]) and torch.equal(null[0], null[2])
 
 

@@ -31,10 +31,23 @@ def run():
 
 def _pipe() -> Pipeline:
     torch.manual_seed(0)
-    net = UNet(UNetConfig(image_size=8, in_channels=1, channels=8, channel_mult=(1, 2), num_res_blocks=1,
-                          attention_resolutions=(), mid_attention=False, num_heads=1, num_classes=K))
-    config = {"model": {"arch": "unet", "num_classes": K},
-              "data": {"name": "tiny", "channels": 1, "size": 8, "class_names": ["a", "b", "c"]}}
+    net = UNet(
+        UNetConfig(
+            image_size=8,
+            in_channels=1,
+            channels=8,
+            channel_mult=(1, 2),
+            num_res_blocks=1,
+            attention_resolutions=(),
+            mid_attention=False,
+            num_heads=1,
+            num_classes=K,
+        )
+    )
+    config = {
+        "model": {"arch": "unet", "num_classes": K},
+        "data": {"name": "tiny", "channels": 1, "size": 8, "class_names": ["a", "b", "c"]},
+    }
     _randomize(net, 0.2)  # zero-initialised output and modulation layers would hide the label
     return Pipeline(Preconditioned(net, EDM(), "edm").eval(), config)
 
@@ -51,18 +64,41 @@ def _classifier(pipe: Pipeline, folder: Path) -> NoisyClassifier:
     g = torch.Generator().manual_seed(0)
     y = torch.arange(480) % K
     images = (y.float() - 1).reshape(-1, 1, 1, 1) * 0.6 + 0.2 * torch.randn(480, 1, 8, 8, generator=g)
-    config = ClassifierConfig(image_size=8, in_channels=1, channels=8, channel_mult=(1, 2), attention_resolutions=(),
-                              num_heads=1, num_classes=K, pool_dim=16)
-    clf, info = train_classifier(ImageData(images, y, ("dark", "grey", "light"), name="tiny"), pipe.denoiser,
-                                 steps=40, batch_size=32, lr=3e-3, config=config, progress=False)
+    config = ClassifierConfig(
+        image_size=8,
+        in_channels=1,
+        channels=8,
+        channel_mult=(1, 2),
+        attention_resolutions=(),
+        num_heads=1,
+        num_classes=K,
+        pool_dim=16,
+    )
+    clf, info = train_classifier(
+        ImageData(images, y, ("dark", "grey", "light"), name="tiny"),
+        pipe.denoiser,
+        steps=40,
+        batch_size=32,
+        lr=3e-3,
+        config=config,
+        progress=False,
+    )
     save_classifier(clf, folder, info, preconditioning=preconditioning_of(pipe.denoiser))
     return clf
 
 
 def _params(**kw) -> dict:
-    return {"n": N, "steps": STEPS, "w": (0.0, 1.0, 3.0), "scales": (0.0, 1.0, 8.0), "uncond_n": N,
-            "uncond_scales": (0.0, 1.0, 8.0), "keep": N,
-            "batch_size": 8, **kw}
+    return {
+        "n": N,
+        "steps": STEPS,
+        "w": (0.0, 1.0, 3.0),
+        "scales": (0.0, 1.0, 8.0),
+        "uncond_n": N,
+        "uncond_scales": (0.0, 1.0, 8.0),
+        "keep": N,
+        "batch_size": 8,
+        **kw,
+    }
 
 
 def test_cfg_sweep_rows_are_the_pipeline_at_s_equal_1_plus_w(run, tmp_path, monkeypatch):
@@ -98,8 +134,7 @@ def test_classifier_guidance_sweep_raises_the_guides_confidence(run, tmp_path, m
 
     def score(x, labels):
         lp = log_p(x, torch.full((len(x),), 0.002, dtype=torch.float64), class_labels=labels)
-        return {"fd": 0.0, "precision": 0.0, "recall": 0.0, "inception_score": 0.0,
-                "class_accuracy": lp.mean().item()}
+        return {"fd": 0.0, "precision": 0.0, "recall": 0.0, "inception_score": 0.0, "class_accuracy": lp.mean().item()}
 
     for unconditional in (False, True):
         run.run_adm(pipe, score, _params(), "euler", seed=0, unconditional=unconditional)

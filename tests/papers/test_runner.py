@@ -34,8 +34,15 @@ def _toy_paper() -> Paper:
         res = run.results.load()
         (run.out / "report.md").write_text(f"a: {res.get('a')}; b: {sorted(res.get('b', {}))}\n")
 
-    return Paper("toy", "A toy paper.", parts={"a": part_a, "b": part_b, "c": part_c}, report=report,
-                 full={"n": 100}, quick={"n": 2}, merge=("b",))
+    return Paper(
+        "toy",
+        "A toy paper.",
+        parts={"a": part_a, "b": part_b, "c": part_c},
+        report=report,
+        full={"n": 100},
+        quick={"n": 2},
+        merge=("b",),
+    )
 
 
 def test_parts_quick_only_report_merge_and_skip(tmp_path):

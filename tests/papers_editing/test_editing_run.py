@@ -15,7 +15,6 @@ from difflab.core.sampling import slice_sigmas
 from difflab.nn import create_model
 
 
-
 @pytest.fixture(scope="module")
 def run():
     return importlib.import_module("papers.editing.run")
@@ -24,8 +23,9 @@ def run():
 @pytest.fixture(scope="module")
 def pipe():
     torch.manual_seed(0)
-    net = create_model("unet-xs", image_size=32, in_channels=1, channels=8, channel_mult=(1, 2), head_channels=8,
-                       num_classes=10)
+    net = create_model(
+        "unet-xs", image_size=32, in_channels=1, channels=8, channel_mult=(1, 2), head_channels=8, num_classes=10
+    )
     with torch.no_grad():
         for p in net.parameters():
             p.copy_(torch.randn_like(p) * 0.1)  # no zero-initialised outputs: every layer matters
@@ -50,8 +50,13 @@ class FakeScorer:
 
     def __call__(self, x, labels=None):
         agree = None if labels is None else float((self.predict(x) == labels).double().mean())
-        return {"fd": float(x.mean().abs() + (x.std() - 0.5).abs()), "precision": 0.5, "recall": 0.5,
-                "class_agreement": agree, "n": len(x)}
+        return {
+            "fd": float(x.mean().abs() + (x.std() - 0.5).abs()),
+            "precision": 0.5,
+            "recall": 0.5,
+            "class_agreement": agree,
+            "n": len(x),
+        }
 
 
 @pytest.fixture()
@@ -109,8 +114,14 @@ def test_ilvr_part_matches_the_low_pass_exactly_and_not_by_chance(patched, pipe)
 
 def test_masks_and_equal_call_budget(run):
     fractions = {k: float(run.make_mask(k, 1).mean()) for k in run.MASKS}
-    assert fractions == {"fill_left": 0.5, "fill_top": 0.5, "fill_centre": 0.75, "lines": 0.5, "sr2x": 0.25,
-                         "expand": 0.25}
+    assert fractions == {
+        "fill_left": 0.5,
+        "fill_top": 0.5,
+        "fill_centre": 0.75,
+        "lines": 0.5,
+        "sr2x": 0.25,
+        "expand": 0.25,
+    }
     assert run.equal_calls_T(50, 5, 5) == 50 + 9 * 4 * 5  # 9 jump points below 45, 4 extra passes of 5 steps
     assert run.equal_calls_T(250, 10, 10) == 250 + 24 * 9 * 10
     assert run.equal_calls_T(7, 2, 1) == 7
@@ -128,8 +139,9 @@ def test_repaint_parts_keep_the_known_region_and_spend_the_stated_calls(patched,
         assert row["resample"]["calls"] == row["replace_equal_calls"]["calls"] == calls
         assert row["replace"]["calls"] == 6
         assert row["resample"]["l2_fill_to_original"] > 0  # the unknown region was actually filled
-    paper = patched.run_repaint_paper(pipe, FakeScorer(), {"n_per_mask": 1, "T": 6, "jump_length": 2,
-                                                           "jump_n_sample": 2})
+    paper = patched.run_repaint_paper(
+        pipe, FakeScorer(), {"n_per_mask": 1, "T": 6, "jump_length": 2, "jump_n_sample": 2}
+    )
     assert paper["known_max_abs_diff"] == 0.0 and paper["calls"] == calls
     patched.Results(patched.OUT, patched.SORT).save("repaint", res)
     patched.Results(patched.OUT, patched.SORT).save("repaint_paper", paper)

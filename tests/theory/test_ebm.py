@@ -9,8 +9,17 @@ from torch import nn
 from difflab.core import GaussianMixture, sample_euler
 from difflab.core.likelihood import log_likelihood
 from difflab.methods.ebm import (
-    EnergyDenoiser, GaussianNoise, ReplayBuffer, cd_loss, denoising_score_matching_loss, energy_grad,
-    grid_log_density, grid_log_partition, implicit_score_matching_loss, langevin_mcmc, nce_loss,
+    EnergyDenoiser,
+    GaussianNoise,
+    ReplayBuffer,
+    cd_loss,
+    denoising_score_matching_loss,
+    energy_grad,
+    grid_log_density,
+    grid_log_partition,
+    implicit_score_matching_loss,
+    langevin_mcmc,
+    nce_loss,
     sliced_score_matching_loss,
 )
 from difflab.nn.toy import EnergyMLP, ToyConfig
@@ -72,9 +81,14 @@ def test_sliced_equals_implicit_in_expectation_on_a_quadratic(projection, varian
     x = torch.randn(8, 3, generator=torch.Generator().manual_seed(1), dtype=F64)
     ism = implicit_score_matching_loss(e, x)
     g = torch.Generator().manual_seed(3)
-    draws = torch.stack([sliced_score_matching_loss(e, x, n_projections=1, projection=projection,
-                                                    variance_reduction=variance_reduction, generator=g)
-                         for _ in range(3000)])  # (3000, 8)
+    draws = torch.stack(
+        [
+            sliced_score_matching_loss(
+                e, x, n_projections=1, projection=projection, variance_reduction=variance_reduction, generator=g
+            )
+            for _ in range(3000)
+        ]
+    )  # (3000, 8)
     se = draws.std(0) / math.sqrt(len(draws))
     assert ((draws.mean(0) - ism).abs() < 4 * se + 1e-9).all(), (draws.mean(0), ism, se)
     assert (draws.std(0) > 0).all()
@@ -230,8 +244,9 @@ def test_energy_denoiser_of_the_true_noisy_energy_is_the_exact_denoiser():
     torch.testing.assert_close(sample_euler(D, x_T, sigmas), sample_euler(gm.denoiser, x_T, sigmas))
     x0, _ = gm.sample(20, torch.Generator().manual_seed(2))
     lp = log_likelihood(D, x0, 1e-2, 20.0, prior=lambda z: gm.log_prob(z, 20.0), solver="rk4", n_steps=24)
-    torch.testing.assert_close(lp, log_likelihood(gm.denoiser, x0, 1e-2, 20.0, prior=lambda z: gm.log_prob(z, 20.0),
-                                                  solver="rk4", n_steps=24))
+    torch.testing.assert_close(
+        lp, log_likelihood(gm.denoiser, x0, 1e-2, 20.0, prior=lambda z: gm.log_prob(z, 20.0), solver="rk4", n_steps=24)
+    )
 
 
 def test_energy_denoiser_of_an_unconditional_energy_is_tweedie():

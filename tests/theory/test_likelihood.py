@@ -17,8 +17,9 @@ def test_exact_ode_likelihood_of_the_exact_denoiser_is_the_true_log_density():
     """With D the mixture's exact denoiser and the exact noisy marginal as prior, the ODE
     likelihood is the mixture's log-density at sigma_min, to solver tolerance."""
     x, _ = GM.sample(100, torch.Generator().manual_seed(1))
-    lp, info = log_likelihood(GM.denoiser, x, 1e-3, 20.0, prior=lambda z: GM.log_prob(z, 20.0),
-                              rtol=1e-7, atol=1e-7, return_details=True)
+    lp, info = log_likelihood(
+        GM.denoiser, x, 1e-3, 20.0, prior=lambda z: GM.log_prob(z, 20.0), rtol=1e-7, atol=1e-7, return_details=True
+    )
     torch.testing.assert_close(lp, GM.log_prob(x, 1e-3), atol=2e-5, rtol=0)
     assert info["nfe"] > 10 and info["x_T"].shape == x.shape
 
@@ -37,8 +38,10 @@ def test_fixed_step_rk4_converges_to_the_same_answer():
     x, _ = GM.sample(50, torch.Generator().manual_seed(3))
     exact = GM.log_prob(x, 1e-2)
     prior = lambda z: GM.log_prob(z, 10.0)  # noqa: E731
-    errs = [(log_likelihood(GM.denoiser, x, 1e-2, 10.0, prior=prior, solver="rk4", n_steps=n) - exact).abs().max()
-            for n in (16, 32, 64)]
+    errs = [
+        (log_likelihood(GM.denoiser, x, 1e-2, 10.0, prior=prior, solver="rk4", n_steps=n) - exact).abs().max()
+        for n in (16, 32, 64)
+    ]
     assert errs[2] < 2e-4 and errs[1] / errs[2] > 8, errs  # fourth order: ~16x per halving
 
 
@@ -56,13 +59,16 @@ def test_hutchinson_is_unbiased(probe, dim):
     x = torch.randn(4, dim, generator=torch.Generator().manual_seed(1), dtype=F64)
     _, exact = divergence(fn, x)
     # exact trace by the full Jacobian, as a check on divergence() itself
-    jac = torch.stack([torch.autograd.functional.jacobian(fn, x[i:i + 1])[0, :, 0, :] for i in range(4)])
+    jac = torch.stack([torch.autograd.functional.jacobian(fn, x[i : i + 1])[0, :, 0, :] for i in range(4)])
     torch.testing.assert_close(exact, jac.diagonal(dim1=1, dim2=2).sum(1))
     g = torch.Generator().manual_seed(2)
     n = 4000
-    probes = (torch.randint(0, 2, (n, 4, dim), generator=g).to(F64) * 2 - 1 if probe == "rademacher"
-              else torch.randn(n, 4, dim, generator=g, dtype=F64))
-    singles = torch.stack([divergence(fn, x, probes=probes[i:i + 1])[1] for i in range(0, 400)])  # (400, 4)
+    probes = (
+        torch.randint(0, 2, (n, 4, dim), generator=g).to(F64) * 2 - 1
+        if probe == "rademacher"
+        else torch.randn(n, 4, dim, generator=g, dtype=F64)
+    )
+    singles = torch.stack([divergence(fn, x, probes=probes[i : i + 1])[1] for i in range(0, 400)])  # (400, 4)
     _, mean_all = divergence(fn, x, probes=probes)
     se = singles.std(0) * math.sqrt(1 / n) + 1e-12
     assert ((mean_all - exact).abs() < 4 * se).all(), (mean_all, exact, se)
@@ -95,8 +101,16 @@ def test_bits_per_dim_is_the_dequantised_bound():
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(64, 4, generator=g, dtype=F64) * 0.5).clamp(-1, 1)
     x = ((x + 1) * 127.5).round() / 127.5 - 1
-    bpd = bits_per_dim(gauss.denoiser, x, 1e-3, 50.0, prior=lambda z: gauss.log_prob(z, 50.0),
-                       generator=torch.Generator().manual_seed(7), rtol=1e-7, atol=1e-7)
+    bpd = bits_per_dim(
+        gauss.denoiser,
+        x,
+        1e-3,
+        50.0,
+        prior=lambda z: gauss.log_prob(z, 50.0),
+        generator=torch.Generator().manual_seed(7),
+        rtol=1e-7,
+        atol=1e-7,
+    )
     y = dequantize(x, torch.Generator().manual_seed(7))
     expected = -gauss.log_prob(y, 1e-3) / (4 * math.log(2)) + math.log2(127.5)
     torch.testing.assert_close(bpd, expected, atol=1e-4, rtol=0)

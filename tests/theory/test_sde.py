@@ -92,15 +92,17 @@ ORACLE = GaussianMixture.random(dim=2, k=3, seed=0, std_range=(0.2, 0.5))
 
 
 @pytest.mark.parametrize("name", list(SDES))
-@pytest.mark.parametrize("predictor,corrector", [("euler_maruyama", None), ("euler_maruyama", "langevin"),
-                                                 ("reverse_diffusion", "langevin")])
+@pytest.mark.parametrize(
+    "predictor,corrector", [("euler_maruyama", None), ("euler_maruyama", "langevin"), ("reverse_diffusion", "langevin")]
+)
 def test_reverse_sde_and_pc_reach_the_data_distribution(name, predictor, corrector):
     sde = SDES[name]()
     g = torch.Generator().manual_seed(0)
     x0, _ = ORACLE.sample(4000, g)
     x = torch.randn(4000, 2, generator=g, dtype=F64) * sde.sigma_max  # the prior N(0, sigma_max^2 I)
-    out = sample_pc(ORACLE.denoiser, x, sde.sigmas(150), sde=sde, predictor=predictor, corrector=corrector,
-                    snr=0.16, noise=g)
+    out = sample_pc(
+        ORACLE.denoiser, x, sde.sigmas(150), sde=sde, predictor=predictor, corrector=corrector, snr=0.16, noise=g
+    )
     _check_distribution(ORACLE, out, x0)
 
 
@@ -109,8 +111,17 @@ def test_corrector_alone_is_annealed_langevin_with_the_snr_rule():
     g = torch.Generator().manual_seed(1)
     x0, _ = ORACLE.sample(3000, g)
     x = torch.randn(3000, 2, generator=g, dtype=F64) * sde.sigma_max
-    out = sample_pc(ORACLE.denoiser, x, sde.sigmas(300), sde=sde, predictor=None, corrector="langevin",
-                    n_corrector=2, snr=0.16, noise=g)
+    out = sample_pc(
+        ORACLE.denoiser,
+        x,
+        sde.sigmas(300),
+        sde=sde,
+        predictor=None,
+        corrector="langevin",
+        n_corrector=2,
+        snr=0.16,
+        noise=g,
+    )
     _check_distribution(ORACLE, out, x0, tol_logp=0.1)
 
 
@@ -131,8 +142,14 @@ def test_reverse_sde_is_reproducible_and_uses_the_callback():
     sde = SubVPSDE()
     x = torch.randn(16, 2, generator=torch.Generator().manual_seed(0), dtype=F64) * sde.sigma_max
     seen = []
-    a = sample_reverse_sde(ORACLE.denoiser, x, sde.sigmas(20), sde=sde, noise=torch.Generator().manual_seed(5),
-                           callback=lambda st: seen.append(st.sigma_next))
+    a = sample_reverse_sde(
+        ORACLE.denoiser,
+        x,
+        sde.sigmas(20),
+        sde=sde,
+        noise=torch.Generator().manual_seed(5),
+        callback=lambda st: seen.append(st.sigma_next),
+    )
     b = sample_reverse_sde(ORACLE.denoiser, x, sde.sigmas(20), sde=sde, noise=torch.Generator().manual_seed(5))
     assert torch.equal(a, b) and len(seen) == 20 and seen[-1] == 0.0
 

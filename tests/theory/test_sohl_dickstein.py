@@ -30,8 +30,9 @@ def test_bound_is_tight_for_standard_normal_data_and_the_exact_reverse_chain():
 
 def test_training_loss_is_an_unbiased_estimate_of_the_bound():
     torch.manual_seed(0)
-    model = SohlDickstein(ToyMLP(ToyConfig(dim=2, out_dim=4, hidden=16, depth=1, time_scale=1000.0)),
-                          vp_linear(50, 2e-3, 0.3))
+    model = SohlDickstein(
+        ToyMLP(ToyConfig(dim=2, out_dim=4, hidden=16, depth=1, time_scale=1000.0)), vp_linear(50, 2e-3, 0.3)
+    )
     x0 = sample_toy("8gaussians", 40, torch.Generator().manual_seed(0))
     with torch.no_grad():
         full = model.nll_bound(x0.repeat(50, 1), generator=torch.Generator().manual_seed(1)).mean()
@@ -42,8 +43,9 @@ def test_training_loss_is_an_unbiased_estimate_of_the_bound():
 
 def test_a_short_training_on_the_swiss_roll_beats_the_gaussian_fit():
     torch.manual_seed(0)
-    model = SohlDickstein(ToyMLP(ToyConfig(dim=2, out_dim=4, hidden=64, depth=2, time_scale=1000.0)),
-                          vp_linear(100, 1e-3, 0.2))
+    model = SohlDickstein(
+        ToyMLP(ToyConfig(dim=2, out_dim=4, hidden=64, depth=2, time_scale=1000.0)), vp_linear(100, 1e-3, 0.2)
+    )
     data = sample_toy("swiss_roll", 20000, torch.Generator().manual_seed(0))
     opt = torch.optim.Adam(model.parameters(), 3e-3)
     g = torch.Generator().manual_seed(1)

@@ -20,8 +20,18 @@ REPO = Path(__file__).resolve().parents[2]
 
 def tiny_config(**changes) -> TrainConfig:
     """unet-xs at 16 channels on 16x16 digits, batch 16: ~30 ms a step on one core."""
-    values = dict(data="digits", model="unet-xs", model_overrides={"channels": 16}, batch_size=16,
-                  steps=4, lr=2e-3, warmup=2, save_every=0, log_every=1, ema_decay=0.99)
+    values = dict(
+        data="digits",
+        model="unet-xs",
+        model_overrides={"channels": 16},
+        batch_size=16,
+        steps=4,
+        lr=2e-3,
+        warmup=2,
+        save_every=0,
+        log_every=1,
+        ema_decay=0.99,
+    )
     values.update(changes)
     return TrainConfig(**values)
 
@@ -41,8 +51,14 @@ def subprocess_env() -> dict[str, str]:
 
 def difflab_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """`python -m difflab ARGS` in a subprocess; returns the completed process (text output)."""
-    return subprocess.run([sys.executable, "-m", "difflab", *args], capture_output=True, text=True,
-                          timeout=timeout, env=subprocess_env(), cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "difflab", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=subprocess_env(),
+        cwd=REPO,
+    )
 
 
 def run_tensors(run: Path) -> dict[str, torch.Tensor]:
@@ -64,9 +80,22 @@ WORD = {"dim": 32, "depth": 1}  # a small jointly trained word encoder
 
 def text_config(**changes) -> TrainConfig:
     """Text-conditional unet-xs (16 channels) on 64 shapes at 16x16, batch 16, word encoder."""
-    values = dict(data="shapes", data_kwargs=dict(SHAPES16), conditioning="text", text_encoder="word",
-                  text_encoder_kwargs=dict(WORD), model="unet-xs", model_overrides={"channels": 16}, batch_size=16,
-                  steps=6, lr=2e-3, warmup=2, save_every=0, log_every=1, ema_decay=0.99)
+    values = dict(
+        data="shapes",
+        data_kwargs=dict(SHAPES16),
+        conditioning="text",
+        text_encoder="word",
+        text_encoder_kwargs=dict(WORD),
+        model="unet-xs",
+        model_overrides={"channels": 16},
+        batch_size=16,
+        steps=6,
+        lr=2e-3,
+        warmup=2,
+        save_every=0,
+        log_every=1,
+        ema_decay=0.99,
+    )
     values.update(changes)
     return TrainConfig(**values)
 
@@ -97,6 +126,7 @@ def make_autoencoder(folder: Path, data_kwargs: dict = SHAPES16) -> Path:
     from difflab.nn.autoencoder import AutoencoderConfig
 
     data = load_dataset("shapes", "train", **data_kwargs)
-    ae, info = train_autoencoder(data.images, AutoencoderConfig(image_size=16, factor=4, channels=8), steps=5,
-                                 batch_size=16, progress=False)
+    ae, info = train_autoencoder(
+        data.images, AutoencoderConfig(image_size=16, factor=4, channels=8), steps=5, batch_size=16, progress=False
+    )
     return save_latent_space(LatentSpace(ae, scale_factor(ae, data.images)), folder, info)

@@ -22,13 +22,22 @@ def _edit_config(run, change):
     (run / "config.json").write_text(json.dumps(config))
 
 
-@pytest.mark.parametrize("spec, match", [
-    ({"kind": "minilm", "path": "sentence-transformers/all-MiniLM-L6-v2"}, r"field\(s\) \['path'\] are not allowed"),
-    ({"kind": "minilm", "max_length": 77, "revision": "main"}, r"\['revision'\] are not allowed"),
-    ({"kind": "hf", "name": "bert-base-uncased"}, "kind 'hf'; known: minilm, word"),
-    ({"kind": "word", "vocab": ["a", "b"], "dim": 10 ** 9}, r"text_encoder \(word\).dim = 1000000000 is out of range"),
-    ("minilm", r"section\(s\) \['text_encoder'\] must be JSON objects"),
-])
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        (
+            {"kind": "minilm", "path": "sentence-transformers/all-MiniLM-L6-v2"},
+            r"field\(s\) \['path'\] are not allowed",
+        ),
+        ({"kind": "minilm", "max_length": 77, "revision": "main"}, r"\['revision'\] are not allowed"),
+        ({"kind": "hf", "name": "bert-base-uncased"}, "kind 'hf'; known: minilm, word"),
+        (
+            {"kind": "word", "vocab": ["a", "b"], "dim": 10**9},
+            r"text_encoder \(word\).dim = 1000000000 is out of range",
+        ),
+        ("minilm", r"section\(s\) \['text_encoder'\] must be JSON objects"),
+    ],
+)
 def test_a_text_encoder_section_cannot_reach_the_network(run, spec, match, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # the config alone must not be able to download
     _edit_config(run, lambda c: c.update(text_encoder=spec))
@@ -36,13 +45,16 @@ def test_a_text_encoder_section_cannot_reach_the_network(run, spec, match, monke
         Pipeline.from_pretrained(run)
 
 
-@pytest.mark.parametrize("change, match", [
-    (lambda c: c["model"].update(channels=10 ** 7), r"UNetConfig.channels = 10000000 is out of range"),
-    (lambda c: c["model"].update(channel_mult=[1] * 1000), r"channel_mult has 1000 entries"),
-    (lambda c: c["model"].update(channels=4096, num_res_blocks=64), r"describes [\d,]+ parameters, more than"),
-    (lambda c: c["model"].update(arch="os.system"), r"arch 'os.system'; expected one of"),
-    (lambda c: c["data"].update(size=10 ** 6), r"integers in 1 \.\. 4096"),
-])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda c: c["model"].update(channels=10**7), r"UNetConfig.channels = 10000000 is out of range"),
+        (lambda c: c["model"].update(channel_mult=[1] * 1000), r"channel_mult has 1000 entries"),
+        (lambda c: c["model"].update(channels=4096, num_res_blocks=64), r"describes [\d,]+ parameters, more than"),
+        (lambda c: c["model"].update(arch="os.system"), r"arch 'os.system'; expected one of"),
+        (lambda c: c["data"].update(size=10**6), r"integers in 1 \.\. 4096"),
+    ],
+)
 def test_model_sizes_are_bounded_before_allocation(run, change, match):
     _edit_config(run, change)
     # the address space is capped at 3 GiB above what the process holds: a real build would fail

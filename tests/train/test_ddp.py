@@ -27,9 +27,23 @@ def test_two_process_ddp_equals_one_process(tmp_path):
     one_cfg = tiny_config(steps=4, batch_size=16, grad_accum=1, lr=1e-3, warmup=1)
     (tmp_path / "train.py").write_text(SCRIPT)
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-         str(tmp_path / "train.py"), str(write_config(ddp_cfg, tmp_path / "cfg.json")), str(tmp_path / "ddp")],
-        capture_output=True, text=True, timeout=300, env=subprocess_env(), cwd=REPO)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--standalone",
+            str(tmp_path / "train.py"),
+            str(write_config(ddp_cfg, tmp_path / "cfg.json")),
+            str(tmp_path / "ddp"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=subprocess_env(),
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     single = train(one_cfg, tmp_path / "single", progress=False)
 
@@ -46,8 +60,16 @@ def test_two_process_ddp_equals_one_process(tmp_path):
     torch.manual_seed(one_cfg.seed)  # as train() does before building the network
     init = _new_denoiser(one_cfg, load_training_data(one_cfg)).net.state_dict()
     keys = sorted(init)
-    w_init, w_ddp, w_one = _flat(init, keys), _flat(got, ["model." + k for k in keys]), _flat(want, ["model." + k for k in keys])
+    w_init, w_ddp, w_one = (
+        _flat(init, keys),
+        _flat(got, ["model." + k for k in keys]),
+        _flat(want, ["model." + k for k in keys]),
+    )
     assert (w_ddp - w_one).norm() < 1e-3 * (w_one - w_init).norm()
     # the logged loss is the global batch's (both ranks' shares), as one process logs it
-    torch.testing.assert_close(torch.tensor([r["loss"] for r in log_rows(tmp_path / "ddp")]),
-                               torch.tensor([r["loss"] for r in log_rows(single)]), rtol=1e-5, atol=0)
+    torch.testing.assert_close(
+        torch.tensor([r["loss"] for r in log_rows(tmp_path / "ddp")]),
+        torch.tensor([r["loss"] for r in log_rows(single)]),
+        rtol=1e-5,
+        atol=0,
+    )

@@ -19,8 +19,7 @@ def test_thirty_seconds_of_digits_training_gives_recognisable_digits(tmp_path):
 
     train_set, test_set = load_dataset("digits", "train"), load_dataset("digits", "test")
     with threadpool_limits(1):  # BLAS threads on a busy 2-core machine make this fit 100x slower
-        clf = LogisticRegression(max_iter=300, C=0.1).fit(train_set.images.flatten(1).numpy(),
-                                                            train_set.labels.numpy())
+        clf = LogisticRegression(max_iter=300, C=0.1).fit(train_set.images.flatten(1).numpy(), train_set.labels.numpy())
         assert clf.score(test_set.images.flatten(1).numpy(), test_set.labels.numpy()) > 0.95
 
         labels = torch.arange(100) % 10  # 10 of each digit, no guidance

@@ -46,13 +46,20 @@ def test_foreign_safetensors(run):
     with pytest.raises(ValueError, match="checkpoint.safetensors is not a difflab checkpoint"):
         train(tiny_config(steps=5), run, resume=True, progress=False)
     save_file(foreign, str(run / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=r"model.safetensors does not fit the network of this run: tensors \d+ missing"):
+    with pytest.raises(
+        ValueError, match=r"model.safetensors does not fit the network of this run: tensors \d+ missing"
+    ):
         Pipeline.from_pretrained(run)
 
 
-@pytest.mark.parametrize("text, match", [("{\"format\": \"difflab-chec", "config.json is not valid JSON"),
-                                         ("[1, 2]", "config.json is not a difflab run config"),
-                                         ("{\"format\": \"other\"}", "config.json is not a difflab run config")])
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ('{"format": "difflab-chec', "config.json is not valid JSON"),
+        ("[1, 2]", "config.json is not a difflab run config"),
+        ('{"format": "other"}', "config.json is not a difflab run config"),
+    ],
+)
 def test_corrupt_config_json(run, text, match):
     (run / "config.json").write_text(text)
     with pytest.raises(ValueError, match=match):
@@ -82,10 +89,15 @@ def test_missing_run_folder(tmp_path):
         train(tiny_config(), tmp_path / "empty", resume=True, progress=False)
 
 
-@pytest.mark.parametrize("change, what", [(dict(model="unet-s"), "model"),
-                                          (dict(model_overrides={"channels": 32}), "model_overrides"),
-                                          (dict(batch_size=32), "batch_size"),
-                                          (dict(seed=1), "seed")])
+@pytest.mark.parametrize(
+    "change, what",
+    [
+        (dict(model="unet-s"), "model"),
+        (dict(model_overrides={"channels": 32}), "model_overrides"),
+        (dict(batch_size=32), "batch_size"),
+        (dict(seed=1), "seed"),
+    ],
+)
 def test_resume_with_a_changed_run(run, change, what):
     with pytest.raises(ValueError, match=f"--resume: {what} differs from the checkpoint's"):
         train(tiny_config(steps=5, **change), run, resume=True, progress=False)
@@ -98,6 +110,7 @@ def test_unknown_dataset_and_model(tmp_path):
         train(tiny_config(model="unet-xxl"), tmp_path / "b", progress=False)
     with pytest.raises(ValueError, match="unknown TrainConfig field"):
         from difflab.train import TrainConfig
+
         TrainConfig.from_dict({"modle": "unet-xs"})
 
 

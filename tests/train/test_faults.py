@@ -43,8 +43,14 @@ def test_sigkill_during_each_file_of_a_save(tmp_path, target, monkeypatch):
     config_path = write_config(cfg, tmp_path / "cfg.json")
     run = tmp_path / "run"
     argv = ["train", "--config", str(config_path), "--out", str(run), "--no-progress"]
-    p = subprocess.run([sys.executable, "-c", _CHILD, target, str(KILL_AT_SAVE), *argv], capture_output=True,
-                       text=True, env=subprocess_env(), cwd=REPO, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-c", _CHILD, target, str(KILL_AT_SAVE), *argv],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        cwd=REPO,
+        timeout=300,
+    )
     assert p.returncode == -signal.SIGKILL, p.stderr
     leftovers = sorted(q.name for q in run.glob(".*.tmp"))
     assert len(leftovers) == 1 and target in leftovers[0]  # the unpublished file; nothing else touched
@@ -73,9 +79,27 @@ def test_two_writers_started_at_once(tmp_path):
     cfg = tiny_config(steps=15, save_every=5)
     config_path = write_config(cfg, tmp_path / "cfg.json")
     run = tmp_path / "run"
-    procs = [subprocess.Popen([sys.executable, "-m", "difflab", "train", "--config", str(config_path), "--out",
-                               str(run), "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=subprocess_env(), cwd=REPO) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "difflab",
+                "train",
+                "--config",
+                str(config_path),
+                "--out",
+                str(run),
+                "--no-progress",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=subprocess_env(),
+            cwd=REPO,
+        )
+        for _ in range(2)
+    ]
     results = [(p.wait(300), p.stderr.read()) for p in procs]
     codes = sorted(code for code, _ in results)
     assert codes == [0, 2], results

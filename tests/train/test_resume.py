@@ -17,9 +17,24 @@ STEPS, SAVE_EVERY = 40, 5
 
 def _start_cli_train(config_path, out, *extra):
     return subprocess.Popen(
-        [sys.executable, "-m", "difflab", "train", "--config", str(config_path), "--out", str(out),
-         "--no-progress", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(), cwd=REPO)
+        [
+            sys.executable,
+            "-m",
+            "difflab",
+            "train",
+            "--config",
+            str(config_path),
+            "--out",
+            str(out),
+            "--no-progress",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(),
+        cwd=REPO,
+    )
 
 
 def test_resume_after_sigkill_equals_uninterrupted_run_bit_for_bit(tmp_path):
@@ -32,8 +47,9 @@ def test_resume_after_sigkill_equals_uninterrupted_run_bit_for_bit(tmp_path):
     deadline = time.monotonic() + 120
     while not (killed / "checkpoint.safetensors").exists():
         if proc.poll() is not None:
-            raise AssertionError(f"training exited ({proc.returncode}) before its first checkpoint:\n"
-                                 f"{proc.stderr.read()}")
+            raise AssertionError(
+                f"training exited ({proc.returncode}) before its first checkpoint:\n{proc.stderr.read()}"
+            )
         assert time.monotonic() < deadline, "no checkpoint after 120 s"
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)

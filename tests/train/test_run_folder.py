@@ -48,8 +48,10 @@ def test_a_second_writer_is_refused_naming_the_first_and_touches_nothing(run):
 
 
 def test_a_killed_holder_leaves_no_stale_lock(run):
-    code = ("import sys, time; from difflab.runfolder import RunLock\n"
-            f"l = RunLock({str(run)!r}).__enter__(); print('held', flush=True); time.sleep(60)")
+    code = (
+        "import sys, time; from difflab.runfolder import RunLock\n"
+        f"l = RunLock({str(run)!r}).__enter__(); print('held', flush=True); time.sleep(60)"
+    )
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, env=subprocess_env(), text=True)
     try:
         assert p.stdout.readline().strip() == "held"
@@ -95,7 +97,9 @@ def _meta_step(path):
 
 def test_the_files_of_one_save_name_the_same_step(run):
     config = json.loads((run / "config.json").read_text())
-    assert str(config["saved_step"]) == _meta_step(run / "model.safetensors") == _meta_step(run / "checkpoint.safetensors")
+    assert (
+        str(config["saved_step"]) == _meta_step(run / "model.safetensors") == _meta_step(run / "checkpoint.safetensors")
+    )
 
 
 def test_a_reader_never_mixes_two_saves(run, monkeypatch):
@@ -103,8 +107,11 @@ def test_a_reader_never_mixes_two_saves(run, monkeypatch):
     tensors, meta = read_safetensors(run / "model.safetensors")
     atomic_save_safetensors(tensors, run / "model.safetensors", metadata={**meta, "step": "9"})
     monkeypatch.setattr(runfolder, "SAVE_WAIT_TRIES", 2)
-    with pytest.raises(ValueError, match=r"caught between two saves: model.safetensors is from step 9, config.json "
-                                         r"from step 3.*difflab train --resume"):
+    with pytest.raises(
+        ValueError,
+        match=r"caught between two saves: model.safetensors is from step 9, config.json "
+        r"from step 3.*difflab train --resume",
+    ):
         Pipeline.from_pretrained(run)
     # a live writer: config.json of the same save lands while the reader waits
     config = json.loads((run / "config.json").read_text())
@@ -123,8 +130,22 @@ def test_a_reader_never_mixes_two_saves(run, monkeypatch):
 
 def test_train_autoencoder_refuses_an_existing_folder(tmp_path, capsys):
     out = tmp_path / "ae"
-    args = ["train-autoencoder", "--data", "digits", "--steps", "1", "--batch-size", "8", "--channels", "8",
-            "--factor", "2", "--out", str(out), "--no-progress"]
+    args = [
+        "train-autoencoder",
+        "--data",
+        "digits",
+        "--steps",
+        "1",
+        "--batch-size",
+        "8",
+        "--channels",
+        "8",
+        "--factor",
+        "2",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert main(args) == 0
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     capsys.readouterr()

@@ -21,8 +21,12 @@ def _module():
 
 def test_stored_states_give_the_caption_table_of_the_real_encoder(tmp_path, monkeypatch):
     mod = _module()
-    captions = ["a small red circle on the left", "a large blue square at the top against a dark background",
-                "a small red circle on the left", "a green star in the center"]
+    captions = [
+        "a small red circle on the left",
+        "a large blue square at the top against a dark background",
+        "a small red circle on the left",
+        "a green star in the center",
+    ]
     path = tmp_path / "states.safetensors"
     info = mod.export(sorted(set(captions)), path)
     assert info["prompts"] == 4  # three distinct captions + the empty prompt

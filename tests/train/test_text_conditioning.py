@@ -16,7 +16,14 @@ from difflab.pipeline import Pipeline
 from difflab.train import TrainConfig, train
 from difflab.train import loop
 from tests.train.helpers import (
-    WORD, log_rows, make_autoencoder, minilm_or_skip, one_thread, run_tensors, text_config, tiny_config,
+    WORD,
+    log_rows,
+    make_autoencoder,
+    minilm_or_skip,
+    one_thread,
+    run_tensors,
+    text_config,
+    tiny_config,
 )
 
 PROMPT, OTHER = "a large red circle on the left", "a small blue square at the top"
@@ -44,8 +51,11 @@ def word_run(tmp_path_factory):
 def test_text_run_trains_saves_and_resumes_bit_for_bit(tmp_path, autoencoder, space, encoder):
     if encoder == "minilm":
         minilm_or_skip()
-    cfg = text_config(text_encoder=encoder, text_encoder_kwargs=WORD if encoder == "word" else {},
-                      autoencoder=str(autoencoder) if space == "latent" else None)
+    cfg = text_config(
+        text_encoder=encoder,
+        text_encoder_kwargs=WORD if encoder == "word" else {},
+        autoencoder=str(autoencoder) if space == "latent" else None,
+    )
     reference = train(cfg, tmp_path / "reference", progress=False)
     train(cfg, tmp_path / "resumed", progress=False, stop_after=3)  # "killed" after step 3's checkpoint
     train(cfg, tmp_path / "resumed", resume=True, progress=False)
@@ -67,8 +77,10 @@ def test_text_run_trains_saves_and_resumes_bit_for_bit(tmp_path, autoencoder, sp
     if space == "latent":
         assert config["model"]["in_channels"] == 4 and config["model"]["image_size"] == 4
         assert config["sigma_data"] == 1.0  # unit-variance latents
-        assert config["autoencoder"]["scale_factor"] == json.loads((autoencoder / "config.json").read_text())[
-            "scale_factor"]
+        assert (
+            config["autoencoder"]["scale_factor"]
+            == json.loads((autoencoder / "config.json").read_text())["scale_factor"]
+        )
         assert (reference / "autoencoder" / "model.safetensors").is_file()
 
 
@@ -86,8 +98,13 @@ def test_caption_dropout_rate_measured_in_the_loop(tmp_path, monkeypatch):
     for p in (None, 0.5):
         seen.clear()
         extra = {} if p is None else {"caption_dropout": p}
-        cfg = text_config(data_kwargs={"n": 128, "size": 8}, model_overrides={"channels": 8, "head_channels": 8}, batch_size=64, steps=8,
-                          **extra)
+        cfg = text_config(
+            data_kwargs={"n": 128, "size": 8},
+            model_overrides={"channels": 8, "head_channels": 8},
+            batch_size=64,
+            steps=8,
+            **extra,
+        )
         train(cfg, tmp_path / f"p{p}", progress=False)
         ids = torch.cat([i for i, _ in seen])
         mask = torch.cat([m for _, m in seen])
@@ -125,11 +142,16 @@ def test_prompts_change_the_output_and_guidance_follows_s_equals_1_plus_w(word_r
 
     d_c, d_u, d_neg = d(PROMPT), d(""), d(OTHER)
     torch.testing.assert_close(a, d_c.clamp(-1, 1))
-    torch.testing.assert_close(_one_step(pipe, prompt=PROMPT, guidance_scale=4.0),
-                               (d_u + 4.0 * (d_c - d_u)).clamp(-1, 1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        _one_step(pipe, prompt=PROMPT, guidance_scale=4.0), (d_u + 4.0 * (d_c - d_u)).clamp(-1, 1), rtol=1e-5, atol=1e-6
+    )
     torch.testing.assert_close(_one_step(pipe, prompt=PROMPT, guidance_scale=0.0), d_u.clamp(-1, 1))  # w = -1
-    torch.testing.assert_close(_one_step(pipe, prompt=PROMPT, negative_prompt=OTHER, guidance_scale=4.0),
-                               (d_neg + 4.0 * (d_c - d_neg)).clamp(-1, 1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        _one_step(pipe, prompt=PROMPT, negative_prompt=OTHER, guidance_scale=4.0),
+        (d_neg + 4.0 * (d_c - d_neg)).clamp(-1, 1),
+        rtol=1e-5,
+        atol=1e-6,
+    )
     assert torch.equal(_one_step(pipe, prompt=PROMPT, negative_prompt=OTHER), a)  # s = 1: no unconditional branch
     rescaled = _one_step(pipe, prompt=PROMPT, guidance_scale=4.0, guidance_rescale=1.0)
     guided = d_u + 4.0 * (d_c - d_u)
@@ -140,8 +162,11 @@ def test_prompts_change_the_output_and_guidance_follows_s_equals_1_plus_w(word_r
 def test_latent_run_samples_latents_and_decodes_with_its_copy(tmp_path, autoencoder):
     minilm_or_skip()
     source = shutil.copytree(autoencoder, tmp_path / "ae")
-    run = train(text_config(text_encoder="minilm", text_encoder_kwargs={}, autoencoder=str(source), steps=2),
-                tmp_path / "run", progress=False)
+    run = train(
+        text_config(text_encoder="minilm", text_encoder_kwargs={}, autoencoder=str(source), steps=2),
+        tmp_path / "run",
+        progress=False,
+    )
     shutil.rmtree(source)  # the run keeps its own copy
     pipe = Pipeline.from_pretrained(run)
     assert pipe.sample_shape() == (4, 4, 4) and pipe.image_shape() == (3, 16, 16)
@@ -162,8 +187,9 @@ def test_word_encoder_weights_round_trip_through_save_pretrained(word_run, tmp_p
     assert torch.equal(emb, saved["text_encoder.embed.weight"])
     assert not torch.equal(emb, raw.text_encoder.embed.weight)  # EMA vs raw weights
     copy = Pipeline.from_pretrained(pipe.save_pretrained(tmp_path / "copy"))
-    assert torch.equal(_one_step(copy, prompt=PROMPT, guidance_scale=2.0), _one_step(pipe, prompt=PROMPT,
-                                                                                     guidance_scale=2.0))
+    assert torch.equal(
+        _one_step(copy, prompt=PROMPT, guidance_scale=2.0), _one_step(pipe, prompt=PROMPT, guidance_scale=2.0)
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -208,10 +234,10 @@ def test_bad_conditioning_inputs(tmp_path, tiny_run, word_run, autoencoder):
         train(tiny_config(conditioning="text"), tmp_path / "d", progress=False)
     with pytest.raises(ValueError, match="flip=True would contradict captions"):
         train(text_config(flip=True), tmp_path / "e", progress=False)
-    with pytest.raises(ValueError, match="--resume: conditioning differs from the checkpoint's \\('class' there, "
-                                         "'none' now\\)"):
-        train(tiny_config(conditioning="none"), shutil.copytree(tiny_run, tmp_path / "f"), resume=True,
-              progress=False)
+    with pytest.raises(
+        ValueError, match="--resume: conditioning differs from the checkpoint's \\('class' there, 'none' now\\)"
+    ):
+        train(tiny_config(conditioning="none"), shutil.copytree(tiny_run, tmp_path / "f"), resume=True, progress=False)
     with pytest.raises(ValueError, match="is an autoencoder folder, not a diffusion run"):
         Pipeline.from_pretrained(autoencoder)
 

@@ -40,8 +40,9 @@ def test_publish_records_metrics_and_check_catches_a_damaged_model(tiny_run, tmp
 
     # damage the weights: the recorded quality no longer holds and check() says which numbers moved
     weights = load_file(out / "model.safetensors")
-    save_file({k: torch.randn_like(v) if v.is_floating_point() else v for k, v in weights.items()},
-              out / "model.safetensors")
+    save_file(
+        {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in weights.items()}, out / "model.safetensors"
+    )
     with pytest.raises(AssertionError, match="FD .* vs recorded"):
         zoo.check("tiny")
 
