@@ -30,13 +30,11 @@ from torch import Tensor
 
 from difflab.core import cfg as cfg_guidance
 from difflab.core.guidance import classifier_guidance
-from difflab.core import sample, sigmas_karras
-from difflab.core.sampling import DEFAULT_SAMPLER, SAMPLERS
-from difflab.core.schedules import DiscreteVP, sigmas_spaced
+from difflab.core import sample
+from difflab.core.sampling import DEFAULT_SAMPLER, SAMPLERS, default_sigmas
 from difflab.core.validation import check_finite_tensor, check_number
 from difflab.runfolder import CHECKPOINT_FORMAT, atomic_save_safetensors, read_json, write_json
-from difflab.train.conditioning import TRAINABLE_PREFIX, load_run_latent_space, load_text_encoder
-from difflab.train.loop import load_run
+from difflab.models import TRAINABLE_PREFIX, load_run, load_run_latent_space, load_text_encoder
 
 __all__ = ["Pipeline", "grid_for", "NULL_CLASS"]
 
@@ -44,16 +42,9 @@ NULL_CLASS = -1  # the class label of the unconditional model (the networks map 
 
 
 def grid_for(schedule, steps: int) -> Tensor:
-    """The sigma grid difflab uses for `steps` steps of a schedule."""
-    try:
-        from difflab.core.sampling import default_sigmas  # the benchmarked recipe, when present
-    except ImportError:
-        default_sigmas = None
-    if default_sigmas is not None:
-        return default_sigmas(schedule, steps)
-    if isinstance(schedule, DiscreteVP):
-        return sigmas_spaced(schedule, steps, "trailing")
-    return sigmas_karras(steps, schedule.sigma_min, schedule.sigma_max)
+    """The sigma grid difflab uses for `steps` steps of a schedule (`core.sampling.default_sigmas`,
+    the benchmarked recipe)."""
+    return default_sigmas(schedule, steps)
 
 
 class Pipeline:

@@ -26,9 +26,11 @@ from pathlib import Path
 
 import torch
 
+from difflab.assets import asset
+
 __all__ = ["ZOO_DIR", "names", "load", "measure", "publish", "check"]
 
-ZOO_DIR = Path(__file__).resolve().parents[1] / "checkpoints" / "zoo"
+ZOO_DIR = asset("zoo")
 CHECK = {"n": 200, "steps": 10, "seed": 0}
 # how far CI's recomputation may drift from the recorded check (float differences across
 # machines move a few samples; a broken model moves everything)

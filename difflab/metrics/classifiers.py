@@ -12,8 +12,9 @@ it is what Frechet distance and precision/recall see (as Inception's 2048-d pool
     shapes   shapes at 32 x 32 (RGB)                 heads "shape" (the label), "color", "size",
                                                       "position", "background"
 
-Weights live in `checkpoints/classifiers/NAME.safetensors` (the architecture config in the
-safetensors metadata) next to `NAME.json`, a card with the training command and test accuracies.
+Weights live in `difflab/checkpoints/classifiers/NAME.safetensors` (package data, found through
+`difflab.assets`; the repository's `checkpoints/` links there), the architecture config in the
+safetensors metadata, next to `NAME.json`, a card with the training command and test accuracies.
 `python -m difflab.metrics.train_classifiers NAME` retrains one (see that module).
 
 Usage::
@@ -36,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from difflab.assets import asset
+
 __all__ = [
     "CLASSIFIERS",
     "CLASSIFIER_DIR",
@@ -50,7 +53,7 @@ __all__ = [
     "attribute_accuracy",
 ]
 
-CLASSIFIER_DIR = Path(__file__).resolve().parents[2] / "checkpoints" / "classifiers"
+CLASSIFIER_DIR = asset("classifiers")
 CLASSIFIER_FORMAT = "difflab-classifier-1"
 
 

@@ -1,5 +1,6 @@
 """Training: the loop (EMA, checkpoints, exact resume, DDP, bf16 autocast, progress) and run folders."""
 
-from difflab.train.loop import TrainConfig, build_denoiser, load_run, load_training_data, plot_loss, train
+from difflab.models import build_denoiser, load_run
+from difflab.train.loop import TrainConfig, load_training_data, plot_loss, train
 
 __all__ = ["TrainConfig", "train", "build_denoiser", "load_run", "load_training_data", "plot_loss"]

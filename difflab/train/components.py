@@ -146,7 +146,8 @@ def _train_classifier_folder(
     from difflab.nn.classifier import preconditioning_of, save_classifier
     from difflab.train.classifier import train_classifier
     from difflab.nn.classifier import ClassifierConfig
-    from difflab.train.loop import TrainConfig, load_run
+    from difflab.models import load_run
+    from difflab.train.loop import TrainConfig
 
     images = _load_images(data, data_kwargs)
     if images.labels is None:

@@ -27,8 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from difflab.data import ImageData
-from difflab.nn.text import TEXT_ENCODERS, MiniLMEncoder, create_text_encoder, text_encoder_from_config
-from difflab.runfolder import read_safetensors
+from difflab.nn.text import TEXT_ENCODERS, MiniLMEncoder, create_text_encoder
 
 __all__ = [
     "CONDITIONINGS",
@@ -36,15 +35,9 @@ __all__ = [
     "build_text_encoder",
     "encode_latents",
     "open_autoencoder",
-    "load_text_encoder",
-    "load_run_latent_space",
-    "AUTOENCODER_FOLDER",
-    "TRAINABLE_PREFIX",
 ]
 
 CONDITIONINGS = ("class", "text", "none")
-AUTOENCODER_FOLDER = "autoencoder"  # the run's copy of its autoencoder
-TRAINABLE_PREFIX = "text_encoder."  # a jointly trained text encoder's tensors in a run's safetensors
 
 
 @lru_cache(maxsize=2)
@@ -123,41 +116,3 @@ def encode_latents(space, data: ImageData, batch_size: int = 256) -> ImageData:
     """The data set as scaled latents `scale * E(x).mode()`, its labels and captions kept (masks dropped)."""
     latents = space.encode(data.images, batch_size=batch_size)
     return dataclasses.replace(data, images=latents, masks=None)
-
-
-# --------------------------------------------------------------------------------------------
-# Reading them back from a run folder (Pipeline.from_pretrained)
-# --------------------------------------------------------------------------------------------
-
-
-def load_text_encoder(run: str | Path, config: dict, weights: str = "ema") -> nn.Module | None:
-    """The run's text encoder in eval mode (None for a run without one); a jointly trained one gets
-    its "text_encoder.*" weights from model.safetensors (EMA) or checkpoint.safetensors (raw)."""
-    spec = config.get("text_encoder")
-    if not spec:
-        return None
-    run = Path(run)
-    try:
-        encoder = text_encoder_from_config(spec)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{run / 'config.json'} has a text_encoder section that builds nothing: {e}") from None
-    if encoder.trainable:
-        path = run / ("model.safetensors" if weights == "ema" else "checkpoint.safetensors")
-        prefix = TRAINABLE_PREFIX if weights == "ema" else "model." + TRAINABLE_PREFIX
-        tensors, _ = read_safetensors(path)
-        state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        try:
-            encoder.load_state_dict(state)
-        except RuntimeError as e:
-            raise ValueError(f"{path} does not fit the run's text encoder: {e}") from None
-    return encoder.eval().requires_grad_(False)
-
-
-def load_run_latent_space(run: str | Path, config: dict):
-    """The LatentSpace a latent-diffusion run decodes with (its copy in run/autoencoder), or None."""
-    spec = config.get("autoencoder")
-    if not spec:
-        return None
-    from difflab.nn.autoencoder import load_latent_space
-
-    return load_latent_space(Path(run) / spec.get("folder", AUTOENCODER_FOLDER))

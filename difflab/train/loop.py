@@ -44,13 +44,12 @@ from difflab.core.schedules import EDM, schedule_from_config
 from difflab.core.validation import MAX_LR, check_budget, check_number, check_training_state
 from difflab.data import ImageData, batch_indices, load_dataset
 from difflab.data._hash import seed_from
-from difflab.nn import create_model, create_model_from_config
+from difflab.nn import create_model
 from difflab.nn.base import load_weights
 from difflab.nn.text import TEXT_ENCODERS
+from difflab.models import AUTOENCODER_FOLDER, TRAINABLE_PREFIX
 from difflab.train.conditioning import (
-    AUTOENCODER_FOLDER,
     CONDITIONINGS,
-    TRAINABLE_PREFIX,
     CaptionTable,
     build_text_encoder,
     encode_latents,
@@ -61,13 +60,12 @@ from difflab.runfolder import (
     RunLock,
     atomic_write_bytes,
     check_new_folder,
-    read_run,
     read_safetensors,
     remove_stale_temps,
     write_run_save,
 )
 
-__all__ = ["TrainConfig", "train", "build_denoiser", "load_run", "load_training_data"]
+__all__ = ["TrainConfig", "train", "load_training_data"]
 
 
 @dataclass
@@ -187,14 +185,6 @@ def load_training_data(cfg: TrainConfig) -> ImageData:
     if cfg.data == "fashion_mnist":
         kw.setdefault("pad_to", 32)
     return load_dataset(cfg.data, "train", **kw)
-
-
-def build_denoiser(
-    model_config: dict, schedule: dict, prediction: str, sigma_data: float | None = None
-) -> Preconditioned:
-    """Rebuild the denoiser from config.json's pieces (weights freshly initialised)."""
-    net = create_model_from_config(model_config)
-    return Preconditioned(net, schedule_from_config(schedule), prediction, sigma_data=sigma_data)
 
 
 def _new_denoiser(cfg: TrainConfig, data: ImageData, context_dim: int | None = None) -> Preconditioned:
@@ -370,23 +360,6 @@ def _log_rows_upto(log_path: Path, step: int) -> list[str]:
         if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
             rows.append(line)
     return rows
-
-
-def load_run(run: str | os.PathLike, weights: str = "ema") -> tuple[Preconditioned, dict]:
-    """(denoiser in eval mode, config.json) of a run folder; weights "ema" or "raw"."""
-    config, tensors, path = read_run(run, weights)
-    config_path = Path(run) / "config.json"
-    try:
-        denoiser = build_denoiser(config["model"], config["schedule"], config["prediction"], config.get("sigma_data"))
-    except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{config_path} does not describe a buildable model: {type(e).__name__}: {e}") from None
-    state = (
-        tensors if weights == "ema" else {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
-    )
-    if (config.get("text_encoder") or {}).get("kind") == "word":  # its weights: Pipeline.from_pretrained
-        state = {k: v for k, v in state.items() if not k.startswith(TRAINABLE_PREFIX)}
-    load_weights(denoiser.net, state, path)
-    return denoiser.eval().requires_grad_(False), config
 
 
 # --------------------------------------------------------------------------------------------

@@ -59,6 +59,7 @@ from difflab.core.sampling import slice_sigmas  # noqa: E402
 from difflab.methods.sdedit import sdedit  # noqa: E402
 from difflab.metrics.classifiers import load_classifier, prepare_images  # noqa: E402
 from difflab.pipeline import Pipeline, grid_for  # noqa: E402
+from difflab.train.clip import load_clip  # noqa: E402
 
 if __package__ in (None, ""):  # run as a file: python papers/text_editing/run.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -680,16 +681,6 @@ def throwaway_clip(ctx: Ctx, steps: int = 50):
     model = train_clip(images, steps=steps, batch_size=64, config=config, progress=False)
     save_clip(model, THROWAWAY_CLIP)
     return load_clip(THROWAWAY_CLIP)
-
-
-def load_clip(folder):
-    """A SmallCLIP folder: `difflab train-clip`'s layout (clean towers; Blended Diffusion scores the
-    clean x0 estimate) or `difflab.edit.save_clip`'s flat one."""
-    try:
-        from difflab.train.clip import load_clip as load
-    except ImportError:  # before `difflab train-clip` existed
-        from difflab.edit import load_clip as load
-    return load(folder)
 
 
 def get_clip(ctx: Ctx, folder: str, quick: bool):

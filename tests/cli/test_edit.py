@@ -178,11 +178,9 @@ def test_p2p_with_the_same_prompt_twice_regenerates_the_source(pipe):
 
 
 def test_text_run_diffedit_and_p2p_refine(files, tmp_path_factory, capsys):
-    from difflab.train import TrainConfig, train
+    from difflab.train import train
     from tests.train.helpers import tiny_config
 
-    if "conditioning" not in TrainConfig.__dataclass_fields__:
-        pytest.skip("this checkout trains no text-conditional runs")
     cfg = tiny_config(
         steps=2,
         data="shapes",
