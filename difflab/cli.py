@@ -423,6 +423,10 @@ def build_parser() -> argparse.ArgumentParser:
     from difflab.edit import add_edit_parser
 
     add_edit_parser(sub)
+
+    from difflab.reproduce import add_reproduce_parser
+
+    add_reproduce_parser(sub)
     return p
 
 

@@ -198,6 +198,8 @@ class Paper:
     setup: Callable[[Run], Any] | None = None
     merge: tuple[str, ...] = ()
     sort_keys: bool = True
+    title: str = ""  # the papers reproduced, in a line (the site's heading)
+    claim: str = ""  # what they claim, in one sentence (the site's index)
 
     @property
     def folder(self) -> Path:

@@ -295,6 +295,8 @@ def eval_part(run: Run) -> dict:
 PAPER = Paper(
     "dit",
     __doc__,
+    title="DiT: Scalable Diffusion Models with Transformers (Peebles & Xie 2023)",
+    claim="Sample quality improves with the transformer's compute per forward pass (depth, width, smaller patches) at a fixed number of training steps.",
     parts={"ae": lambda run: part_ae(run.settings), "train": lambda run: part_train(run.settings), "eval": eval_part},
     report=write_report,
     full=FULL,

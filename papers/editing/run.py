@@ -1101,7 +1101,6 @@ def write_report() -> None:
             L.append(f"\n![repaint shapes](figures/{fig.name})\n")
     L.extend(notes(res))
     atomic_write_text(OUT / "report.md", "\n".join(L) + "\n")
-    log(f"wrote {OUT / 'report.md'}")
 
 
 def notes(res: dict) -> list[str]:
@@ -1215,6 +1214,8 @@ def _part(fn):
 PAPER = Paper(
     "editing",
     __doc__,
+    title="SDEdit (Meng et al. 2022), ILVR (Choi et al. 2021), RePaint (Lugmayr et al. 2022)",
+    claim="A pretrained unconditional model edits without retraining: SDEdit trades faithfulness for realism over t0, ILVR keeps a reference's low frequencies, RePaint keeps the known region exactly and beats plain replacement by resampling.",
     parts={
         name: _part(fn)
         for name, fn in (

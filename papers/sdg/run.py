@@ -70,7 +70,7 @@ HERE = Path(__file__).resolve().parent
 SORT = True  # results.json keys sorted
 REPO = HERE.parents[1]
 OUT = HERE  # --out moves results.json, cache/, figures/ and report.md (quick runs go to _quick/)
-RUN = "runs/shapes-text-unet"
+RUN = "checkpoints/zoo/shapes-text-unet"  # relative paths are tried from the repository too
 CLIP = "checkpoints/clip/shapes"
 KINDS = ("language", "content", "style")
 SAMPLER = "euler_ancestral"  # = DDPM's ancestral sampler (eta 1): the paper guides its mean mu + s Sigma grad F
@@ -133,11 +133,18 @@ def mean_se(v: torch.Tensor) -> tuple[float, float]:
 # --------------------------------------------------------------------------------------------
 
 
+def _in_repo(path: str) -> Path:
+    """A path as given, or from the repository when it is relative and not found from here."""
+    p = Path(path)
+    return p if p.is_absolute() or p.exists() else REPO / p
+
+
 class Models:
     """The unconditional model (a text run's empty prompt), the CLIP towers, the attribute classifier."""
 
     def __init__(self, run: str, clip: str):
         self.run, self.clip_dir = run, clip
+        run, clip = _in_repo(run), _in_repo(clip)
         self.pipe = Pipeline.from_pretrained(run)
         if self.pipe.latent_space is not None:
             raise ValueError(f"run {run} samples latents; SDG here guides a pixel-space model")
@@ -612,7 +619,6 @@ def write_report() -> None:
             + ".\n"
         )
     atomic_write_text(OUT / "report.md", "\n".join(L) + "\n")
-    log(f"wrote {OUT / 'report.md'}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -661,6 +667,8 @@ def setup(run: Run):
 PAPER = Paper(
     "sdg",
     __doc__,
+    title="Semantic Diffusion Guidance (Liu et al. 2023)",
+    claim="An unconditional model is steered by language, image content or image style through a noise-aware CLIP, without retraining, each guidance moving its own similarity score toward the target.",
     parts={
         kind: (lambda run, kind=kind: run_kind(kind, run.state, run.settings, run.args.sampler, run.seed))
         for kind in KINDS

@@ -645,7 +645,6 @@ def write_report() -> None:
             + f" ({runs.get('machine', '')}).\n"
         )
     atomic_write_text(OUT / "report.md", "\n".join(L))
-    log(f"wrote {OUT / 'report.md'}")
 
 
 def options(ap) -> None:
@@ -719,6 +718,8 @@ def part_ldm(run: Run):
 PAPER = Paper(
     "text2image",
     __doc__,
+    title="Text-to-image: classifier-free guidance (Ho & Salimans 2022) and latent diffusion (Rombach et al. 2022)",
+    claim="Guidance raises prompt fidelity at a small cost in FD, held-out shape-colour pairs compose, and latent diffusion reaches the pixel model's quality for less compute.",
     parts={
         "real": part_real,
         "cfg": part_pixel(run_cfg),

@@ -82,7 +82,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 OUT = HERE  # --quick writes to _quick/
 SORT = False  # results.json in the order the parts ran
-DEFAULT_RUN = "runs/shapes-text-unet"
+DEFAULT_RUN = "checkpoints/zoo/shapes-text-unet"  # relative paths are tried from the repository too
 DEFAULT_CLIP = "checkpoints/clip/shapes"
 THROWAWAY_CLIP = HERE / "cache" / "clip_throwaway"  # --quick only, when --clip is missing
 HEADS = ("shape", "color", "size", "position", "background")
@@ -1245,7 +1245,6 @@ def write_report() -> None:
             L.append(f"![blended](figures/{figs['blended'].name})\n")
     L.extend(notes(res))
     atomic_write_text(OUT / "report.md", "\n".join(L) + "\n")
-    log(f"wrote {OUT / 'report.md'}")
 
 
 def notes(res: dict) -> list[str]:
@@ -1353,6 +1352,8 @@ def _part(fn, name: str):
 PAPER = Paper(
     "text_editing",
     __doc__,
+    title="DiffEdit (Couairon et al. 2023), Prompt-to-Prompt (Hertz et al. 2022), Blended Diffusion (Avrahami et al. 2022)",
+    claim="Text edits change what the prompt asks and keep the rest: DiffEdit's automatic mask finds the object, Prompt-to-Prompt keeps the layout while swapping a word, Blended Diffusion follows the text inside the mask and leaves the background untouched.",
     parts={
         "diffedit": _part(run_diffedit, "diffedit"),
         "p2p": _part(run_p2p, "p2p"),
