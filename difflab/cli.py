@@ -1,5 +1,5 @@
 """The `difflab` command (also `python -m difflab`): train, sample, eval, demo, demo-toy,
-train-autoencoder, train-classifier, train-clip, edit."""
+train-autoencoder, train-classifier, train-clip, edit, reproduce, ui."""
 
 from __future__ import annotations
 
@@ -427,6 +427,10 @@ def build_parser() -> argparse.ArgumentParser:
     from difflab.reproduce import add_reproduce_parser
 
     add_reproduce_parser(sub)
+
+    from difflab.ui import add_ui_parser
+
+    add_ui_parser(sub)
     return p
 
 
