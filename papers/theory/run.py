@@ -59,6 +59,40 @@ TOYS = ("swiss_roll", "8gaussians", "checkerboard", "rings")
 N_TRAIN, N_TEST, N_SAMPLES = 100_000, 2000, 2000
 SIGMA_MIN, SIGMA_MAX = 1e-3, 40.0  # likelihood range (data std ~1 per coordinate)
 GRID = 64  # heat-map resolution for ODE densities
+FULL = {
+    "toys": TOYS,
+    "oracle_points": 500,
+    "oracle_samples": 1000,
+    "diffusion_steps": 6000,
+    "diffusion_test_points": N_TEST,
+    "budgets": (6000, 12000, 24000),
+    "vdm_steps": 4000,
+    "test_points": N_TEST,
+    "vdm_ode_points": 1000,
+    "sd_steps": 6000,
+    "sd_T": 1000,
+    "ebm_mcmc_steps": 1500,
+    "ebm_steps": 3000,
+    "ebm_long_run": 500,
+}
+QUICK = {
+    **FULL,
+    "toys": ("swiss_roll", "8gaussians"),
+    "oracle_points": 100,
+    "oracle_samples": 500,
+    "diffusion_steps": 300,
+    "diffusion_test_points": 200,
+    "budgets": (100, 200),
+    "vdm_steps": 300,
+    "test_points": 500,
+    "vdm_ode_points": 200,
+    "sd_steps": 300,
+    "sd_T": 100,
+    "ebm_mcmc_steps": 100,
+    "ebm_steps": 300,
+    "ebm_long_run": 200,
+}
+P = FULL  # the settings of this run (QUICK with --quick), set by configure()
 F64 = torch.float64
 
 
@@ -152,7 +186,7 @@ class ToyDenoiser(torch.nn.Module):
 
 def run_oracle(toy: str, quick: bool) -> None:
     _, test = data(toy)
-    x = test[: (100 if quick else 500)].double()
+    x = test[: P["oracle_points"]].double()
     t0 = time.time()
     exact_prior = lambda z: toy_log_density(toy, z, SIGMA_MAX)  # noqa: E731
     lp = log_likelihood(ToyDenoiser(toy), x, SIGMA_MIN, SIGMA_MAX, prior=exact_prior, rtol=1e-6, atol=1e-6)
@@ -179,7 +213,7 @@ def run_oracle(toy: str, quick: bool) -> None:
     with torch.no_grad():
         xs = sample_pc(
             ToyDenoiser(toy),
-            torch.randn(500 if quick else 1000, 2, generator=gx, dtype=F64) * SIGMA_MAX,
+            torch.randn(P["oracle_samples"], 2, generator=gx, dtype=F64) * SIGMA_MAX,
             ve.sigmas(200),
             sde=ve,
             predictor="reverse_diffusion",
@@ -199,7 +233,7 @@ def run_oracle(toy: str, quick: bool) -> None:
 
 
 def run_diffusion(toy: str, quick: bool) -> None:
-    steps = 300 if quick else 6000
+    steps = P["diffusion_steps"]
     train, test = data(toy)
     torch.manual_seed(0)
     net = ToyMLP(ToyConfig(dim=2, hidden=128, depth=3))
@@ -216,7 +250,7 @@ def run_diffusion(toy: str, quick: bool) -> None:
         sched.step()
     train_s = time.time() - t0
     D.eval()
-    x = test[: (200 if quick else N_TEST)]
+    x = test[: P["diffusion_test_points"]]
     t0 = time.time()
     nll, info = log_likelihood(D, x, SIGMA_MIN, SIGMA_MAX, return_details=True)
     nll = -nll
@@ -255,14 +289,14 @@ def run_diffusion(toy: str, quick: bool) -> None:
     log(f"diffusion {toy}: {out}")
 
 
-def run_diffusion_budget(toy: str, quick: bool, budgets=(6000, 12000, 24000)) -> None:
+def run_diffusion_budget(toy: str, quick: bool) -> None:
     """Held-out PF-ODE NLL against the number of training steps, on the rings only (the toy with
     the largest gap at the main budget); same recipe as `run_diffusion`, 1000 test points."""
     if toy != "rings":
         return
     train, test = data(toy)
     out = {}
-    for steps in budgets if not quick else (100, 200):
+    for steps in P["budgets"]:
         torch.manual_seed(0)
         net = ToyMLP(ToyConfig(dim=2, hidden=128, depth=3))
         D = Preconditioned(net, EDM(sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, sigma_data=1.0), prediction="edm")
@@ -321,9 +355,9 @@ def _train_vdm(train: torch.Tensor, name: str, steps: int, seed: int = 0):
 
 def run_vdm_seeds(toy: str, quick: bool, seeds=(1, 2)) -> None:
     """Training-seed variation of the learned-minus-fixed difference (the main run is seed 0)."""
-    steps = 300 if quick else 4000
+    steps = P["vdm_steps"]
     train, test = data(toy)
-    x = test[: (500 if quick else N_TEST)]
+    x = test[: P["test_points"]]
     out = {}
     for seed in seeds:
         totals = {}
@@ -342,14 +376,14 @@ def run_vdm_seeds(toy: str, quick: bool, seeds=(1, 2)) -> None:
 
 
 def run_vdm(toy: str, quick: bool) -> None:
-    steps = 300 if quick else 4000
+    steps = P["vdm_steps"]
     train, test = data(toy)
     out = {}
     for name in VDM_VARIANTS:
         t0 = time.time()
         vdm, curve = _train_vdm(train, name, steps)
         train_s = time.time() - t0
-        x = test[: (500 if quick else N_TEST)]
+        x = test[: P["test_points"]]
         terms = vdm.nelbo(x, n_t=128, generator=torch.Generator().manual_seed(5))  # same t and noise for all
         save_tensor(OUT, f"vdm_total_{name}_{toy}", terms["total"])
         save_tensor(OUT, f"model_vdm_{name}_{toy}", vdm.state_dict())
@@ -385,7 +419,7 @@ def run_vdm(toy: str, quick: bool) -> None:
                 )
             res["samples"] = sample_stats(toy, xs, test)
             save_tensor(OUT, f"samples_vdm_{toy}", xs)
-            xo = x[: (200 if quick else 1000)]
+            xo = x[: P["vdm_ode_points"]]
             res["ode_nll"] = float(ode_nll(vdm, xo).mean())
             save_tensor(OUT, f"grid_vdm_{toy}", ode_grid_logp(toy, vdm))
         if name != "fixed" and "fixed" in out:  # paired: the same points, times and noise
@@ -405,8 +439,8 @@ def run_vdm(toy: str, quick: bool) -> None:
 
 
 def run_sohl_dickstein(toy: str, quick: bool) -> None:
-    steps = 300 if quick else 6000
-    T = 100 if quick else 1000
+    steps = P["sd_steps"]
+    T = P["sd_T"]
     train, test = data(toy)
     torch.manual_seed(0)
     model = SohlDickstein(
@@ -423,7 +457,7 @@ def run_sohl_dickstein(toy: str, quick: bool) -> None:
         opt.step()
         sched.step()
     train_s = time.time() - t0
-    x = test[: (500 if quick else N_TEST)]
+    x = test[: P["test_points"]]
     bound = model.nll_bound(x, generator=torch.Generator().manual_seed(5))
     gx = torch.Generator().manual_seed(6)
     with torch.no_grad():  # ancestral sampling, keeping snapshots of the chain for the figure
@@ -488,7 +522,7 @@ def train_ebm(method: str, toy: str, train: torch.Tensor, quick: bool) -> tuple[
     g = torch.Generator().manual_seed(3)
     extra: dict = {}
     mcmc = method in ("pcd", "cd")
-    steps = (100 if quick else 1500) if mcmc else (300 if quick else 3000)
+    steps = P["ebm_mcmc_steps"] if mcmc else P["ebm_steps"]
     log_z = torch.nn.Parameter(torch.zeros(())) if method == "nce" else None
     params = list(energy.parameters()) + ([log_z] if log_z is not None else [])
     opt, sched = adam(params, 1e-3, steps, betas=(0.5, 0.999) if mcmc else (0.9, 0.999))
@@ -554,7 +588,7 @@ def run_ebm(toy: str, quick: bool, methods=EBM_METHODS) -> None:
         if "learned_log_z" in extra:
             res["learned_log_z"] = extra["learned_log_z"]
         g = torch.Generator().manual_seed(8)
-        long_run = _long_run(energy, toy, g, n_steps=200 if quick else 500)
+        long_run = _long_run(energy, toy, g, n_steps=P["ebm_long_run"])
         res["samples_long_run"] = sample_stats(toy, long_run, test)
         save_tensor(OUT, f"samples_ebm_{method}_{toy}", long_run)
         if "training_samples" in extra:
@@ -1186,18 +1220,23 @@ PARTS = {
 
 
 def options(ap) -> None:
-    ap.add_argument("--toys", nargs="*", choices=TOYS, default=list(TOYS))
+    ap.add_argument(
+        "--toys", nargs="*", choices=TOYS, help="toys to run (default: all four; the first two with --quick)"
+    )
     ap.add_argument("--ebm-methods", nargs="*", choices=EBM_METHODS, default=list(EBM_METHODS))
 
 
 def configure(run: Run) -> None:
-    global OUT
+    global OUT, P
     OUT = run.out
+    P = run.settings
+    if run.args.toys:
+        P["toys"] = tuple(run.args.toys)
 
 
 def _part(fn):
     def part(run: Run) -> None:
-        for toy in run.args.toys:
+        for toy in run.settings["toys"]:
             t0 = time.time()
             if fn is run_ebm:
                 run_ebm(toy, run.quick, tuple(run.args.ebm_methods))
@@ -1215,6 +1254,8 @@ PAPER = Paper(
     claim="The probability-flow ODE gives exact likelihoods, and diffusion models, VDM, Sohl-Dickstein's chain and EBMs reach held-out NLLs near the true entropy of 2-D toys.",
     parts={name: _part(fn) for name, fn in PARTS.items()},
     report=lambda run: write_report(),
+    full=FULL,
+    quick=QUICK,
     options=options,
     configure=configure,
 )
