@@ -32,6 +32,7 @@ from difflab.core import cfg as cfg_guidance
 from difflab.core.guidance import classifier_guidance
 from difflab.core import sample
 from difflab.core.sampling import DEFAULT_SAMPLER, SAMPLERS, default_sigmas
+from difflab.core.schedules import DiscreteVP, sigmas_spaced
 from difflab.core.validation import check_finite_tensor, check_number
 from difflab.runfolder import CHECKPOINT_FORMAT, atomic_save_safetensors, read_json, write_json
 from difflab.models import TRAINABLE_PREFIX, load_run, load_run_latent_space, load_text_encoder
@@ -62,10 +63,26 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, weights: str = "ema") -> "Pipeline":
+        """A difflab run folder, or a diffusers pipeline folder (model_index.json; the Stable
+        Diffusion layout: `difflab.interop.folders`)."""
+        from difflab.interop.folders import is_diffusers_folder, load_diffusers_folder
+
+        if is_diffusers_folder(path):
+            return cls(*load_diffusers_folder(path))
         denoiser, config = load_run(path, weights=weights)
         return cls(denoiser, config, load_text_encoder(path, config, weights), load_run_latent_space(path, config))
 
+    def sigmas_for(self, steps: int) -> Tensor:
+        """The sampling grid of `steps` steps: a diffusers folder's scheduler spacing (so its results
+        match diffusers' pipeline), else difflab's default grid (`grid_for`)."""
+        spec = self.config.get("diffusers")
+        if spec:
+            return sigmas_spaced(self.denoiser.schedule, steps, spec["timestep_spacing"], spec["steps_offset"])
+        return grid_for(self.denoiser.schedule, steps)
+
     def save_pretrained(self, path: str | os.PathLike) -> Path:
+        if self.config.get("diffusers"):
+            raise ValueError("this pipeline was loaded from a diffusers folder; save it with diffusers")
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         state = dict(self.denoiser.net.state_dict())
@@ -268,6 +285,7 @@ class Pipeline:
         batch_size: int = 64,
         progress: bool = False,
         sigmas: Tensor | None = None,
+        latents: Tensor | None = None,
         **sampler_kw,
     ) -> Tensor:
         """Generate n images (n, C, H, W) in [-1, 1].
@@ -280,7 +298,10 @@ class Pipeline:
         on a class-conditional or unconditional pixel model. truncate: cut prompts longer than
         the text encoder takes instead of raising. batch_size: images per network call; 64 by
         default because on CPU larger batches lose to page faults (unet-s at 32x32, one thread:
-        batch 256 took 2.2x the wall time of batch 64, half of it system time).
+        batch 256 took 2.2x the wall time of batch 64, half of it system time). latents: the
+        starting noise (n, *sample_shape()) as diffusers takes it (`latents=`): unit Gaussian,
+        scaled here to the grid's first sigma (sqrt(1 + sigma^2) for a VP schedule), instead of
+        drawing it from `seed`.
         """
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; known: {', '.join(sorted(SAMPLERS))}")
@@ -312,7 +333,12 @@ class Pipeline:
             labels = self._labels(n, class_labels, k=None if clf is None else clf.config.num_classes)
             if guided and self.num_classes is None:
                 raise ValueError("guidance_scale needs a class- or text-conditional model")
-        sig = grid_for(self.denoiser.schedule, steps) if sigmas is None else sigmas
+        sig = self.sigmas_for(steps) if sigmas is None else sigmas
+        if latents is not None:
+            latents = torch.as_tensor(latents, dtype=torch.float32)
+            if tuple(latents.shape) != (n, *self.sample_shape()):
+                raise ValueError(f"latents must have shape {(n, *self.sample_shape())}, got {tuple(latents.shape)}")
+            check_finite_tensor("latents", latents)
         device = next(self.denoiser.parameters()).device
         if self.latent_space is not None:
             self.latent_space.autoencoder.to(device)
@@ -341,7 +367,12 @@ class Pipeline:
                 D = classifier_guidance(classifier_log_prob(clf, self.denoiser), classifier_scale)(
                     D if self.num_classes is not None else _without_labels(D)
                 )
-            x = torch.randn((b - a, *self.sample_shape()), generator=g).to(device) * float(sig[0])
+            if latents is not None:  # diffusers' convention: unit noise, the VP point at the first sigma
+                s0 = float(sig[0])
+                scale = (1 + s0**2) ** 0.5 if isinstance(self.denoiser.schedule, DiscreteVP) else s0
+                x = latents[a:b].to(device) * scale
+            else:
+                x = torch.randn((b - a, *self.sample_shape()), generator=g).to(device) * float(sig[0])
             x = sample(D, x, sig, method=sampler, cond=cond, noise=noise_g, **sampler_kw)
             if self.latent_space is not None:
                 x = self.latent_space.decode(x)

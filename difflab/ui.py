@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -315,7 +316,8 @@ def _model_inputs(gr, pixel_only: bool = False):
 
 
 def build_app():
-    """The Gradio Blocks app (not launched)."""
+    """The Gradio Blocks app (not launched). Gradio's usage analytics are off (nothing leaves the machine)."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
 
     tracked = gr.Progress(track_tqdm=True)  # the samplers' tqdm bars, shown in the page

@@ -1,0 +1,197 @@
+"""A diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)
+as the pieces of a difflab `Pipeline`: denoiser, text encoder, latent space and config.
+
+    pipe = Pipeline.from_pretrained("stable-diffusion-folder")        # detects model_index.json
+    images = pipe(4, prompt="a photo of a cat", guidance_scale=7.5, sampler="euler", steps=30)
+
+The mapping (Stable Diffusion layout):
+
+| diffusers                                   | difflab                                               |
+|---------------------------------------------|-------------------------------------------------------|
+| unet/ (UNet2DConditionModel)                | `diffusers_denoiser`: Preconditioned(DiffusersUNet)   |
+| scheduler/ (betas, prediction_type, spacing)| its DiscreteVP and prediction; the sampling grid uses |
+|                                             | the config's timestep_spacing and steps_offset        |
+| vae/ (AutoencoderKL, scaling_factor)        | `DiffusersLatentSpace`: decode(z) = vae.decode(z / s) |
+| text_encoder/ + tokenizer/ (CLIP)           | `CLIPPromptEncoder`: padded to max_length, all tokens |
+|                                             | attended (as the pipeline feeds the UNet)             |
+
+With the same starting `latents` (unit Gaussian, diffusers' `latents=` argument), prompt and
+scheduler settings, difflab's samplers give diffusers' pipeline outputs: DDIM is difflab's
+`euler` on the scheduler's grid, and every other difflab sampler, guidance and editing method
+runs on the same folder. diffusers and transformers are imported only when a folder is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from difflab.interop.diffusers import diffusers_denoiser
+
+__all__ = ["is_diffusers_folder", "load_diffusers_folder", "CLIPPromptEncoder", "DiffusersLatentSpace"]
+
+# diffusers scheduler classes whose config maps to a difflab DiscreteVP (the samplers are difflab's own)
+SCHEDULERS = (
+    "DDIMScheduler",
+    "DDPMScheduler",
+    "PNDMScheduler",
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler",
+    "HeunDiscreteScheduler",
+    "LMSDiscreteScheduler",
+    "UniPCMultistepScheduler",
+    "DEISMultistepScheduler",
+    "KDPM2DiscreteScheduler",
+)
+
+
+def is_diffusers_folder(path) -> bool:
+    return (Path(path) / "model_index.json").is_file()
+
+
+def _read(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {path}: {e}") from None
+
+
+def _component(folder: Path, index: dict, name: str, expected: tuple[str, ...]) -> str:
+    """The class name of a component of model_index.json, checked; a ValueError naming what is wrong."""
+    entry = index.get(name)
+    if not entry or not isinstance(entry, list) or len(entry) != 2 or entry[1] is None:
+        raise ValueError(f"{folder / 'model_index.json'} names no {name} component (a Stable Diffusion layout has one)")
+    if not (folder / name).is_dir():
+        raise FileNotFoundError(f"diffusers folder {folder} has no {name}/ folder (model_index.json lists it)")
+    cls = entry[1]
+    if cls not in expected:
+        raise ValueError(f"{folder / name}: {cls} is not supported here; supported: {', '.join(expected)}")
+    return cls
+
+
+def _weights_file(folder: Path) -> None:
+    if not list(folder.glob("*.safetensors")):
+        pickles = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.ckpt")]
+        if pickles:
+            raise ValueError(
+                f"{folder} holds only pickle weights ({', '.join(pickles)}); difflab loads safetensors only "
+                "(convert them, e.g. by saving the model with safe_serialization=True)"
+            )
+        raise FileNotFoundError(f"{folder} has no weights (*.safetensors)")
+
+
+class CLIPPromptEncoder(nn.Module):
+    """A transformers CLIP text model + tokenizer as a difflab text encoder:
+    `encoder(prompts, truncate) -> (states (B, T, D), mask (B, T))`, T = the tokenizer's max length,
+    every position attended (the Stable Diffusion pipelines feed the UNet all 77 states)."""
+
+    trainable = False
+
+    def __init__(self, tokenizer, text_encoder: nn.Module):
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder.eval().requires_grad_(False)
+        self.max_length = int(tokenizer.model_max_length)
+        self.dim = int(text_encoder.config.hidden_size)
+
+    def tokenize(self, prompts: list[str], truncate: bool = True) -> dict:
+        return self.tokenizer(
+            list(prompts), padding="max_length", max_length=self.max_length, truncation=truncate, return_tensors="pt"
+        )
+
+    @torch.no_grad()
+    def forward(self, prompts, truncate: bool = False) -> tuple[Tensor, Tensor]:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not truncate:
+            for p in prompts:
+                n = len(self.tokenizer(p, truncation=False)["input_ids"])
+                if n > self.max_length:
+                    raise ValueError(
+                        f"prompt {p[:40]!r}... is {n} tokens; the text encoder takes {self.max_length} "
+                        "(pass truncate=True / --truncate to cut it)"
+                    )
+        ids = self.tokenize(prompts)["input_ids"].to(next(self.text_encoder.parameters()).device)
+        states = self.text_encoder(ids)[0]
+        return states, torch.ones(states.shape[:2], dtype=torch.bool, device=states.device)
+
+
+class DiffusersLatentSpace:
+    """A diffusers AutoencoderKL as difflab's latent space: decode(z) = vae.decode(z / scaling_factor),
+    encode(x) = the posterior mean * scaling_factor."""
+
+    def __init__(self, vae: nn.Module, latent_shape: tuple[int, int, int]):
+        self.autoencoder = vae.eval().requires_grad_(False)
+        self.scale = float(getattr(vae.config, "scaling_factor", 0.18215))
+        self.latent_shape = tuple(latent_shape)
+
+    @torch.no_grad()
+    def decode(self, z: Tensor) -> Tensor:
+        vae = self.autoencoder
+        return vae.decode(z.to(next(vae.parameters()).dtype) / self.scale).sample.float()
+
+    @torch.no_grad()
+    def encode(self, x: Tensor) -> Tensor:
+        vae = self.autoencoder
+        return vae.encode(x.to(next(vae.parameters()).dtype)).latent_dist.mean.float() * self.scale
+
+
+def load_diffusers_folder(folder) -> tuple:
+    """(denoiser, config, text_encoder, latent_space) of a diffusers folder in the Stable Diffusion
+    layout; one-line errors for a missing component, an unknown scheduler, mismatched channels or
+    pickle-only weights."""
+    folder = Path(folder)
+    index = _read(folder / "model_index.json")
+    _component(folder, index, "unet", ("UNet2DConditionModel",))
+    scheduler_cls = _component(folder, index, "scheduler", SCHEDULERS)
+    _component(folder, index, "vae", ("AutoencoderKL",))
+    _component(folder, index, "text_encoder", ("CLIPTextModel",))
+    _component(folder, index, "tokenizer", ("CLIPTokenizer", "CLIPTokenizerFast"))
+    for name in ("unet", "vae", "text_encoder"):
+        _weights_file(folder / name)
+    try:
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+    except ImportError as e:
+        raise ValueError(f"loading a diffusers folder needs diffusers and transformers: {e}") from None
+    scheduler = _read(folder / "scheduler" / "scheduler_config.json")
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True)
+    vae = AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True)
+    text_model = CLIPTextModel.from_pretrained(folder / "text_encoder", use_safetensors=True)
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    if vae.config.latent_channels != unet.config.in_channels:
+        raise ValueError(
+            f"{folder}: the VAE makes {vae.config.latent_channels}-channel latents, the UNet takes "
+            f"{unet.config.in_channels} channels"
+        )
+    if text_model.config.hidden_size != unet.config.cross_attention_dim:
+        raise ValueError(
+            f"{folder}: the text encoder gives {text_model.config.hidden_size}-d states, the UNet's "
+            f"cross-attention takes {unet.config.cross_attention_dim}"
+        )
+    denoiser = diffusers_denoiser(unet, scheduler)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    size = int(
+        unet.config.sample_size
+        if not isinstance(unet.config.sample_size, (list, tuple))
+        else unet.config.sample_size[0]
+    )
+    config = {
+        "model": {"arch": "diffusers", "class": "UNet2DConditionModel", "num_classes": None},
+        "data": {"name": "diffusers", "channels": int(vae.config.in_channels), "size": size * factor},
+        "text_encoder": {"kind": "clip", "folder": "text_encoder"},
+        "autoencoder": {"kind": "diffusers", "folder": "vae"},
+        "diffusers": {
+            "folder": str(folder),
+            "scheduler_class": scheduler_cls,
+            "timestep_spacing": scheduler.get("timestep_spacing", "leading"),
+            "steps_offset": int(scheduler.get("steps_offset", 0)),
+        },
+        "prediction": denoiser.prediction,
+    }
+    latent_space = DiffusersLatentSpace(vae, (int(unet.config.in_channels), size, size))
+    return denoiser, config, CLIPPromptEncoder(tokenizer, text_model), latent_space

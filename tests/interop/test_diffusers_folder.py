@@ -1,0 +1,199 @@
+"""A diffusers pipeline folder (Stable Diffusion layout) as a difflab Pipeline: built here with
+diffusers and transformers at tiny random sizes (nothing downloaded; the CLIP tokenizer's vocabulary
+is written by the test), loaded by `Pipeline.from_pretrained`, and checked against diffusers' own
+StableDiffusionPipeline on the same latents, prompt and scheduler settings."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from difflab.cli import main
+from difflab.core.sampling import SAMPLERS
+from difflab.pipeline import Pipeline
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_sd_folder(root):
+    """A StableDiffusionPipeline folder: CLIP text model (2 layers, 32-d), UNet2DConditionModel
+    (32/64 channels, 8x8 latents), AutoencoderKL (factor 2, 16x16 images), DDIM scheduler."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    root.mkdir(parents=True, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in "abcdefghijklmnopqrstuvwxyz":
+        vocab[ch] = len(vocab)
+        vocab[ch + "</w>"] = len(vocab)
+    (root / "vocab.json").write_text(json.dumps(vocab))
+    (root / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(root / "vocab.json"), str(root / "merges.txt"), model_max_length=16)
+    torch.manual_seed(0)
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            max_position_embeddings=16,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    )
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(32, 64),
+        latent_channels=4,
+        sample_size=16,
+    )
+    with torch.no_grad():  # no zero-initialised layers: every part of the networks matters
+        for module in (unet, vae):
+            for p in module.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=True,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(root / "sd", safe_serialization=True)
+    return root / "sd"
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return tiny_sd_folder(tmp_path_factory.mktemp("diffusers"))
+
+
+@pytest.fixture(scope="module")
+def pipe(folder):
+    return Pipeline.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_ddim_equals_the_diffusers_pipeline(folder, pipe, guidance):
+    from diffusers import StableDiffusionPipeline
+
+    ref = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    prompts = ["a cat", "a red dog"]
+    want = (
+        ref(prompts, num_inference_steps=4, guidance_scale=guidance, latents=latents.clone(), output_type="pt").images
+        * 2
+        - 1
+    )
+    got = pipe(2, prompt=prompts, steps=4, sampler="euler", guidance_scale=guidance, latents=latents)
+    assert want.std() > 0.05  # the images are not flat: the comparison can fail
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
+
+
+def test_the_folder_maps_to_difflab_pieces(pipe):
+    assert pipe.conditioning == "text" and pipe.image_shape() == (3, 16, 16) and pipe.sample_shape() == (4, 8, 8)
+    assert pipe.denoiser.prediction == "eps" and pipe.denoiser.schedule.T == 1000
+    sigmas = pipe.sigmas_for(4)
+    ts = [751, 501, 251, 1]  # DDIM "leading" spacing with steps_offset 1
+    torch.testing.assert_close(sigmas[:-1], pipe.denoiser.schedule.sigmas[ts])
+    states, mask = pipe.encode_prompts(["a cat"])
+    assert states.shape == (1, 16, 32) and mask.all()
+    with pytest.raises(ValueError, match="is 32 tokens; the text encoder takes 16"):
+        pipe.encode_prompts(["a" * 30])
+    assert pipe.encode_prompts(["a" * 30], truncate=True)[0].shape == (1, 16, 32)
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_every_sampler_runs_on_it(pipe, sampler):
+    x = pipe(1, prompt="a cat", steps=3, sampler=sampler, guidance_scale=2.0, seed=0)
+    assert x.shape == (1, 3, 16, 16) and torch.isfinite(x).all()
+
+
+def test_difflab_sample_takes_the_folder(folder, tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    assert (
+        main(["sample", "--run", str(folder), "--prompt", "a cat", "--n", "2", "--steps", "2", "--out", str(out)]) == 0
+    )
+    assert out.exists()
+
+
+def _broken(folder, tmp_path, change):
+    bad = tmp_path / "bad"
+    shutil.copytree(folder, bad)
+    change(bad)
+    return bad
+
+
+def test_bad_folders_are_one_line_errors(folder, tmp_path):
+    def edit_index(bad, **changes):
+        index = json.loads((bad / "model_index.json").read_text())
+        index.update(changes)
+        (bad / "model_index.json").write_text(json.dumps(index))
+
+    cases = [
+        (lambda b: shutil.rmtree(b / "vae"), FileNotFoundError, r"has no vae/ folder"),
+        (
+            lambda b: edit_index(b, scheduler=["diffusers", "FancyScheduler"]),
+            ValueError,
+            r"scheduler: FancyScheduler is not supported here; supported: DDIMScheduler",
+        ),
+        (lambda b: edit_index(b, unet=None), ValueError, r"names no unet component"),
+        (
+            lambda b: [p.rename(p.with_suffix(".bin")) for p in (b / "unet").glob("*.safetensors")],
+            ValueError,
+            r"holds only pickle weights \(diffusion_pytorch_model.bin\); difflab loads safetensors only",
+        ),
+    ]
+    for i, (change, error, message) in enumerate(cases):
+        bad = _broken(folder, tmp_path / str(i), change)
+        with pytest.raises(error, match=message):
+            Pipeline.from_pretrained(bad)
+
+
+def test_mismatched_components_are_named(folder, tmp_path):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    def wider_text_encoder(bad):
+        shutil.rmtree(bad / "text_encoder")
+        config = CLIPTextConfig(
+            vocab_size=54,
+            hidden_size=48,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=1,
+            max_position_embeddings=16,
+        )
+        CLIPTextModel(config).save_pretrained(bad / "text_encoder", safe_serialization=True)
+
+    bad = _broken(folder, tmp_path, wider_text_encoder)
+    with pytest.raises(ValueError, match=r"the text encoder gives 48-d states, the UNet's cross-attention takes 32"):
+        Pipeline.from_pretrained(bad)
