@@ -32,7 +32,7 @@ from difflab.core import cfg as cfg_guidance
 from difflab.core.guidance import classifier_guidance
 from difflab.core import sample
 from difflab.core.sampling import DEFAULT_SAMPLER, SAMPLERS, default_sigmas
-from difflab.core.schedules import DiscreteVP, sigmas_spaced
+from difflab.core.schedules import DiscreteVP
 from difflab.core.validation import check_finite_tensor, check_number
 from difflab.runfolder import CHECKPOINT_FORMAT, atomic_save_safetensors, read_json, write_json
 from difflab.models import TRAINABLE_PREFIX, load_run, load_run_latent_space, load_text_encoder
@@ -77,7 +77,9 @@ class Pipeline:
         match diffusers' pipeline), else difflab's default grid (`grid_for`)."""
         spec = self.config.get("diffusers")
         if spec:
-            return sigmas_spaced(self.denoiser.schedule, steps, spec["timestep_spacing"], spec["steps_offset"])
+            from difflab.interop.folders import scheduler_sigmas
+
+            return scheduler_sigmas(spec, self.denoiser.schedule, steps)
         return grid_for(self.denoiser.schedule, steps)
 
     def save_pretrained(self, path: str | os.PathLike) -> Path:
@@ -374,6 +376,8 @@ class Pipeline:
             else:
                 x = torch.randn((b - a, *self.sample_shape()), generator=g).to(device) * float(sig[0])
             x = sample(D, x, sig, method=sampler, cond=cond, noise=noise_g, **sampler_kw)
+            if self.config.get("diffusers") and float(sig[-1]) > 0 and isinstance(self.denoiser.schedule, DiscreteVP):
+                x = x / (1 + float(sig[-1]) ** 2) ** 0.5  # a VP pipeline's output at its last level
             if self.latent_space is not None:
                 x = self.latent_space.decode(x)
                 check_finite_tensor("the decoded images", x, f"(images {a}-{b - 1})")

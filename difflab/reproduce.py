@@ -309,6 +309,18 @@ def markdown_to_html(md: str) -> str:
     return "\n".join(out)
 
 
+def _first_table(report: str) -> str | None:
+    """The first Markdown table of a report (its header, rule and rows), or None."""
+    lines = report.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("|") and i + 1 < len(lines) and set(lines[i + 1].replace("|", "").strip()) <= set("-: "):
+            j = i
+            while j < len(lines) and lines[j].startswith("|"):
+                j += 1
+            return "\n".join(lines[i:j])
+    return None
+
+
 def _page(title: str, body: str) -> bytes:
     return (
         f'<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
@@ -347,11 +359,14 @@ def build_site(results: list[PaperResult], out: str | Path) -> Path:
             if c.verdict != "measured"
         )
         figure = f'<img class="thumb" src="{r.name}/{r.figure}" alt="{r.name}">' if r.figure else ""
+        table = _first_table(report)
+        if table:
+            claims += f"<details><summary>the report's first table</summary>{markdown_to_html(table)}</details>"
         source = html.escape(r.source) + (
             "<br>shortened: " + html.escape("; ".join(r.shortened)) if r.shortened else ""
         )
         rows.append(
-            f'<tr><td><a href="{r.name}/index.html"><strong>{html.escape(r.title)}</strong></a><br>'
+            f'<tr class="paper"><td><a href="{r.name}/index.html"><strong>{html.escape(r.title)}</strong></a><br>'
             f"{html.escape(r.claim)}</td><td>{html.escape(summary) or 'no verdicts yet'}<ul>{claims}</ul></td>"
             f"<td>{figure}</td><td><code>{html.escape(r.command)}</code><br>"
             f'<span class="note">{source}</span></td></tr>'

@@ -31,7 +31,13 @@ from torch import Tensor, nn
 
 from difflab.interop.diffusers import diffusers_denoiser
 
-__all__ = ["is_diffusers_folder", "load_diffusers_folder", "CLIPPromptEncoder", "DiffusersLatentSpace"]
+__all__ = [
+    "is_diffusers_folder",
+    "load_diffusers_folder",
+    "scheduler_sigmas",
+    "CLIPPromptEncoder",
+    "DiffusersLatentSpace",
+]
 
 # diffusers scheduler classes whose config maps to a difflab DiscreteVP (the samplers are difflab's own)
 SCHEDULERS = (
@@ -140,6 +146,26 @@ class DiffusersLatentSpace:
         return vae.encode(x.to(next(vae.parameters()).dtype)).latent_dist.mean.float() * self.scale
 
 
+def scheduler_sigmas(spec: dict, schedule, steps: int) -> Tensor:
+    """The sigma grid diffusers' scheduler of the folder walks for `steps` steps: its own
+    set_timesteps (each scheduler spaces timesteps its own way), as difflab sigmas. Schedulers that
+    keep sigmas (Euler, DPM-Solver, Heun, ...) give them directly (a repeated value of a two-stage
+    method counted once); DDIM/DDPM/PNDM give timesteps, mapped through the schedule, and end at
+    their final alpha (sigma 0, or the first training level when set_alpha_to_one is false)."""
+    import diffusers
+
+    scheduler = getattr(diffusers, spec["scheduler_class"]).from_config(spec["scheduler"])
+    scheduler.set_timesteps(steps)
+    sigmas = getattr(scheduler, "sigmas", None)
+    if isinstance(sigmas, Tensor) and sigmas.numel() > 1:
+        return torch.unique_consecutive(sigmas.to(torch.float64))
+    ts = torch.unique_consecutive(torch.as_tensor(scheduler.timesteps).long())
+    grid = schedule.sigmas[ts].to(torch.float64)
+    final = float(getattr(scheduler, "final_alpha_cumprod", torch.tensor(1.0)))
+    last = ((1 - final) / final) ** 0.5 if final < 1 else 0.0
+    return torch.cat([grid, torch.tensor([last], dtype=torch.float64)])
+
+
 def load_diffusers_folder(folder) -> tuple:
     """(denoiser, config, text_encoder, latent_space) of a diffusers folder in the Stable Diffusion
     layout; one-line errors for a missing component, an unknown scheduler, mismatched channels or
@@ -185,12 +211,7 @@ def load_diffusers_folder(folder) -> tuple:
         "data": {"name": "diffusers", "channels": int(vae.config.in_channels), "size": size * factor},
         "text_encoder": {"kind": "clip", "folder": "text_encoder"},
         "autoencoder": {"kind": "diffusers", "folder": "vae"},
-        "diffusers": {
-            "folder": str(folder),
-            "scheduler_class": scheduler_cls,
-            "timestep_spacing": scheduler.get("timestep_spacing", "leading"),
-            "steps_offset": int(scheduler.get("steps_offset", 0)),
-        },
+        "diffusers": {"folder": str(folder), "scheduler_class": scheduler_cls, "scheduler": scheduler},
         "prediction": denoiser.prediction,
     }
     latent_space = DiffusersLatentSpace(vae, (int(unet.config.in_channels), size, size))

@@ -101,11 +101,37 @@ def pipe(folder):
     return Pipeline.from_pretrained(folder)
 
 
+SCHEDULERS = {  # diffusers scheduler (and config changes) -> the difflab sampler that is the same method
+    "ddim": ("DDIMScheduler", {}, "euler"),
+    "ddim_final_alpha": ("DDIMScheduler", {"set_alpha_to_one": False}, "euler"),  # SD v1's setting
+    "euler": ("EulerDiscreteScheduler", {}, "euler"),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}, "dpmpp_2m"),
+}
+
+
+def _with_scheduler(folder, root, name: str):
+    """A copy of the folder whose scheduler is SCHEDULERS[name] (model_index.json updated)."""
+    import diffusers
+
+    cls, changes, _ = SCHEDULERS[name]
+    dst = root / name
+    if not dst.exists():
+        shutil.copytree(folder, dst)
+        config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        getattr(diffusers, cls).from_config(config, **changes).save_pretrained(dst / "scheduler")
+        index = json.loads((dst / "model_index.json").read_text())
+        index["scheduler"] = ["diffusers", cls]
+        (dst / "model_index.json").write_text(json.dumps(index))
+    return dst
+
+
+@pytest.mark.parametrize("name", list(SCHEDULERS))
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
-def test_ddim_equals_the_diffusers_pipeline(folder, pipe, guidance):
+def test_samplers_equal_the_diffusers_pipeline(folder, tmp_path_factory, name, guidance):
     from diffusers import StableDiffusionPipeline
 
-    ref = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    variant = _with_scheduler(folder, tmp_path_factory.getbasetemp(), name)
+    ref = StableDiffusionPipeline.from_pretrained(variant, safety_checker=None, requires_safety_checker=False)
     ref.set_progress_bar_config(disable=True)
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     prompts = ["a cat", "a red dog"]
@@ -114,7 +140,9 @@ def test_ddim_equals_the_diffusers_pipeline(folder, pipe, guidance):
         * 2
         - 1
     )
-    got = pipe(2, prompt=prompts, steps=4, sampler="euler", guidance_scale=guidance, latents=latents)
+    got = Pipeline.from_pretrained(variant)(
+        2, prompt=prompts, steps=4, sampler=SCHEDULERS[name][2], guidance_scale=guidance, latents=latents
+    )
     assert want.std() > 0.05  # the images are not flat: the comparison can fail
     torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
 
