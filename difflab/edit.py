@@ -22,8 +22,10 @@ image-text model (`--clip`: a folder written by `save_clip`, or a `transformers`
 guides the unconditional model. Prompt-to-Prompt edits a real image by DDIM-inverting it under the
 source prompt, then regenerating [source, edit] from the inverted latent with the source's
 attention injected (on a class-conditional model, which has no cross-attention: self-attention
-only; refine and reweight need a text model's tokens). Latent-diffusion runs are not supported:
-their decoder would not keep the unedited pixels.
+only; refine and reweight need a text model's tokens). A latent-diffusion run (difflab's own, or a
+diffusers Stable Diffusion folder) edits the image's latents: the mask is pooled to the latent grid
+(a kept latent pixel covers only kept pixels), the result is decoded, and the pixels the mask keeps
+are pasted back exactly; Blended Diffusion needs a pixel-space run.
 
 Writes OUT (the edited image alone, at the model's resolution) and a strip
 (input | mask | output, captioned) beside it.
@@ -176,10 +178,10 @@ class EditResult:
 
 
 def _check_inputs(pipe, spec: EditMethod, image: Tensor, mask: Tensor | None) -> None:
-    if getattr(pipe, "latent_space", None) is not None:
+    if getattr(pipe, "latent_space", None) is not None and spec.name == "blended":
         raise ValueError(
-            "difflab edit works on pixel-space runs; this run samples latents (its decoder would not "
-            "keep the unedited pixels)"
+            "blended scores its x0 estimates with an image-text model in pixel space; this run samples "
+            "latents (Blended Latent Diffusion is a different method, not implemented): use a pixel-space run"
         )
     C, H, W = pipe.image_shape()
     if image.ndim != 4 or image.shape[0] != 1:
@@ -201,6 +203,32 @@ def _check_inputs(pipe, spec: EditMethod, image: Tensor, mask: Tensor | None) ->
         if not torch.all((mask == 0) | (mask == 1)):
             bad = mask[(mask != 0) & (mask != 1)][0].item()
             raise ValueError(f"mask must be binary (0/1); found value {bad}")
+
+
+def _as_tile(mask: Tensor, like: Tensor) -> Tensor:
+    """A {0, 1} mask (1, 1, H, W) as a black-and-white tile with `like`'s channels, in [-1, 1]."""
+    return (mask * 2 - 1).expand(-1, like.shape[1], -1, -1)
+
+
+def _pool_mask(mask: Tensor, size: int, keep_white: bool) -> Tensor:
+    """A pixel mask (1, 1, H, W) on a latent grid of size x size: a white = keep mask keeps a latent
+    pixel only where all its pixels are kept (min pool); a white = edit mask edits it where any is."""
+    if mask.shape[-1] == size:
+        return mask
+    k = mask.shape[-1] // size
+    if keep_white:
+        return -torch.nn.functional.max_pool2d(-mask, k)
+    return torch.nn.functional.max_pool2d(mask, k)
+
+
+def _to_pixels(caption: str, tile: Tensor, space, image: Tensor) -> Tensor:
+    """A tile of a latent edit shown as pixels: masks upsampled (nearest), latents decoded."""
+    if tile.shape[-1] == image.shape[-1]:
+        return tile
+    if caption.startswith("mask"):
+        up = torch.nn.functional.interpolate(tile[:, :1], size=image.shape[-2:], mode="nearest")
+        return up.expand(-1, image.shape[1], -1, -1)
+    return space.decode(tile).clamp(-1, 1)
 
 
 def _check_prompts(spec: EditMethod, prompt: str | None, source_prompt: str | None) -> None:
@@ -253,11 +281,16 @@ def edit(
     device = next(D.parameters()).device
     image = image.to(device)
     mask = mask.to(device) if mask is not None else None
+    space = getattr(pipe, "latent_space", None)
+    # a latent-diffusion model edits the image's latents with the mask pooled to the latent grid (a
+    # kept latent pixel covers only kept pixels), then decodes; the unedited pixels are pasted back
+    z = space.encode(image) if space is not None else image
+    z_mask = _pool_mask(mask, z.shape[-1], keep_white=spec.mask_keeps == "white") if mask is not None else None
     ctx = EditContext(
         D,
-        image,
-        mask,
-        grid_for(D.schedule, steps),
+        z,
+        z_mask,
+        pipe.sigmas_for(steps) if hasattr(pipe, "sigmas_for") else grid_for(D.schedule, steps),
         sampler or spec.sampler,
         seed,
         torch.Generator().manual_seed(seed),
@@ -267,13 +300,21 @@ def edit(
         clip,
         progress,
     )
-    ctx.tiles.append(("input", image))
+    first_tiles = [("input", image)]
     if mask is not None:
-        ctx.tiles.append((f"mask: white = {'keep' if spec.mask_keeps == 'white' else 'edit'}", ctx.mask_tile(mask)))
+        first_tiles.append((f"mask: white = {'keep' if spec.mask_keeps == 'white' else 'edit'}", _as_tile(mask, image)))
     ctx.info.update({"method": method, "steps": steps, "sampler": ctx.sampler or "own", **k})
     with torch.no_grad():
         out = spec.run(ctx, **k)
-    tiles = ctx.tiles + (ctx.output_tiles if ctx.output_tiles is not None else [("output", out)])
+        tiles = ctx.tiles + (ctx.output_tiles if ctx.output_tiles is not None else [("output", out)])
+        if space is not None:
+            tiles = [(caption, _to_pixels(caption, t, space, image)) for caption, t in tiles]
+            out = dict(tiles)["output"] if ctx.output_tiles is None else _to_pixels("output", out, space, image)
+            if mask is not None:  # the pixels the mask keeps are the input's, exactly
+                keep = mask if spec.mask_keeps == "white" else 1 - mask
+                out = keep * image + (1 - keep) * out.clamp(-1, 1)
+                tiles = [(c, out if c == "output" else t) for c, t in tiles]
+    tiles = first_tiles + tiles
     check_finite_tensor(f"the {method} output", out, "(the model or a parameter gave NaN/inf)")
     out = out.clamp(-1, 1).cpu()
     tiles = [(caption, t.detach().clamp(-1, 1).cpu()) for caption, t in tiles]

@@ -242,8 +242,6 @@ def edit_image(model, run_folder, method, editor, mask_file, prompt, source_prom
                 )
             painted = upload if upload.ndim == 2 else upload[..., :3].max(-1)
         pipe = _pipe(model, run_folder)
-        if pipe.latent_space is not None:
-            raise ValueError("editing needs a pixel-space model; this one samples latents")
         C, H, _ = pipe.image_shape()
         image = _image_tensor(background, C, H)
         mask = None
@@ -306,8 +304,8 @@ def _knob_widget(gr, knob):
     return gr.Number(value=knob.default, label=label, precision=0 if knob.type is int else None)
 
 
-def _model_inputs(gr, pixel_only: bool = False):
-    names = [m for m in MODEL_CHOICES if not (pixel_only and "ldm" in m)]
+def _model_inputs(gr):
+    names = list(MODEL_CHOICES)
     default = "digits-unet-s" if "digits-unet-s" in names else (names[0] if names else None)
     with gr.Row():
         model = gr.Dropdown(names, value=default, label="zoo model")
@@ -349,7 +347,7 @@ def build_app():
             go.click(sample_tab, [model, run, sampler, steps, guidance, seed, prompt, n], [out, status])
 
         with gr.Tab("Edit"):
-            e_model, e_run = _model_inputs(gr, pixel_only=True)
+            e_model, e_run = _model_inputs(gr)
             names = list(EDIT_METHODS)
             method = gr.Dropdown(names, value="repaint", label="method")
             gr.Markdown(
