@@ -40,6 +40,7 @@ Library use::
 from __future__ import annotations
 
 import argparse
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,7 +48,14 @@ import torch
 from torch import Tensor
 
 from difflab.core.editing import EditContext, EditMethod, Knob
-from difflab.core.validation import SEED, POS_INT, check_finite_tensor, check_output_file, number_arg
+from difflab.core.validation import (
+    POS_INT,
+    SEED,
+    add_device_arguments,
+    check_finite_tensor,
+    check_output_file,
+    number_arg,
+)
 from difflab.methods.editing import EDIT_METHODS, edit_method
 
 __all__ = [
@@ -304,9 +312,11 @@ def edit(
     if mask is not None:
         first_tiles.append((f"mask: white = {'keep' if spec.mask_keeps == 'white' else 'edit'}", _as_tile(mask, image)))
     ctx.info.update({"method": method, "steps": steps, "sampler": ctx.sampler or "own", **k})
-    with torch.no_grad():
-        out = spec.run(ctx, **k)
+    autocast = pipe.autocast() if hasattr(pipe, "autocast") else contextlib.nullcontext()
+    with torch.no_grad(), autocast:
+        out = spec.run(ctx, **k).float()
         tiles = ctx.tiles + (ctx.output_tiles if ctx.output_tiles is not None else [("output", out)])
+        tiles = [(caption, t.float()) for caption, t in tiles]
         if space is not None:
             tiles = [(caption, _to_pixels(caption, t, space, image)) for caption, t in tiles]
             out = dict(tiles)["output"] if ctx.output_tiles is None else _to_pixels("output", out, space, image)
@@ -339,7 +349,7 @@ def _cmd_edit(args: argparse.Namespace) -> int:
     strip = check_output_file(args.strip if args.strip else _strip_path(out), what="--strip")
     if out.resolve() == strip.resolve():
         raise ValueError(f"--strip {strip} is the same file as --out")
-    pipe = Pipeline.from_pretrained(args.run)
+    pipe = Pipeline.from_pretrained(args.run).to(args.device, args.dtype)
     C, H, _ = pipe.image_shape()
     image = load_edit_image(args.image, C, H, resize=args.resize)
     mask = None
@@ -467,6 +477,7 @@ def add_edit_parser(subparsers) -> argparse.ArgumentParser:
                 help=f"one of {', '.join(sorted(SAMPLERS))} (default {spec.sampler})",
             )
         run.add_argument("--no-progress", action="store_true")
+        add_device_arguments(run)
         knobs = m.add_argument_group(f"{name} parameters")
         for kn in spec.knobs:
             knobs.add_argument(

@@ -37,9 +37,40 @@ from difflab.core.validation import check_finite_tensor, check_number
 from difflab.runfolder import CHECKPOINT_FORMAT, atomic_save_safetensors, read_json, write_json
 from difflab.models import TRAINABLE_PREFIX, load_run, load_run_latent_space, load_text_encoder
 
-__all__ = ["Pipeline", "grid_for", "NULL_CLASS"]
+__all__ = ["Pipeline", "grid_for", "NULL_CLASS", "DTYPES", "resolve_device", "resolve_dtype"]
 
 NULL_CLASS = -1  # the class label of the unconditional model (the networks map it to their null embedding)
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """ "auto" (CUDA when present, else CPU) or a torch device name, checked to exist here."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"unknown device {str(device)!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} requested, but this torch has no CUDA device (use cpu or auto)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {str(device)!r} requested, but there are {torch.cuda.device_count()} CUDA devices")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device 'mps' requested, but MPS is not available here")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """fp32 / bf16 / fp16 (or the torch dtype itself)."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype}")
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
 
 
 def grid_for(schedule, steps: int) -> Tensor:
@@ -56,6 +87,7 @@ class Pipeline:
         self.config = config
         self.text_encoder = text_encoder
         self.latent_space = latent_space
+        self.dtype = torch.float32  # the networks' compute dtype (`to`): bf16/fp16 run under autocast
         if config.get("text_encoder") and text_encoder is None:
             raise ValueError("this run is text-conditional: give its text encoder (Pipeline.from_pretrained does)")
         if config.get("autoencoder") and latent_space is None:
@@ -71,6 +103,32 @@ class Pipeline:
             return cls(*load_diffusers_folder(path))
         denoiser, config = load_run(path, weights=weights)
         return cls(denoiser, config, load_text_encoder(path, config, weights), load_run_latent_space(path, config))
+
+    def to(self, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> "Pipeline":
+        """Move every network to `device` ("auto": CUDA when present, else CPU) and set the compute
+        dtype ("fp32", "bf16", "fp16" or a torch dtype): the denoiser's and the decoder's weights are
+        cast and the networks run under autocast; samplers keep their float32/float64 state."""
+        if device is not None:
+            device = resolve_device(device)
+            self.denoiser.to(device)
+            if self.text_encoder is not None:
+                self.text_encoder.to(device)
+            if self.latent_space is not None:
+                self.latent_space.autoencoder.to(device)
+        if dtype is not None:
+            self.dtype = resolve_dtype(dtype)
+            self.denoiser.net.to(self.dtype)
+            if self.latent_space is not None:
+                self.latent_space.autoencoder.to(self.dtype)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
+    def autocast(self):
+        """The autocast context of the compute dtype (a no-op context in fp32)."""
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
     def sigmas_for(self, steps: int) -> Tensor:
         """The sampling grid of `steps` steps: a diffusers folder's scheduler spacing (so its results
@@ -375,11 +433,13 @@ class Pipeline:
                 x = latents[a:b].to(device) * scale
             else:
                 x = torch.randn((b - a, *self.sample_shape()), generator=g).to(device) * float(sig[0])
-            x = sample(D, x, sig, method=sampler, cond=cond, noise=noise_g, **sampler_kw)
+            with self.autocast():
+                x = sample(D, x, sig, method=sampler, cond=cond, noise=noise_g, **sampler_kw).float()
             if self.config.get("diffusers") and float(sig[-1]) > 0 and isinstance(self.denoiser.schedule, DiscreteVP):
                 x = x / (1 + float(sig[-1]) ** 2) ** 0.5  # a VP pipeline's output at its last level
             if self.latent_space is not None:
-                x = self.latent_space.decode(x)
+                with self.autocast():
+                    x = self.latent_space.decode(x).float()
                 check_finite_tensor("the decoded images", x, f"(images {a}-{b - 1})")
             out.append(x.cpu())
         return torch.cat(out).clamp(-1, 1)

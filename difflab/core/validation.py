@@ -16,6 +16,7 @@ import math
 import numbers
 
 __all__ = [
+    "add_device_arguments",
     "check_number",
     "check_budget",
     "check_training_state",
@@ -242,3 +243,16 @@ def check_mask(mask, x, name: str):
         bad = mask[(mask != 0) & (mask != 1)][0].item()
         raise ValueError(f"{name} must be binary (0/1); found value {bad}")
     return mask.to(x.dtype)
+
+
+def add_device_arguments(parser) -> None:
+    """--device and --dtype, as every command that runs a model takes them (Pipeline.to checks them)."""
+    parser.add_argument(
+        "--device", default="auto", help="cpu, cuda, cuda:N, mps, or auto: CUDA when present, else CPU (default auto)"
+    )
+    parser.add_argument(
+        "--dtype",
+        default="fp32",
+        choices=("fp32", "bf16", "fp16"),
+        help="compute dtype of the networks: weights cast, run under autocast (default fp32)",
+    )

@@ -1,5 +1,7 @@
 """A diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)
-as the pieces of a difflab `Pipeline`: denoiser, text encoder, latent space and config.
+as the pieces of a difflab `Pipeline`: denoiser, text encoder, latent space and config. Two layouts:
+Stable Diffusion's (below) and a pixel UNet2DModel with a scheduler (DDPMPipeline, DDIMPipeline:
+unconditional, or class-conditional through the UNet's class embedding, which has no null class).
 
     pipe = Pipeline.from_pretrained("stable-diffusion-folder")        # detects model_index.json
     images = pipe(4, prompt="a photo of a cat", guidance_scale=7.5, sampler="euler", steps=30)
@@ -166,13 +168,40 @@ def scheduler_sigmas(spec: dict, schedule, steps: int) -> Tensor:
     return torch.cat([grid, torch.tensor([last], dtype=torch.float64)])
 
 
+def _load_pixel_unet(folder: Path, index: dict) -> tuple:
+    """A DDPM/DDIM-style folder: a UNet2DModel on pixels (unconditional, or class-conditional through
+    its class embedding) and a scheduler."""
+    scheduler_cls = _component(folder, index, "scheduler", SCHEDULERS)
+    _weights_file(folder / "unet")
+    try:
+        from diffusers import UNet2DModel
+    except ImportError as e:
+        raise ValueError(f"loading a diffusers folder needs diffusers: {e}") from None
+    scheduler = _read(folder / "scheduler" / "scheduler_config.json")
+    unet = UNet2DModel.from_pretrained(folder / "unet", use_safetensors=True)
+    denoiser = diffusers_denoiser(unet, scheduler)
+    size = unet.config.sample_size
+    size = int(size[0] if isinstance(size, (list, tuple)) else size)
+    classes = unet.config.num_class_embeds
+    config = {
+        "model": {"arch": "diffusers", "class": "UNet2DModel", "num_classes": int(classes) if classes else None},
+        "data": {"name": "diffusers", "channels": int(unet.config.in_channels), "size": size},
+        "diffusers": {"folder": str(folder), "scheduler_class": scheduler_cls, "scheduler": scheduler},
+        "prediction": denoiser.prediction,
+    }
+    return denoiser, config, None, None
+
+
 def load_diffusers_folder(folder) -> tuple:
-    """(denoiser, config, text_encoder, latent_space) of a diffusers folder in the Stable Diffusion
-    layout; one-line errors for a missing component, an unknown scheduler, mismatched channels or
+    """(denoiser, config, text_encoder, latent_space) of a diffusers folder: the Stable Diffusion
+    layout (UNet2DConditionModel, AutoencoderKL, CLIP) or a pixel UNet2DModel (DDPM/DDIM pipelines);
+    one-line errors for a missing component, an unknown scheduler, mismatched channels or
     pickle-only weights."""
     folder = Path(folder)
     index = _read(folder / "model_index.json")
-    _component(folder, index, "unet", ("UNet2DConditionModel",))
+    unet_cls = _component(folder, index, "unet", ("UNet2DConditionModel", "UNet2DModel"))
+    if unet_cls == "UNet2DModel":
+        return _load_pixel_unet(folder, index)
     scheduler_cls = _component(folder, index, "scheduler", SCHEDULERS)
     _component(folder, index, "vae", ("AutoencoderKL",))
     _component(folder, index, "text_encoder", ("CLIPTextModel",))

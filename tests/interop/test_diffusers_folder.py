@@ -305,3 +305,57 @@ def test_difflab_edit_takes_the_folder(folder, tmp_path, capsys):
     args = ["edit", "sdedit", "--run", str(folder), "--image", str(tmp_path / "in.png"), "--out", str(out)]
     assert main([*args, "--prompt", "a cat", "--steps", "3", "--no-progress"]) == 0
     assert out.exists() and out.with_name("out_strip.png").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# A pixel UNet2DModel folder (DDPMPipeline / DDIMPipeline layout)
+# --------------------------------------------------------------------------------------------
+
+
+def tiny_pixel_folder(root, num_class_embeds=None):
+    from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=16,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        num_class_embeds=num_class_embeds,
+    )
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False)
+    DDIMPipeline(unet=unet, scheduler=scheduler).save_pretrained(root, safe_serialization=True)
+    return root
+
+
+def test_a_pixel_unet_folder_equals_the_ddim_pipeline(tmp_path):
+    from diffusers import DDIMPipeline
+
+    folder = tiny_pixel_folder(tmp_path / "ddim")
+    ref = DDIMPipeline.from_pretrained(folder)
+    ref.set_progress_bar_config(disable=True)
+    images = ref(
+        batch_size=2, generator=torch.Generator().manual_seed(0), eta=0.0, num_inference_steps=5, output_type="np"
+    ).images
+    want = torch.from_numpy(images).permute(0, 3, 1, 2) * 2 - 1
+    pipe = Pipeline.from_pretrained(folder)
+    assert pipe.conditioning == "none" and pipe.image_shape() == (3, 16, 16)
+    latents = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))  # what DDIMPipeline draws
+    got = pipe(2, steps=5, sampler="euler", latents=latents)
+    assert want.std() > 0.05
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
+def test_a_class_unet_folder_samples_classes_and_refuses_guidance(tmp_path):
+    pipe = Pipeline.from_pretrained(tiny_pixel_folder(tmp_path / "classes", num_class_embeds=3))
+    assert pipe.conditioning == "class" and pipe.num_classes == 3
+    x = pipe(3, class_labels=[0, 1, 2], steps=2, seed=0)
+    assert torch.isfinite(x).all() and (x[0] - x[1]).abs().max() > 1e-4  # the label reaches the UNet
+    with pytest.raises(ValueError, match="its class embedding has no null class"):
+        pipe(1, class_labels=0, steps=2, guidance_scale=2.0)
