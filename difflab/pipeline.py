@@ -140,6 +140,17 @@ class Pipeline:
             return scheduler_sigmas(spec, self.denoiser.schedule, steps)
         return grid_for(self.denoiser.schedule, steps)
 
+    def _start_scale(self, sig: Tensor, steps: int | None) -> float:
+        """What unit starting noise is multiplied by: a diffusers folder's scheduler's own factor on
+        its grid; else the VP point at the first sigma (sqrt(1 + sigma^2)) or sigma itself."""
+        spec = self.config.get("diffusers")
+        if spec and steps is not None:
+            from difflab.interop.folders import scheduler_start
+
+            return scheduler_start(spec, self.denoiser.schedule, steps)
+        s0 = float(sig[0])
+        return (1 + s0**2) ** 0.5 if isinstance(self.denoiser.schedule, DiscreteVP) else s0
+
     def save_pretrained(self, path: str | os.PathLike) -> Path:
         if self.config.get("diffusers"):
             raise ValueError("this pipeline was loaded from a diffusers folder; save it with diffusers")
@@ -427,10 +438,11 @@ class Pipeline:
                 D = classifier_guidance(classifier_log_prob(clf, self.denoiser), classifier_scale)(
                     D if self.num_classes is not None else _without_labels(D)
                 )
-            if latents is not None:  # diffusers' convention: unit noise, the VP point at the first sigma
-                s0 = float(sig[0])
-                scale = (1 + s0**2) ** 0.5 if isinstance(self.denoiser.schedule, DiscreteVP) else s0
-                x = latents[a:b].to(device) * scale
+            if latents is not None:  # diffusers' convention: unit noise, scaled as its scheduler does
+                x = latents[a:b].to(device) * self._start_scale(sig, steps if sigmas is None else None)
+            elif self.config.get("diffusers"):
+                noise = torch.randn((b - a, *self.sample_shape()), generator=g).to(device)
+                x = noise * self._start_scale(sig, steps if sigmas is None else None)
             else:
                 x = torch.randn((b - a, *self.sample_shape()), generator=g).to(device) * float(sig[0])
             with self.autocast():

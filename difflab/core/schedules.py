@@ -107,13 +107,15 @@ class DiscreteVP(Schedule):
     """Discrete variance-preserving schedule from betas; t in {0, ..., T-1}.
 
     sigma(t) for fractional t interpolates log sigma linearly between trained timesteps;
-    t(sigma) inverts that interpolation (k-diffusion's convention). `quantize=True` rounds
-    t(sigma) to the nearest trained timestep.
+    t(sigma) inverts that interpolation (k-diffusion's convention). interpolation="linear"
+    interpolates sigma itself (diffusers' Euler-type schedulers, interpolation_type "linear"); the
+    two agree at trained timesteps. `quantize=True` rounds t(sigma) to the nearest trained timestep.
     """
 
     betas: Tensor
     kind: str = "custom"
     quantize: bool = False
+    interpolation: str = "log"
     alphas_cumprod: Tensor = field(init=False, repr=False)
     sigmas: Tensor = field(init=False, repr=False)
     log_sigmas: Tensor = field(init=False, repr=False)
@@ -125,6 +127,8 @@ class DiscreteVP(Schedule):
             raise ValueError(f"betas must be a 1-D tensor of length >= 2, got shape {tuple(betas.shape)}")
         if not torch.all((betas > 0) & (betas < 1)):
             raise ValueError(f"betas must lie in (0, 1); got min {betas.min():.3g}, max {betas.max():.3g}")
+        if self.interpolation not in ("log", "linear"):
+            raise ValueError(f"interpolation must be 'log' or 'linear', got {self.interpolation!r}")
         abar = torch.cumprod(1 - betas, 0)
         sig = ((1 - abar) / abar).sqrt()
         object.__setattr__(self, "betas", betas)
@@ -149,6 +153,8 @@ class DiscreteVP(Schedule):
         lo = t.floor().long()
         hi = (lo + 1).clamp(max=self.T - 1)
         w = t - lo
+        if self.interpolation == "linear":
+            return (1 - w) * self.sigmas[lo] + w * self.sigmas[hi]
         return ((1 - w) * self.log_sigmas[lo] + w * self.log_sigmas[hi]).exp()
 
     def t(self, sigma) -> Tensor:
@@ -157,8 +163,11 @@ class DiscreteVP(Schedule):
         dists = log_sigma.reshape(-1, 1) - self.log_sigmas  # (N, T)
         lo = (dists >= 0).cumsum(1).argmax(1).clamp(max=self.T - 2)
         hi = lo + 1
-        low, high = self.log_sigmas[lo], self.log_sigmas[hi]
-        w = ((low - log_sigma.reshape(-1)) / (low - high)).clamp(0, 1)
+        if self.interpolation == "linear":
+            low, high, value = self.sigmas[lo], self.sigmas[hi], sigma.reshape(-1)
+        else:
+            low, high, value = self.log_sigmas[lo], self.log_sigmas[hi], log_sigma.reshape(-1)
+        w = ((low - value) / (low - high)).clamp(0, 1)
         t = ((1 - w) * lo + w * hi).reshape(sigma.shape)
         return t.round() if self.quantize else t
 
@@ -166,9 +175,10 @@ class DiscreteVP(Schedule):
         return 1 / (_as64(sigma) ** 2 + 1).sqrt()
 
     def to_config(self) -> dict:
+        extra = {"interpolation": self.interpolation} if self.interpolation != "log" else {}
         if self.kind == "custom":
-            return {"type": "DiscreteVP", "betas": self.betas.tolist(), "quantize": self.quantize}
-        return {"type": "DiscreteVP", "kind": self.kind, "T": self.T, "quantize": self.quantize}
+            return {"type": "DiscreteVP", "betas": self.betas.tolist(), "quantize": self.quantize, **extra}
+        return {"type": "DiscreteVP", "kind": self.kind, "T": self.T, "quantize": self.quantize, **extra}
 
 
 def vp_linear(T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> DiscreteVP:
@@ -321,9 +331,15 @@ def schedule_from_config(cfg: dict) -> Schedule:
                 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 < b < 1 for b in betas)
             ):
                 raise ValueError("schedule betas must be a list of 2 .. 100000 numbers in (0, 1)")
-            return DiscreteVP(torch.tensor(cfg["betas"], dtype=F64), quantize=cfg.get("quantize", False))
+            return DiscreteVP(
+                torch.tensor(cfg["betas"], dtype=F64),
+                quantize=cfg.get("quantize", False),
+                interpolation=cfg.get("interpolation", "log"),
+            )
         betas = betas_for(cfg["kind"], cfg.get("T", 1000))
-        return DiscreteVP(betas, kind=cfg["kind"], quantize=cfg.get("quantize", False))
+        return DiscreteVP(
+            betas, kind=cfg["kind"], quantize=cfg.get("quantize", False), interpolation=cfg.get("interpolation", "log")
+        )
     classes = {"ContinuousVP": ContinuousVP, "VE": VE, "EDM": EDM}
     if kind not in classes:
         raise ValueError(f"unknown schedule type {kind!r} in config; known: DiscreteVP, {', '.join(classes)}")

@@ -33,6 +33,7 @@ Usage::
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 from typing import Any, Mapping
@@ -342,16 +343,20 @@ def schedule_from_diffusers(config: Mapping[str, Any] | None = None) -> Discrete
     """
     config = dict(config or {})
     T = int(config.get("num_train_timesteps", 1000))
+    # Euler-type schedulers place fractional timesteps by interpolating sigma linearly
+    interpolation = "linear" if config.get("interpolation_type") == "linear" else "log"
     if config.get("trained_betas") is not None:
-        return DiscreteVP(torch.as_tensor(config["trained_betas"], dtype=torch.float64))
+        betas = torch.as_tensor(config["trained_betas"], dtype=torch.float64)
+        return DiscreteVP(betas, interpolation=interpolation)
     kind = config.get("beta_schedule", "linear")
     b0, b1 = float(config.get("beta_start", 0.0001)), float(config.get("beta_end", 0.02))
-    if kind == "linear":
-        return vp_linear(T, b0, b1)
-    if kind == "scaled_linear":
-        return vp_scaled_linear(T, b0, b1)
-    if kind == "squaredcos_cap_v2":
-        return vp_cosine(T)
+    if kind in ("linear", "scaled_linear", "squaredcos_cap_v2"):
+        schedule = {
+            "linear": lambda: vp_linear(T, b0, b1),
+            "scaled_linear": lambda: vp_scaled_linear(T, b0, b1),
+            "squaredcos_cap_v2": lambda: vp_cosine(T),
+        }[kind]()
+        return dataclasses.replace(schedule, interpolation=interpolation) if interpolation != "log" else schedule
     raise ValueError(
         f"unsupported diffusers beta_schedule {kind!r}; known: 'linear', 'scaled_linear', "
         "'squaredcos_cap_v2' (or trained_betas)"

@@ -37,6 +37,7 @@ __all__ = [
     "is_diffusers_folder",
     "load_diffusers_folder",
     "scheduler_sigmas",
+    "scheduler_start",
     "CLIPPromptEncoder",
     "DiffusersLatentSpace",
 ]
@@ -148,16 +149,34 @@ class DiffusersLatentSpace:
         return vae.encode(x.to(next(vae.parameters()).dtype)).latent_dist.mean.float() * self.scale
 
 
+def _scheduler(spec: dict, steps: int):
+    import diffusers
+
+    scheduler = getattr(diffusers, spec["scheduler_class"]).from_config(spec["scheduler"])
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
+def scheduler_start(spec: dict, schedule, steps: int) -> float:
+    """The factor diffusers multiplies unit-Gaussian latents by at the start, in difflab's VE
+    coordinates. Schedulers that integrate in sigma space (Euler, Heun, LMS, ...) say it as their
+    init_noise_sigma (sigma_max for linspace/trailing spacing, sqrt(sigma_max^2 + 1) for leading);
+    the others (DDIM, DDPM, PNDM, DPM-Solver, UniPC: init_noise_sigma 1) start at the VP point,
+    sqrt(1 + sigma_0^2) in VE."""
+    scheduler = _scheduler(spec, steps)
+    init = float(scheduler.init_noise_sigma)
+    if init != 1.0:
+        return init
+    return (1 + float(scheduler_sigmas(spec, schedule, steps)[0]) ** 2) ** 0.5
+
+
 def scheduler_sigmas(spec: dict, schedule, steps: int) -> Tensor:
     """The sigma grid diffusers' scheduler of the folder walks for `steps` steps: its own
     set_timesteps (each scheduler spaces timesteps its own way), as difflab sigmas. Schedulers that
     keep sigmas (Euler, DPM-Solver, Heun, ...) give them directly (a repeated value of a two-stage
     method counted once); DDIM/DDPM/PNDM give timesteps, mapped through the schedule, and end at
     their final alpha (sigma 0, or the first training level when set_alpha_to_one is false)."""
-    import diffusers
-
-    scheduler = getattr(diffusers, spec["scheduler_class"]).from_config(spec["scheduler"])
-    scheduler.set_timesteps(steps)
+    scheduler = _scheduler(spec, steps)
     sigmas = getattr(scheduler, "sigmas", None)
     if isinstance(sigmas, Tensor) and sigmas.numel() > 1:
         return torch.unique_consecutive(sigmas.to(torch.float64))

@@ -105,6 +105,8 @@ SCHEDULERS = {  # diffusers scheduler (and config changes) -> the difflab sample
     "ddim": ("DDIMScheduler", {}, "euler"),
     "ddim_final_alpha": ("DDIMScheduler", {"set_alpha_to_one": False}, "euler"),  # SD v1's setting
     "euler": ("EulerDiscreteScheduler", {}, "euler"),
+    # linspace: unit latents times sigma_max (not sqrt(sigma^2 + 1)); 7 steps: fractional timesteps 832.5, ...
+    "euler_linspace": ("EulerDiscreteScheduler", {"timestep_spacing": "linspace"}, "euler"),
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}, "dpmpp_2m"),
 }
 
@@ -131,17 +133,20 @@ def test_samplers_equal_the_diffusers_pipeline(folder, tmp_path_factory, name, g
     from diffusers import StableDiffusionPipeline
 
     variant = _with_scheduler(folder, tmp_path_factory.getbasetemp(), name)
+    steps = 7 if name == "euler_linspace" else 4
     ref = StableDiffusionPipeline.from_pretrained(variant, safety_checker=None, requires_safety_checker=False)
     ref.set_progress_bar_config(disable=True)
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     prompts = ["a cat", "a red dog"]
     want = (
-        ref(prompts, num_inference_steps=4, guidance_scale=guidance, latents=latents.clone(), output_type="pt").images
+        ref(
+            prompts, num_inference_steps=steps, guidance_scale=guidance, latents=latents.clone(), output_type="pt"
+        ).images
         * 2
         - 1
     )
     got = Pipeline.from_pretrained(variant)(
-        2, prompt=prompts, steps=4, sampler=SCHEDULERS[name][2], guidance_scale=guidance, latents=latents
+        2, prompt=prompts, steps=steps, sampler=SCHEDULERS[name][2], guidance_scale=guidance, latents=latents
     )
     assert want.std() > 0.05  # the images are not flat: the comparison can fail
     torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
