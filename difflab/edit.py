@@ -40,7 +40,6 @@ Library use::
 from __future__ import annotations
 
 import argparse
-import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -271,7 +270,6 @@ def edit(
     `mask` (1, 1, H, W) in {0, 1} follows the method's convention (`METHODS[method].mask_convention()`);
     `knobs` are the method's parameters (`METHODS[method].knobs`, defaults where not given)."""
     from difflab.core.sampling import SAMPLERS
-    from difflab.pipeline import grid_for
 
     spec = edit_method(method)
     k = spec.knob_values(knobs)
@@ -298,7 +296,7 @@ def edit(
         D,
         z,
         z_mask,
-        pipe.sigmas_for(steps) if hasattr(pipe, "sigmas_for") else grid_for(D.schedule, steps),
+        pipe.sigmas_for(steps),
         sampler or spec.sampler,
         seed,
         torch.Generator().manual_seed(seed),
@@ -312,8 +310,7 @@ def edit(
     if mask is not None:
         first_tiles.append((f"mask: white = {'keep' if spec.mask_keeps == 'white' else 'edit'}", _as_tile(mask, image)))
     ctx.info.update({"method": method, "steps": steps, "sampler": ctx.sampler or "own", **k})
-    autocast = pipe.autocast() if hasattr(pipe, "autocast") else contextlib.nullcontext()
-    with torch.no_grad(), autocast:
+    with torch.no_grad(), pipe.autocast():
         out = spec.run(ctx, **k).float()
         tiles = ctx.tiles + (ctx.output_tiles if ctx.output_tiles is not None else [("output", out)])
         tiles = [(caption, t.float()) for caption, t in tiles]

@@ -175,11 +175,8 @@ def compare_samplers(model, run_folder, samplers, steps, guidance, seed, prompt,
 
 
 def _as_array(image) -> np.ndarray | None:
-    if image is None:
-        return None
-    if isinstance(image, Image.Image):
-        return np.asarray(image)
-    return np.asarray(image)
+    """An uploaded image (numpy array or PIL image) as an array; None stays None."""
+    return None if image is None else np.asarray(image)
 
 
 def _image_tensor(array: np.ndarray, channels: int, size: int) -> torch.Tensor:
