@@ -215,6 +215,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         hutchinson=args.hutchinson,
         recompute_stats=args.recompute_stats,
         batch_size=args.batch_size,
+        device=args.device,
         progress=not args.no_progress,
     )
     print(format_report(report), flush=True)  # the scores first: a failed write cannot lose them
@@ -381,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--recompute-stats", action="store_true", help="rebuild the cached reference statistics")
     ev.add_argument("--batch-size", type=POS_INT, default=256)
     ev.add_argument("--out", help="JSON report (default RUN/eval.json)")
+    ev.add_argument(
+        "--device", default="auto", help="cpu, cuda, cuda:N, mps, or auto: CUDA when present, else CPU (default auto)"
+    )
     ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(func=_cmd_eval)
 

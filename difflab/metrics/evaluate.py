@@ -101,7 +101,10 @@ def evaluate_run(
     timings = {}
     pipe = Pipeline.from_pretrained(run, weights=weights)
     if device is not None:
-        pipe.denoiser.to(device)
+        from difflab.pipeline import resolve_device
+
+        device = resolve_device(device)  # "auto": CUDA when present; a device that is not here: a ValueError
+        pipe.to(device)
     config = pipe.config
     dataset = config["data"]["name"]
     ext_name = extractor or default_extractor(dataset)

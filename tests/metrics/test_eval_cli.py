@@ -72,3 +72,10 @@ def test_eval_with_inception_but_no_weights_says_what_to_do(tiny_run, capsys):
     assert main(["eval", "--run", str(tiny_run), "--extractor", "inception", "--n", "8", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "difflab eval: error" in err and "--inception-weights" in err and "pt_inception" in err
+
+
+def test_eval_names_a_device_that_is_not_here(tiny_run, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: every device name is valid here")
+    assert main(["eval", "--run", str(tiny_run), "--n", "8", "--device", "cuda", "--no-progress"]) == 2
+    assert "device 'cuda' requested, but this torch has no CUDA device" in capsys.readouterr().err
