@@ -147,46 +147,14 @@ def test_a_registered_entry_becomes_a_subcommand(monkeypatch, tiny_run, tmp_path
     save_image_grid(image, tmp_path / "in.png", nrow=1, padding=0)
     save_image_grid(mask * 2 - 1, tmp_path / "mask.png", nrow=1, padding=0)
     out = tmp_path / "out.png"
-    assert (
-        main(
-            [
-                "edit",
-                "toy",
-                "--run",
-                str(tiny_run),
-                "--image",
-                str(tmp_path / "in.png"),
-                "--mask",
-                str(tmp_path / "mask.png"),
-                "--out",
-                str(out),
-                "--amount",
-                "2",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    args = ["edit", "toy", "--run", str(tiny_run), "--image", str(tmp_path / "in.png")]
+    args += ["--mask", str(tmp_path / "mask.png"), "--out", str(out)]
+    assert main([*args, "--amount", "2", "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "Toy negation (tests)" in printed and "toy mask: white = edit, black = keep the input" in printed
     assert out.exists() and out.with_name("out_strip.png").exists()
     with pytest.raises(SystemExit) as exc:
-        main(
-            [
-                "edit",
-                "toy",
-                "--run",
-                str(tiny_run),
-                "--image",
-                str(tmp_path / "in.png"),
-                "--mask",
-                str(tmp_path / "mask.png"),
-                "--out",
-                str(out),
-                "--amount",
-                "3",
-            ]
-        )
+        main([*args, "--amount", "3"])
     assert exc.value.code == 2
     assert "--amount: must be a finite number in [0, 2], got '3'" in capsys.readouterr().err
 
