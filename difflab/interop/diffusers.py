@@ -254,11 +254,24 @@ class DiffusersUNet(nn.Module):
     def __init__(self, unet: nn.Module):
         super().__init__()
         params = inspect.signature(unet.forward).parameters
-        if "sample" not in params or "timestep" not in params:
-            raise TypeError(f"{type(unet).__name__} does not have a diffusers UNet forward(sample, timestep, ...)")
+        # UNets take `sample`, transformers (DiTTransformer2DModel) `hidden_states`
+        self.input_name = next((n for n in ("sample", "hidden_states") if n in params), None)
+        if self.input_name is None or "timestep" not in params:
+            raise TypeError(
+                f"{type(unet).__name__} does not have a diffusers forward(sample or hidden_states, timestep, ...)"
+            )
         self.unet = unet
         self.takes_context = "encoder_hidden_states" in params
+        self.null_class = _null_class(unet)
         self.attention_layers = install_attention_processors(unet)
+
+    @property
+    def num_classes(self) -> int | None:
+        """Classes of the class embedding (None: the network takes no class labels)."""
+        if getattr(self.unet, "class_embedding", None) is not None:
+            return int(self.unet.config.num_class_embeds or self.unet.class_embedding.num_embeddings)
+        n = getattr(self.unet.config, "num_embeds_ada_norm", None)
+        return int(n) if n is not None and self.input_name == "hidden_states" else None
 
     @property
     def in_channels(self) -> int:
@@ -298,16 +311,19 @@ class DiffusersUNet(nn.Module):
         t = t.reshape(1).expand(x.shape[0]) if t.numel() == 1 else t
         kwargs: dict[str, Any] = {}
         if class_labels is not None:
-            if getattr(self.unet, "class_embedding", None) is None:
-                raise ValueError("class_labels given to a diffusers UNet without a class embedding")
+            if self.num_classes is None:
+                raise ValueError(f"class_labels given to a {type(self.unet).__name__} without a class embedding")
             labels = torch.as_tensor(class_labels, device=x.device)
             if labels.dtype.is_floating_point:
                 raise ValueError(f"class labels must be an integer tensor, got dtype {labels.dtype}")
+            labels = labels.reshape(-1).expand(x.shape[0]) if labels.numel() == 1 else labels
             if (labels < 0).any():
-                raise ValueError(
-                    f"class label {labels[labels < 0][0].item()} is not valid for a diffusers UNet: "
-                    "its class embedding has no null class (-1)"
-                )
+                if self.null_class is None:
+                    raise ValueError(
+                        f"class label {labels[labels < 0][0].item()} is not valid for this "
+                        f"{type(self.unet).__name__}: its class embedding has no null class (-1)"
+                    )
+                labels = torch.where(labels < 0, torch.full_like(labels, self.null_class), labels)
             kwargs["class_labels"] = labels
         if self.takes_context:
             if context is None:
@@ -323,8 +339,22 @@ class DiffusersUNet(nn.Module):
                 kwargs["encoder_attention_mask"] = context_mask.to(dtype)  # diffusers: 1 = keep
         elif context is not None or context_mask is not None:
             raise ValueError(f"context given to {type(self.unet).__name__}, which has no cross-attention")
-        out = self.unet(x.to(dtype), t.to(x.device), return_dict=False, **kwargs)[0]
-        return out
+        kwargs[self.input_name] = x.to(dtype)
+        return self.unet(timestep=t.to(x.device), return_dict=False, **kwargs)[0]
+
+
+def _null_class(model: nn.Module) -> int | None:
+    """The label index of the unconditional row of a class embedding, if it has one: DiT's label
+    table holds num_classes + 1 rows (the last is the null class of classifier-free guidance);
+    a UNet2DModel's class embedding has none."""
+    n = getattr(model.config, "num_embeds_ada_norm", None)
+    if n is None:
+        return None
+    for module in model.modules():
+        table = getattr(module, "embedding_table", None)
+        if isinstance(table, nn.Embedding) and table.num_embeddings == int(n) + 1:
+            return int(n)
+    return None
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """A diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)
 as the pieces of a difflab `Pipeline`: denoiser, text encoder, latent space and config. Two layouts:
-Stable Diffusion's (below) and a pixel UNet2DModel with a scheduler (DDPMPipeline, DDIMPipeline:
-unconditional, or class-conditional through the UNet's class embedding, which has no null class).
+Stable Diffusion's (below), a pixel UNet2DModel with a scheduler (DDPMPipeline, DDIMPipeline:
+unconditional, or class-conditional through the UNet's class embedding, which has no null class),
+and DiT's (DiTPipeline: transformer/ DiTTransformer2DModel, vae/, scheduler/; label 1000 of the
+ImageNet models is the null class of classifier-free guidance).
 
     pipe = Pipeline.from_pretrained("stable-diffusion-folder")        # detects model_index.json
     images = pipe(4, prompt="a photo of a cat", guidance_scale=7.5, sampler="euler", steps=30)
@@ -211,13 +213,64 @@ def _load_pixel_unet(folder: Path, index: dict) -> tuple:
     return denoiser, config, None, None
 
 
+def _load_dit(folder: Path, index: dict) -> tuple:
+    """A DiTPipeline folder: a class-conditional DiTTransformer2DModel on the latents of an
+    AutoencoderKL. Its label table's last row is the null class (label 1000 for ImageNet DiTs), so
+    classifier-free guidance works; the learned-variance half of its output is set aside, as
+    DiTPipeline does. Class names come from model_index.json's id2label when present."""
+    scheduler_cls = _component(folder, index, "scheduler", SCHEDULERS)
+    cls = _component(folder, index, "transformer", ("DiTTransformer2DModel", "Transformer2DModel"))
+    _component(folder, index, "vae", ("AutoencoderKL",))
+    for name in ("transformer", "vae"):
+        _weights_file(folder / name)
+    try:
+        import diffusers
+        from diffusers import AutoencoderKL
+    except ImportError as e:
+        raise ValueError(f"loading a diffusers folder needs diffusers: {e}") from None
+    scheduler = _read(folder / "scheduler" / "scheduler_config.json")
+    # an older hub folder names the generic Transformer2DModel; its DiT config loads as DiTTransformer2DModel
+    config = _read(folder / "transformer" / "config.json")
+    if cls == "Transformer2DModel" and config.get("norm_type") != "ada_norm_zero":
+        raise ValueError(f"{folder / 'transformer'}: a Transformer2DModel that is not a DiT (norm_type ada_norm_zero)")
+    transformer = diffusers.DiTTransformer2DModel.from_pretrained(folder / "transformer", use_safetensors=True)
+    vae = AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True)
+    if vae.config.latent_channels != transformer.config.in_channels:
+        raise ValueError(
+            f"{folder}: the VAE makes {vae.config.latent_channels}-channel latents, the transformer takes "
+            f"{transformer.config.in_channels} channels"
+        )
+    denoiser = diffusers_denoiser(transformer, scheduler)
+    net = denoiser.net
+    size = int(transformer.config.sample_size)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    names = index.get("id2label") or {}
+    class_names = [names.get(str(i), str(i)).split(",")[0].strip() for i in range(net.num_classes)] if names else []
+    config = {
+        "model": {"arch": "diffusers", "class": "DiTTransformer2DModel", "num_classes": net.num_classes},
+        "data": {"name": "diffusers", "channels": int(vae.config.in_channels), "size": size * factor},
+        "autoencoder": {"kind": "diffusers", "folder": "vae"},
+        "diffusers": {"folder": str(folder), "scheduler_class": scheduler_cls, "scheduler": scheduler},
+        "prediction": denoiser.prediction,
+        # the null row was trained by the model's own label dropout (DiT: 10%)
+        "train": {"label_dropout": 0.1 if net.null_class is not None else 0.0},
+    }
+    if class_names:
+        config["data"]["class_names"] = class_names
+    latent_space = DiffusersLatentSpace(vae, (int(transformer.config.in_channels), size, size))
+    return denoiser, config, None, latent_space
+
+
 def load_diffusers_folder(folder) -> tuple:
     """(denoiser, config, text_encoder, latent_space) of a diffusers folder: the Stable Diffusion
-    layout (UNet2DConditionModel, AutoencoderKL, CLIP) or a pixel UNet2DModel (DDPM/DDIM pipelines);
+    layout (UNet2DConditionModel, AutoencoderKL, CLIP), a pixel UNet2DModel (DDPM/DDIM pipelines)
+    or a DiT (DiTTransformer2DModel on AutoencoderKL latents, class-conditional with a null class);
     one-line errors for a missing component, an unknown scheduler, mismatched channels or
     pickle-only weights."""
     folder = Path(folder)
     index = _read(folder / "model_index.json")
+    if "transformer" in index:
+        return _load_dit(folder, index)
     unet_cls = _component(folder, index, "unet", ("UNet2DConditionModel", "UNet2DModel"))
     if unet_cls == "UNet2DModel":
         return _load_pixel_unet(folder, index)
