@@ -434,6 +434,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_reproduce_parser(sub)
 
+    from difflab.interop.export import add_export_parser
+
+    add_export_parser(sub)
+
     from difflab.ui import add_ui_parser
 
     add_ui_parser(sub)
