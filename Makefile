@@ -12,7 +12,7 @@ JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 $(STAMP): pyproject.toml requirements.lock requirements-test.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.lock -r requirements-test.lock
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps k-diffusion==0.1.1.post1
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps k-diffusion==0.1.1.post1 torch-fidelity==0.4.0
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

@@ -216,11 +216,40 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         recompute_stats=args.recompute_stats,
         batch_size=args.batch_size,
         device=args.device,
+        dtype=args.dtype,
         progress=not args.no_progress,
     )
     print(format_report(report), flush=True)  # the scores first: a failed write cannot lose them
     out = write_report(report, out)
     print(f"wrote {out}")
+    return 0
+
+
+def _cmd_fid(args: argparse.Namespace) -> int:
+    """FID and KID between two image folders, by the published conventions (difflab.metrics.standard)."""
+    from difflab.metrics.standard import fid_folders
+
+    out = check_output_file(args.out, suffixes={".json"}, what="--out") if args.out else None
+    r = fid_folders(
+        args.dir_a,
+        args.dir_b,
+        args.inception_weights,
+        kid_subsets=args.kid_subsets,
+        kid_subset_size=args.kid_subset_size,
+        batch_size=args.batch_size,
+        resize=args.resize,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    print(
+        f"FID {r['fid']:.4f}  KID {r['kid']:.6f} +- {r['kid_std']:.6f}  ({r['n_a']} vs {r['n_b']} images, "
+        f"uint8, {r['resize']} resize, Inception {r['inception_sha256'][:12]})"
+    )
+    if out:
+        from difflab.runfolder import write_json
+
+        write_json(out, r)
+        print(f"wrote {out}")
     return 0
 
 
@@ -382,11 +411,31 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--recompute-stats", action="store_true", help="rebuild the cached reference statistics")
     ev.add_argument("--batch-size", type=POS_INT, default=256)
     ev.add_argument("--out", help="JSON report (default RUN/eval.json)")
-    ev.add_argument(
-        "--device", default="auto", help="cpu, cuda, cuda:N, mps, or auto: CUDA when present, else CPU (default auto)"
-    )
+    add_device_arguments(ev)  # --dtype: sampling's compute dtype; bits/dim always uses the fp32 weights
     ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(func=_cmd_eval)
+
+    fd = sub.add_parser(
+        "fid",
+        help="FID and KID between two image folders (uint8, TF1 resize, your Inception weights)",
+        description="FID and KID between two folders of images by the conventions published numbers use: "
+        "uint8 images, TensorFlow 1 bilinear resize to 299 (or torchmetrics' antialiased one), the FID "
+        "Inception-v3 weights file you have (pt_inception-2015-12-05-6726825d.pth), KID with the cubic "
+        "polynomial kernel over 100 subsets of 1000.",
+    )
+    fd.add_argument("dir_a", help="folder of images (e.g. the real ones)")
+    fd.add_argument("dir_b", help="folder of images (e.g. generated ones)")
+    fd.add_argument("--inception-weights", required=True, metavar="PATH", help="Inception-v3 FID weights file")
+    fd.add_argument("--resize", choices=("tf1", "antialias"), default="tf1", help="resize to 299 (default tf1)")
+    fd.add_argument("--kid-subsets", type=POS_INT, default=100, help="KID subsets (default 100)")
+    fd.add_argument("--kid-subset-size", type=POS_INT, default=1000, help="KID subset size (default 1000)")
+    fd.add_argument("--batch-size", type=POS_INT, default=64)
+    fd.add_argument(
+        "--device", default="auto", help="cpu, cuda, cuda:N, mps, or auto: CUDA when present, else CPU (default auto)"
+    )
+    fd.add_argument("--out", help="also write the numbers to this JSON file")
+    fd.add_argument("--no-progress", action="store_true")
+    fd.set_defaults(func=_cmd_fid)
 
     d = sub.add_parser(
         "demo",

@@ -35,7 +35,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from difflab.core.validation import SEED
+from difflab.core.validation import SEED, add_device_arguments
 from difflab.runfolder import atomic_write_bytes
 
 __all__ = [
@@ -197,11 +197,14 @@ def reproduce(
     rerun: bool = True,
     seed: int = 0,
     paper_args: list[str] | None = None,
+    device: str = "auto",
+    dtype: str = "fp32",
 ) -> list[PaperResult]:
     """Rerun `names` (unless not `rerun`) and write the site for every paper to `out`.
 
     `paper_args` go to each rerun paper's own flags (e.g. ["--only", "oracle"]; see
-    `python -m papers.NAME.run --help`)."""
+    `python -m papers.NAME.run --help`). `device` and `dtype` are where and how the pretrained
+    pipelines the papers load run (trainings inside a paper stay on the CPU)."""
     from papers.runner import cpu_seconds, main
 
     all_papers = papers()
@@ -216,7 +219,8 @@ def reproduce(
             c0 = time.perf_counter()
             cpu0 = cpu_seconds()
             print(f"reproduce {name}" + (" --quick: " + "; ".join(shortened(paper)) if quick else " (full settings)"))
-            flags = ["--out", str(folder), "--seed", str(seed)] + (["--quick"] if quick else [])
+            flags = ["--out", str(folder), "--seed", str(seed), "--device", str(device), "--dtype", str(dtype)]
+            flags += ["--quick"] if quick else []
             main(paper, flags + list(paper_args or []))
             cpu = cpu_seconds() - cpu0
             print(f"reproduce {name}: {time.perf_counter() - c0:.0f} s wall, {cpu / 60:.1f} CPU-min")
@@ -408,6 +412,8 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         rerun=not args.show,
         seed=args.seed,
         paper_args=shlex.split(args.paper_args or ""),
+        device=args.device,
+        dtype=args.dtype,
     )
     index = Path(args.out) / "index.html"
     for r in results:
@@ -434,6 +440,7 @@ def add_reproduce_parser(subparsers) -> argparse.ArgumentParser:
     r.add_argument("--show", action="store_true", help="rerun nothing: the site from the committed full runs")
     r.add_argument("--out", default="reproduce_out", help="site folder (default reproduce_out)")
     r.add_argument("--seed", type=SEED, default=0, help="seed of the reruns (default 0)")
+    add_device_arguments(r)  # where the papers' pretrained pipelines run
     r.add_argument(
         "--paper-args",
         metavar="FLAGS",

@@ -7,6 +7,7 @@ all written atomically. Each paper's run.py holds only its experiment and declar
         main(PAPER)
 
     python -m papers.dit.run [--only PART ...] [--quick] [--report] [--no-report] [--out DIR] [--seed S]
+                             [--device auto|cpu|cuda] [--dtype fp32|bf16|fp16]
 
 A part is `fn(run) -> value`; the value is stored as results.json[part] (a part that returns None
 stored its own entries; one that returns SKIPPED could not run here and leaves no trace), and the
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 __all__ = [
+    "load_pipeline",
     "Paper",
     "Run",
     "Results",
@@ -226,16 +228,49 @@ class Paper:
             help="output folder (default: the paper's folder; _quick/ in it with --quick)",
         )
         ap.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
+        ap.add_argument(
+            "--device",
+            default="auto",
+            help="device of the pretrained pipelines the paper loads: cpu, cuda, cuda:N or auto (CUDA when "
+            "present; default). Trainings inside a paper run on the CPU",
+        )
+        ap.add_argument(
+            "--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="their compute dtype (default fp32)"
+        )
         if self.options is not None:
             self.options(ap)
         return ap
+
+
+# where the pretrained pipelines a paper loads run (--device, --dtype; set by `main`)
+DEVICE: Any = "cpu"
+DTYPE: Any = "fp32"
+
+
+def load_pipeline(source):
+    """A zoo model (by name) or a run / diffusers folder as a Pipeline on the run's --device and
+    --dtype. Paper code may keep its tensors on the CPU: the denoiser moves its inputs to the
+    network and back (`Preconditioned`)."""
+    from difflab import zoo
+    from difflab.pipeline import Pipeline
+
+    if (zoo.ZOO_DIR / str(source) / "zoo.json").is_file():
+        pipe = zoo.load(str(source))
+    else:
+        pipe = Pipeline.from_pretrained(source)
+    return pipe.to(DEVICE, DTYPE)
 
 
 def main(paper: Paper, argv: list[str] | None = None) -> Run:
     """Parse the flags, run the chosen parts (each stored as it finishes), write the report."""
     import torch
 
+    global DEVICE, DTYPE
+
     args = paper.parser().parse_args(argv)
+    from difflab.pipeline import resolve_device, resolve_dtype
+
+    DEVICE, DTYPE = resolve_device(args.device), resolve_dtype(args.dtype)  # a bad one: an error before any work
     out = Path(args.out) if args.out is not None else (paper.folder / "_quick" if args.quick else paper.folder)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
@@ -260,7 +295,9 @@ def main(paper: Paper, argv: list[str] | None = None) -> Run:
             def record(res: dict) -> None:
                 runs = res.setdefault("runs", {})
                 runs[part] = took
-                runs["machine"] = f"{os.cpu_count()} cores, torch {torch.__version__}, 1 thread"
+                runs["machine"] = f"{os.cpu_count()} cores, torch {torch.__version__}, 1 thread" + (
+                    "" if DEVICE.type == "cpu" and DTYPE == torch.float32 else f"; pipelines on {DEVICE} in {DTYPE}"
+                )
 
             results.update(record)
             log(f"{part} done in {took['wall_s']:.0f} s ({took['cpu_s']:.0f} CPU-s)")

@@ -137,7 +137,20 @@ class Preconditioned(nn.Module):
         return dims(c_skip), dims(c_out), dims(c_in), c_noise.to(device=x.device, dtype=torch.float32)
 
     def _net(self, x_in: Tensor, c_noise: Tensor, cond: dict) -> Tensor:
-        out = self.net(x_in, c_noise, **cond)
+        """The network's output on x_in's device. A network moved elsewhere (`Pipeline.to("cuda")`)
+        gets its inputs moved to it, and a network cast to bf16/fp16 runs under autocast of its
+        dtype, so callers that hold float32 CPU tensors need not know where or how it runs."""
+        param = next(self.net.parameters(), None)
+        home = x_in.device
+        if param is not None and param.device != home:
+            x_in, c_noise = x_in.to(param.device), c_noise.to(param.device)
+            cond = {k: v.to(param.device) if isinstance(v, Tensor) else v for k, v in cond.items()}
+        low = param is not None and param.dtype in (torch.bfloat16, torch.float16)
+        with torch.autocast(
+            param.device.type if param is not None else "cpu", dtype=param.dtype if low else None, enabled=low
+        ):
+            out = self.net(x_in, c_noise, **cond)
+        out = out.to(home)
         if self.learned_variance:
             c = out.shape[1] // 2
             if out.shape[1] != 2 * c:

@@ -59,6 +59,8 @@ SCHEDULERS = (
     "DEISMultistepScheduler",
     "KDPM2DiscreteScheduler",
 )
+# EDM schedulers: the UNet is preconditioned by Karras et al.'s c_in, c_noise = ln(sigma) / 4, c_skip, c_out
+EDM_SCHEDULERS = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")
 
 
 def is_diffusers_folder(path) -> bool:
@@ -166,6 +168,10 @@ def scheduler_start(spec: dict, schedule, steps: int) -> float:
     the others (DDIM, DDPM, PNDM, DPM-Solver, UniPC: init_noise_sigma 1) start at the VP point,
     sqrt(1 + sigma_0^2) in VE."""
     scheduler = _scheduler(spec, steps)
+    if (
+        spec["scheduler_class"] in EDM_SCHEDULERS
+    ):  # their init_noise_sigma is sqrt(sigma_max^2 + 1); EDM starts at sigma_max
+        return float(scheduler.sigmas[0])
     init = float(scheduler.init_noise_sigma)
     if init != 1.0:
         return init
@@ -189,10 +195,28 @@ def scheduler_sigmas(spec: dict, schedule, steps: int) -> Tensor:
     return torch.cat([grid, torch.tensor([last], dtype=torch.float64)])
 
 
+def _edm_denoiser(unet: nn.Module, scheduler: dict):
+    """Preconditioned(DiffusersUNet(unet), EDM schedule, "edm") from an EDM scheduler config."""
+    from difflab.core.denoiser import Preconditioned
+    from difflab.core.schedules import EDM
+    from difflab.interop.diffusers import DiffusersUNet
+
+    if scheduler.get("prediction_type", "epsilon") != "epsilon":
+        raise ValueError(f"EDM scheduler prediction_type {scheduler['prediction_type']!r} is not supported (epsilon)")
+    schedule = EDM(
+        sigma_min=float(scheduler.get("sigma_min", 0.002)),
+        sigma_max=float(scheduler.get("sigma_max", 80.0)),
+        sigma_data=float(scheduler.get("sigma_data", 0.5)),
+        rho=float(scheduler.get("rho", 7.0)),
+    )
+    return Preconditioned(DiffusersUNet(unet), schedule, "edm").eval()
+
+
 def _load_pixel_unet(folder: Path, index: dict) -> tuple:
     """A DDPM/DDIM-style folder: a UNet2DModel on pixels (unconditional, or class-conditional through
-    its class embedding) and a scheduler."""
-    scheduler_cls = _component(folder, index, "scheduler", SCHEDULERS)
+    its class embedding) and a scheduler. A folder written by `difflab export` carries
+    difflab_config.json: its class table's last row is the null class, and its data's class names."""
+    scheduler_cls = _component(folder, index, "scheduler", SCHEDULERS + EDM_SCHEDULERS)
     _weights_file(folder / "unet")
     try:
         from diffusers import UNet2DModel
@@ -200,15 +224,27 @@ def _load_pixel_unet(folder: Path, index: dict) -> tuple:
         raise ValueError(f"loading a diffusers folder needs diffusers: {e}") from None
     scheduler = _read(folder / "scheduler" / "scheduler_config.json")
     unet = UNet2DModel.from_pretrained(folder / "unet", use_safetensors=True)
-    denoiser = diffusers_denoiser(unet, scheduler)
+    if scheduler_cls in EDM_SCHEDULERS:
+        denoiser = _edm_denoiser(unet, scheduler)
+    else:
+        denoiser = diffusers_denoiser(unet, scheduler)
     size = unet.config.sample_size
     size = int(size[0] if isinstance(size, (list, tuple)) else size)
-    classes = unet.config.num_class_embeds
+    classes = int(unet.config.num_class_embeds) if unet.config.num_class_embeds else None
+    origin = _read(folder / "difflab_config.json") if (folder / "difflab_config.json").is_file() else {}
+    data = {"name": "diffusers", "channels": int(unet.config.in_channels), "size": size}
+    train = {}
+    if origin and classes:  # difflab's export: num_classes + the null row
+        classes -= 1
+        denoiser.net.null_class = classes
+        train["label_dropout"] = float(origin.get("train", {}).get("label_dropout", 0.0) or 0.0)
+        data.update({k: origin["data"][k] for k in ("name", "class_names") if k in origin.get("data", {})})
     config = {
-        "model": {"arch": "diffusers", "class": "UNet2DModel", "num_classes": int(classes) if classes else None},
-        "data": {"name": "diffusers", "channels": int(unet.config.in_channels), "size": size},
+        "model": {"arch": "diffusers", "class": "UNet2DModel", "num_classes": classes},
+        "data": data,
         "diffusers": {"folder": str(folder), "scheduler_class": scheduler_cls, "scheduler": scheduler},
         "prediction": denoiser.prediction,
+        "train": train,
     }
     return denoiser, config, None, None
 

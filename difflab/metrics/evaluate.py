@@ -80,12 +80,18 @@ def evaluate_run(
     batch_size: int = 256,
     weights: str = "ema",
     device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Score a run: FD, precision, recall, IS analogue (+ class accuracy) and bits/dim (a dict)."""
+    """Score a run: FD, precision, recall, IS analogue (+ class accuracy) and bits/dim (a dict).
+
+    `dtype` ("fp32", "bf16", "fp16") is the networks' compute dtype for sampling; bits/dim is
+    always computed with the run's float32 weights (the report says which dtype sampled)."""
     from difflab.core.sampling import DEFAULT_SAMPLER
-    from difflab.pipeline import Pipeline
+    from difflab.pipeline import DTYPES, Pipeline, resolve_dtype
+
+    dtype_name = "fp32" if dtype is None else next(k for k, v in DTYPES.items() if v == resolve_dtype(dtype))
 
     sampler = sampler or DEFAULT_SAMPLER
     if bpd not in BPD_METHODS:
@@ -105,6 +111,12 @@ def evaluate_run(
 
         device = resolve_device(device)  # "auto": CUDA when present; a device that is not here: a ValueError
         pipe.to(device)
+    # sampling runs in `dtype`; bits/dim always in float32 weights (its float64 sums need them), so
+    # the exact fp32 weights are kept aside before the cast and put back for the bound
+    fp32_state = None
+    if dtype is not None and resolve_dtype(dtype) != torch.float32:
+        fp32_state = {k: v.detach().clone() for k, v in pipe.denoiser.net.state_dict().items()}
+        pipe.to(dtype=dtype)
     config = pipe.config
     dataset = config["data"]["name"]
     ext_name = extractor or default_extractor(dataset)
@@ -175,6 +187,9 @@ def evaluate_run(
         bpd = "none"
     if bpd != "none":
         t0 = time.perf_counter()
+        if fp32_state is not None:
+            pipe.denoiser.net.to(torch.float32).load_state_dict(fp32_state)
+            pipe.dtype = torch.float32
         bpd_report = _bits_per_dim(pipe, config, bpd, bpd_n, bpd_timesteps, hutchinson, seed, batch_size, progress)
         timings["bits_per_dim"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
@@ -187,6 +202,7 @@ def evaluate_run(
         "n": n,
         "seed": seed,
         "guidance_scale": guidance_scale,
+        "dtype": dtype_name,
         "prompts": "held-out test captions, one per sample" if prompts else None,
         "weights": weights,
         "extractor": {"name": ext_name, "sha256": ext.weights_sha256, "dim": ext.dim},
@@ -347,8 +363,10 @@ def format_report(r: dict) -> str:
         rows.append(("bits/dim", f"{b['value']:.4f}{se}", f"{how}; {b['n']} {b['split']} images, {b['conditioning']}"))
     w = max(len(k) for k, _, _ in rows)
     v = max(len(x) for _, x, _ in rows)
-    head = f"{r['run']}: {r['n']} samples, {r['sampler']} {r['steps']} steps, seed {r['seed']}" + (
-        f", guidance {r['guidance_scale']:g}" if r["guidance_scale"] != 1 else ""
+    head = (
+        f"{r['run']}: {r['n']} samples, {r['sampler']} {r['steps']} steps, seed {r['seed']}"
+        + (f", guidance {r['guidance_scale']:g}" if r["guidance_scale"] != 1 else "")
+        + (f", sampled in {r['dtype']}" if r.get("dtype", "fp32") != "fp32" else "")
     )
     lines = [head] + [f"  {k:<{w}}  {x:>{v}}  {note}".rstrip() for k, x, note in rows]
     return "\n".join(lines)

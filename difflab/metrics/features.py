@@ -113,7 +113,10 @@ class ClassifierExtractor(FeatureExtractor):
 
 
 class InceptionExtractor(FeatureExtractor):
-    """Inception-v3 pool3 features (the standard FID)."""
+    """Inception-v3 pool3 features by the published FID's conventions (`difflab.metrics.standard`):
+    images quantised to uint8, TensorFlow 1 bilinear resize to 299, (x - 128) / 128."""
+
+    cache_tag = "inception-uint8-tf1"  # reference statistics computed the older way are not reused
 
     def __init__(self, net):
         self.net = net
@@ -123,8 +126,9 @@ class InceptionExtractor(FeatureExtractor):
 
     @torch.no_grad()
     def features_and_probs(self, x: Tensor) -> tuple[Tensor, None]:
-        device = next(self.net.parameters()).device
-        return self.net(x.to(device)).float().cpu(), None
+        from difflab.metrics.standard import inception_features_uint8
+
+        return inception_features_uint8(self.net, x, batch_size=max(len(x), 1)).float(), None
 
     def to(self, device) -> "InceptionExtractor":
         self.net.to(device)
@@ -210,7 +214,8 @@ def _cache_name(
     kw = ""
     if data_kwargs:
         kw = "-kw" + hashlib.sha256(json.dumps(data_kwargs, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    return f"{safe}-{split}-{geometry}{kw}-{extractor.name}-{extractor.weights_sha256[:12]}.safetensors"
+    tag = getattr(extractor, "cache_tag", extractor.name)
+    return f"{safe}-{split}-{geometry}{kw}-{tag}-{extractor.weights_sha256[:12]}.safetensors"
 
 
 def reference_stats(

@@ -35,6 +35,7 @@ from difflab.methods.sdedit import sdedit  # noqa: E402
 if __package__ in (None, ""):  # run as a file: python papers/editing/run.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from papers.runner import (
+    load_pipeline,
     Paper,
     Results,
     Run,
@@ -510,11 +511,9 @@ def np_mean(v: list) -> float:
 def run_repaint_shapes(pipe, scorer, cfg: dict, seed: int = 0) -> dict:
     """The RePaint comparison on the shapes set, with the zoo's shapes text model used unconditionally
     (the empty prompt, trained by caption dropout); agreement = all five attributes kept."""
-    from difflab import zoo
     from difflab.metrics.evaluate import _run_data
-    from difflab.pipeline import Pipeline
 
-    sp = zoo.load(SHAPES_MODEL) if (zoo.ZOO_DIR / SHAPES_MODEL).is_dir() else Pipeline.from_pretrained(SHAPES_MODEL)
+    sp = load_pipeline(SHAPES_MODEL)
     sp.denoiser.eval()
     states, mask = sp.encode_prompts([""])
     test = _run_data(sp.config, "test")
@@ -1191,9 +1190,8 @@ def configure(run: Run) -> None:
 
 
 def setup(run: Run) -> tuple:
-    from difflab import zoo
 
-    pipe = zoo.load(MODEL)
+    pipe = load_pipeline(MODEL)
     pipe.denoiser.eval()
     Results(OUT, SORT).save(
         "meta",

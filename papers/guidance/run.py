@@ -38,6 +38,7 @@ import torch  # noqa: E402
 if __package__ in (None, ""):  # run as a file: python papers/guidance/run.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from papers.runner import (
+    load_pipeline,
     Paper,
     Results,
     Run,
@@ -903,7 +904,7 @@ def configure(run: Run) -> None:
 
 
 def setup(run: Run) -> tuple:
-    pipe = zoo.load(MODEL)
+    pipe = load_pipeline(MODEL)
     return pipe, Scorer(pipe)
 
 

@@ -46,6 +46,7 @@ import torch  # noqa: E402
 if __package__ in (None, ""):  # run as a file: python papers/sdg/run.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from papers.runner import (
+    load_pipeline,
     Paper,
     Results,
     Run,
@@ -63,7 +64,7 @@ from difflab.data import load_dataset  # noqa: E402
 from difflab.data.shapes import ATTRIBUTES, parse_caption, render  # noqa: E402
 from difflab.methods.sdg import _gram, content_score, language_score, sdg, style_score  # noqa: E402
 from difflab.metrics.classifiers import attribute_accuracy, load_classifier, prepare_images  # noqa: E402
-from difflab.pipeline import Pipeline, grid_for  # noqa: E402
+from difflab.pipeline import grid_for  # noqa: E402
 from difflab.train.clip import load_clip  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -145,7 +146,7 @@ class Models:
     def __init__(self, run: str, clip: str):
         self.run, self.clip_dir = run, clip
         run, clip = _in_repo(run), _in_repo(clip)
-        self.pipe = Pipeline.from_pretrained(run)
+        self.pipe = load_pipeline(run)
         if self.pipe.latent_space is not None:
             raise ValueError(f"run {run} samples latents; SDG here guides a pixel-space model")
         if self.pipe.conditioning != "text":

@@ -35,6 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 if __package__ in (None, ""):  # run as a file: python papers/text2image/run.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from papers.runner import (
+    load_pipeline,
     SKIPPED,
     Paper,
     Results,
@@ -93,7 +94,7 @@ def model_folder(name: str) -> Path:
 
 
 def open_model(name: str) -> Pipeline:
-    return Pipeline.from_pretrained(model_folder(name))
+    return load_pipeline(model_folder(name))
 
 
 # --------------------------------------------------------------------------------------------

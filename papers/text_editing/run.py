@@ -58,12 +58,13 @@ from difflab.methods.p2p import P2PController, word_swap_mapper  # noqa: E402
 from difflab.core.sampling import slice_sigmas  # noqa: E402
 from difflab.methods.sdedit import sdedit  # noqa: E402
 from difflab.metrics.classifiers import load_classifier, prepare_images  # noqa: E402
-from difflab.pipeline import Pipeline, grid_for  # noqa: E402
+from difflab.pipeline import grid_for  # noqa: E402
 from difflab.train.clip import load_clip  # noqa: E402
 
 if __package__ in (None, ""):  # run as a file: python papers/text_editing/run.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from papers.runner import (
+    load_pipeline,
     Paper,
     Results,
     Run,
@@ -217,7 +218,7 @@ class Ctx:
                 "them at its first checkpoint; pass --run RUN for another text-conditional shapes run)"
             )
         self.run = str(run)
-        self.pipe = Pipeline.from_pretrained(path)
+        self.pipe = load_pipeline(path)
         if self.pipe.conditioning != "text":
             raise SystemExit(
                 f"--run {run} is {self.pipe.conditioning}-conditional; these methods need a "

@@ -60,3 +60,18 @@ def test_bad_devices_and_dtypes_are_named(tmp_path, capsys):
     if not torch.cuda.is_available():
         assert main(["sample", "--run", str(zoo.ZOO_DIR / "digits-unet-s"), "--device", "cuda", "--out", str(out)]) == 2
         assert "device 'cuda' requested, but this torch has no CUDA device" in capsys.readouterr().err
+
+
+def test_eval_samples_in_the_dtype_and_bounds_bits_per_dim_with_fp32_weights(tmp_path, monkeypatch):
+    from difflab.metrics.evaluate import evaluate_run, format_report
+
+    monkeypatch.setenv("DIFFLAB_CACHE", str(tmp_path / "cache"))
+    run = zoo.ZOO_DIR / "digits-unet-s"
+    kw = dict(sampler="euler", steps=3, n=8, bpd="vlb", bpd_n=4, bpd_timesteps=4, progress=False, log=lambda s: None)
+    fp32 = evaluate_run(run, **kw)
+    bf16 = evaluate_run(run, dtype="bf16", **kw)
+    assert fp32["dtype"] == "fp32" and bf16["dtype"] == "bf16" and "sampled in bf16" in format_report(bf16)
+    assert bf16["fd"] != fp32["fd"]  # the samples really came from bf16 networks
+    assert bf16["bits_per_dim"] == fp32["bits_per_dim"]  # the bound used the exact fp32 weights
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        evaluate_run(run, dtype="fp8", **kw)

@@ -132,3 +132,20 @@ def test_a_zoo_model_exports_from_the_command_line(tmp_path, capsys):
 def test_missing_run_is_a_one_line_error(tmp_path, capsys):
     assert main(["export", str(tmp_path / "nope"), str(tmp_path / "out")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("prediction", ["edm", "eps"])
+def test_an_export_loads_back_into_difflab_with_the_same_outputs(tmp_path, prediction):
+    pipe = tiny_pipeline(prediction)
+    back = Pipeline.from_pretrained(export_diffusers(pipe, tmp_path / "export"))
+    assert back.conditioning == "class" and back.num_classes == 3 and back.label_dropout == 0.1
+    sigmas = back.sigmas_for(5)
+    if prediction == "edm":  # the EDM scheduler's own Karras grid; the start is sigma_max, not sqrt(sigma_max^2 + 1)
+        assert back._start_scale(sigmas, 5) == pytest.approx(float(sigmas[0]))
+    noise = torch.randn(3, 2, 8, 8, generator=torch.Generator().manual_seed(2))
+    kw = dict(class_labels=[0, 1, 2], guidance_scale=2.0, sampler="heun", sigmas=sigmas, latents=noise)
+    # eps at sigma_max = 157: a 1e-6 float32 difference between the two UNets' kernels is 1.6e-4 in x0
+    atol = 1e-4 if prediction == "edm" else 1e-3
+    torch.testing.assert_close(back(3, **kw), pipe(3, **kw), rtol=0, atol=atol)
+    with pytest.raises(ValueError, match="out of range"):
+        back(1, class_labels=3, steps=2)

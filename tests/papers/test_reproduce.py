@@ -47,7 +47,19 @@ def test_list_names_every_paper_with_its_claim(capsys):
 
 def test_one_paper_quick_on_a_tiny_budget_and_the_site(tmp_path, capsys):
     out = tmp_path / "site"
-    args = ["reproduce", "theory", "--quick", "--out", str(out), "--paper-args", "--only oracle --toys swiss_roll"]
+    args = [
+        "reproduce",
+        "theory",
+        "--quick",
+        "--device",
+        "cpu",
+        "--dtype",
+        "bf16",
+        "--out",
+        str(out),
+        "--paper-args",
+        "--only oracle --toys swiss_roll",
+    ]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "theory: 1 holds" in printed and f"wrote {out / 'index.html'}" in printed

@@ -95,3 +95,26 @@ def test_every_paper_declares_itself_to_the_runner():
         ns = paper.parser().parse_args(["--quick", "--only", next(iter(paper.parts))])
         assert ns.quick and ns.only == [next(iter(paper.parts))]
         assert (paper.folder / "results.json").exists() and (paper.folder / "report.md").exists()
+
+
+def test_device_and_dtype_reach_the_pipelines_a_paper_loads(tmp_path):
+    import torch
+
+    from papers.runner import load_pipeline
+
+    seen = {}
+
+    def part(run):
+        pipe = load_pipeline("digits-unet-s")
+        seen["dtype"] = next(pipe.denoiser.net.parameters()).dtype
+        x = torch.randn(2, 1, 16, 16)  # paper code keeps CPU float32 tensors: the denoiser handles the rest
+        seen["out"] = pipe.denoiser(x, torch.tensor([1.0, 1.0])).dtype
+        return {"ok": 1}
+
+    paper = Paper("dev", "A paper that loads a pipeline.", parts={"p": part}, report=lambda run: None)
+    main(paper, ["--out", str(tmp_path), "--device", "cpu", "--dtype", "bf16", "--no-report"])
+    assert seen == {"dtype": torch.bfloat16, "out": torch.float32}
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert "pipelines on cpu in torch.bfloat16" in runs["machine"]
+    with pytest.raises(ValueError, match="unknown device 'tpu'"):
+        main(paper, ["--out", str(tmp_path), "--device", "tpu"])
