@@ -217,6 +217,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         device=args.device,
         dtype=args.dtype,
+        clip_model=args.clip_model,
         progress=not args.no_progress,
     )
     print(format_report(report), flush=True)  # the scores first: a failed write cannot lose them
@@ -411,6 +412,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--recompute-stats", action="store_true", help="rebuild the cached reference statistics")
     ev.add_argument("--batch-size", type=POS_INT, default=256)
     ev.add_argument("--out", help="JSON report (default RUN/eval.json)")
+    ev.add_argument(
+        "--clip-model",
+        metavar="FOLDER",
+        help="a transformers CLIP folder: adds the CLIP score of the samples against their prompts (text runs) "
+        "or 'a photo of a CLASS' (class runs)",
+    )
     add_device_arguments(ev)  # --dtype: sampling's compute dtype; bits/dim always uses the fp32 weights
     ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(func=_cmd_eval)

@@ -260,6 +260,8 @@ class Pipeline:
         if self.num_classes is None:
             return {}
         if why is not None and self.label_dropout <= 0:
+            if self.config.get("diffusers") or self.config["model"].get("source"):  # not trained by difflab
+                raise ValueError(f"{why}, but this model's class embedding has no null class (no label dropout)")
             raise ValueError(f"{why}, but this run was trained without label dropout: it has no null class")
         return {"class_labels": torch.tensor([NULL_CLASS])}
 
@@ -431,7 +433,8 @@ class Pipeline:
             elif labels is not None:
                 cond = {"class_labels": labels[a:b].to(device)}
                 if guided:
-                    D = cfg_guidance(guidance_scale, self.null_cond(), guidance_rescale)(D)
+                    why = f"guidance_scale {guidance_scale:g} (classifier-free guidance) needs the null class"
+                    D = cfg_guidance(guidance_scale, self.null_cond(why), guidance_rescale)(D)
             if clf is not None:
                 from difflab.methods.adm import classifier_log_prob
 

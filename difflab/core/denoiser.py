@@ -145,10 +145,10 @@ class Preconditioned(nn.Module):
         if param is not None and param.device != home:
             x_in, c_noise = x_in.to(param.device), c_noise.to(param.device)
             cond = {k: v.to(param.device) if isinstance(v, Tensor) else v for k, v in cond.items()}
-        low = param is not None and param.dtype in (torch.bfloat16, torch.float16)
-        with torch.autocast(
-            param.device.type if param is not None else "cpu", dtype=param.dtype if low else None, enabled=low
-        ):
+        if param is not None and param.dtype in (torch.bfloat16, torch.float16):
+            with torch.autocast(param.device.type, dtype=param.dtype):
+                out = self.net(x_in, c_noise, **cond)
+        else:  # no context at all: an autocast the caller opened (bf16 training) stays in force
             out = self.net(x_in, c_noise, **cond)
         out = out.to(home)
         if self.learned_variance:

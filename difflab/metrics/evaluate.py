@@ -81,13 +81,16 @@ def evaluate_run(
     weights: str = "ema",
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
+    clip_model: str | os.PathLike | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Score a run: FD, precision, recall, IS analogue (+ class accuracy) and bits/dim (a dict).
 
     `dtype` ("fp32", "bf16", "fp16") is the networks' compute dtype for sampling; bits/dim is
-    always computed with the run's float32 weights (the report says which dtype sampled)."""
+    always computed with the run's float32 weights (the report says which dtype sampled).
+    `clip_model`: a transformers CLIP folder; adds the CLIP score of each sample against its prompt
+    (text runs) or "a photo of a CLASS" (class runs; `difflab.metrics.clip_score`)."""
     from difflab.core.sampling import DEFAULT_SAMPLER
     from difflab.pipeline import DTYPES, Pipeline, resolve_dtype
 
@@ -177,6 +180,26 @@ def evaluate_run(
     pr, m, domain = scores, scores["pr_n"], scores["domain"]
     timings["metrics"] = time.perf_counter() - t0
 
+    clip = None
+    if clip_model is not None:
+        from difflab.metrics.clip_score import clip_score, load_hf_clip
+
+        t0 = time.perf_counter()
+        if prompts is not None:
+            texts = prompts
+        elif labels is not None and pipe.class_names:
+            texts = [f"a photo of a {pipe.class_names[int(k)]}" for k in labels]
+        else:
+            raise ValueError("--clip-model needs prompts: a text run, or a class run with class names")
+        model, processor = load_hf_clip(clip_model, device)
+        clip = clip_score(samples, texts, model, processor, batch_size=min(batch_size, 64))
+        clip = {
+            "value": clip["clip_score"],
+            "model": str(clip_model),
+            "prompts": "run prompts" if prompts else texts[0],
+        }
+        timings["clip_score"] = time.perf_counter() - t0
+
     # (4) bits/dim on test images
     bpd_report = None
     if bpd != "none" and config.get("autoencoder"):
@@ -223,6 +246,8 @@ def evaluate_run(
         "is_classifier": domain,
         "class_accuracy": class_acc,
         "bits_per_dim": None if bpd_report is None else bpd_report["value"],
+        "clip_score": None if clip is None else clip["value"],
+        "clip": clip,
         "bpd": bpd_report,
         "seconds": {k: round(v, 2) for k, v in timings.items()},
     }
@@ -350,6 +375,8 @@ def format_report(r: dict) -> str:
     ]
     if r.get("class_accuracy") is not None:
         rows.append(("class accuracy", fmt(r["class_accuracy"]), "classifier label == conditioning label"))
+    if r.get("clip_score") is not None:
+        rows.append(("CLIP score", fmt(r["clip_score"], ".2f"), f"100 cos, {r['clip']['model']}"))
     b = r.get("bpd")
     if b:
         se = f" +- {b['stderr']:.4f}" if b.get("stderr") is not None else ""

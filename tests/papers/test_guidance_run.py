@@ -47,6 +47,7 @@ def _pipe() -> Pipeline:
     config = {
         "model": {"arch": "unet", "num_classes": K},
         "data": {"name": "tiny", "channels": 1, "size": 8, "class_names": ["a", "b", "c"]},
+        "train": {"label_dropout": 0.1},  # a run whose null class was trained: classifier-free guidance works
     }
     _randomize(net, 0.2)  # zero-initialised output and modulation layers would hide the label
     return Pipeline(Preconditioned(net, EDM(), "edm").eval(), config)
