@@ -7,6 +7,9 @@
 2. Training on CUDA: fp32 and bf16 autocast, 30 steps each on digits; finite loss that falls;
    exact resume (10 + 10 steps against 20 in one go, with deterministic algorithms).
 3. torchrun with NCCL, one process on the GPU: a short run completes and writes its folder.
+4. A diffusers Stable Diffusion layout folder (tiny, random, built as the tests build it) and a DiT
+   folder: sampled on CUDA in fp32, fp16 and bf16 (and fp16 with --low-memory's switches) from the
+   same latents as on the CPU in fp32; mean and max |difference| within the dtype's tolerance.
 Writes gpu_checks.json and prints a table; exits 1 if a check fails.
 """
 
@@ -159,11 +162,53 @@ def torchrun_nccl() -> list[dict]:
         ]
 
 
+# mean |x_dtype - x_cpu_fp32| allowed per compute dtype (images in [-1, 1]; 4 steps of a random folder)
+DTYPE_TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2, "bf16": 6e-2}
+
+
+def diffusers_folders(device: str) -> list[dict]:
+    from difflab.pipeline import Pipeline
+    from tests.interop.test_diffusers_dit import tiny_dit_folder
+    from tests.interop.test_diffusers_folder import tiny_sd_folder
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folders = {"sd": tiny_sd_folder(Path(tmp) / "sd"), "dit": tiny_dit_folder(Path(tmp) / "dit")}
+        for kind, folder in folders.items():
+            if kind == "sd":
+                kw = dict(prompt=["a cat", "a red dog"], guidance_scale=3.0)
+                shape = (2, 4, 8, 8)
+            else:
+                kw = dict(class_labels=[1, 2], guidance_scale=4.0)
+                shape = (2, 4, 8, 8)
+            latents = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+            ref = Pipeline.from_pretrained(folder)(2, steps=4, sampler="dpmpp_2m", latents=latents, **kw)
+            for dtype, low in (("fp32", False), ("fp16", False), ("bf16", False), ("fp16", True)):
+                pipe = Pipeline.from_pretrained(folder).to(device, dtype)
+                if low:
+                    pipe.enable_low_memory(attention_slice=16)
+                if device.startswith("cuda"):
+                    torch.cuda.reset_peak_memory_stats()
+                x = pipe(2, steps=4, sampler="dpmpp_2m", latents=latents, **kw)
+                diff = (x - ref).abs()
+                rows.append(
+                    {
+                        "check": f"{kind} folder {dtype}" + (" low-memory" if low else ""),
+                        "mean_abs_diff": float(diff.mean()),
+                        "max_abs_diff": float(diff.max()),
+                        "peak_mib": torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None,
+                        "ok": bool(torch.isfinite(x).all() and diff.mean() < DTYPE_TOLERANCE[dtype]),
+                    }
+                )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     p.add_argument("--skip-torchrun", action="store_true")
+    p.add_argument("--only-folders", action="store_true", help="only check 4 (the diffusers folders)")
     args = p.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -171,9 +216,10 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "device": dev_name,
         "torch": torch.__version__,
-        "samplers": sampler_equivalence(args.device),
-        "training": training(args.device),
-        "torchrun": [] if args.skip_torchrun else torchrun_nccl(),
+        "samplers": [] if args.only_folders else sampler_equivalence(args.device),
+        "training": [] if args.only_folders else training(args.device),
+        "torchrun": [] if args.skip_torchrun or args.only_folders else torchrun_nccl(),
+        "diffusers_folders": diffusers_folders(args.device),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu_checks.json").write_text(json.dumps(result, indent=1))
@@ -185,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             f"  {r['net']:8s} {r['sampler']:16s} max|cuda - cpu| {r['max_abs_diff']:.2e} (scale {r['max_abs']:.2f}) "
             f"{'ok' if r['ok'] else 'FAIL'}"
         )
-    for r in result["training"] + result["torchrun"]:
+    for r in result["training"] + result["torchrun"] + result["diffusers_folders"]:
         bad += not r["ok"]
         print(
             f"  {r['check']}: {'ok' if r['ok'] else 'FAIL'} "

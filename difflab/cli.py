@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from difflab.core.validation import (
+    add_memory_argument,
     add_device_arguments,
     FINITE,
     LR,
@@ -97,6 +98,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     if (args.classifier is None) != (args.classifier_guidance is None):
         raise ValueError("--classifier-guidance SCALE and --classifier FOLDER go together")
     pipe = Pipeline.from_pretrained(args.run).to(args.device, args.dtype)
+    if args.low_memory:
+        pipe.enable_low_memory()
     clf = None if args.classifier is None else pipe.load_classifier(args.classifier)
     k = pipe.num_classes if clf is None else clf.config.num_classes
     labels = args.label
@@ -322,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="sample a grid of images from a run folder (or a diffusers folder)")
     add_device_arguments(s)
+    add_memory_argument(s)
     s.add_argument("--run", required=True, help="run folder (config.json + model.safetensors)")
     s.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=sorted(SAMPLERS))
     s.add_argument("--steps", type=POS_INT, default=20)

@@ -25,7 +25,8 @@ attention injected (on a class-conditional model, which has no cross-attention: 
 only; refine and reweight need a text model's tokens). A latent-diffusion run (difflab's own, or a
 diffusers Stable Diffusion folder) edits the image's latents: the mask is pooled to the latent grid
 (a kept latent pixel covers only kept pixels), the result is decoded, and the pixels the mask keeps
-are pasted back exactly; Blended Diffusion needs a pixel-space run.
+are pasted back exactly; Blended Diffusion scores the decoded latent composite with the image-text model,
+its gradient flowing back through the decoder.
 
 Writes OUT (the edited image alone, at the model's resolution) and a strip
 (input | mask | output, captioned) beside it.
@@ -51,6 +52,7 @@ from difflab.core.validation import (
     POS_INT,
     SEED,
     add_device_arguments,
+    add_memory_argument,
     check_finite_tensor,
     check_output_file,
     number_arg,
@@ -185,11 +187,6 @@ class EditResult:
 
 
 def _check_inputs(pipe, spec: EditMethod, image: Tensor, mask: Tensor | None) -> None:
-    if getattr(pipe, "latent_space", None) is not None and spec.name == "blended":
-        raise ValueError(
-            "blended scores its x0 estimates with an image-text model in pixel space; this run samples "
-            "latents (Blended Latent Diffusion is a different method, not implemented): use a pixel-space run"
-        )
     C, H, W = pipe.image_shape()
     if image.ndim != 4 or image.shape[0] != 1:
         raise ValueError(f"edit takes one image (1, C, H, W), got shape {tuple(image.shape)}")
@@ -347,6 +344,8 @@ def _cmd_edit(args: argparse.Namespace) -> int:
     if out.resolve() == strip.resolve():
         raise ValueError(f"--strip {strip} is the same file as --out")
     pipe = Pipeline.from_pretrained(args.run).to(args.device, args.dtype)
+    if args.low_memory:
+        pipe.enable_low_memory()
     C, H, _ = pipe.image_shape()
     image = load_edit_image(args.image, C, H, resize=args.resize)
     mask = None
@@ -475,6 +474,7 @@ def add_edit_parser(subparsers) -> argparse.ArgumentParser:
             )
         run.add_argument("--no-progress", action="store_true")
         add_device_arguments(run)
+        add_memory_argument(run)
         knobs = m.add_argument_group(f"{name} parameters")
         for kn in spec.knobs:
             knobs.add_argument(

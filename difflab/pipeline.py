@@ -21,6 +21,8 @@ s != 1. A latent-diffusion run samples latents and decodes them with its autoenc
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 from pathlib import Path
@@ -88,6 +90,10 @@ class Pipeline:
         self.text_encoder = text_encoder
         self.latent_space = latent_space
         self.dtype = torch.float32  # the networks' compute dtype (`to`): bf16/fp16 run under autocast
+        # memory switches (`enable_low_memory`)
+        self.attention_slice: int | None = None
+        self.vae_slice: int | None = None
+        self.offload_text_encoder = False
         if config.get("text_encoder") and text_encoder is None:
             raise ValueError("this run is text-conditional: give its text encoder (Pipeline.from_pretrained does)")
         if config.get("autoencoder") and latent_space is None:
@@ -111,7 +117,7 @@ class Pipeline:
         if device is not None:
             device = resolve_device(device)
             self.denoiser.to(device)
-            if self.text_encoder is not None:
+            if self.text_encoder is not None and not self.offload_text_encoder:
                 self.text_encoder.to(device)
             if self.latent_space is not None:
                 self.latent_space.autoencoder.to(device)
@@ -126,9 +132,46 @@ class Pipeline:
     def device(self) -> torch.device:
         return next(self.denoiser.parameters()).device
 
+    @contextlib.contextmanager
     def autocast(self):
-        """The autocast context of the compute dtype (a no-op context in fp32)."""
-        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+        """The networks' compute context: autocast of the compute dtype (none in fp32) and the
+        attention slicing of `enable_low_memory`."""
+        from difflab.core.attention import attention_slicing
+
+        with (
+            torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32),
+            attention_slicing(self.attention_slice),
+        ):
+            yield
+
+    def enable_low_memory(
+        self,
+        attention_slice: int | None = 1024,
+        vae_slice: int | None = 1,
+        vae_tiling: bool = True,
+        offload_text_encoder: bool = True,
+    ) -> dict:
+        """The memory switches people expect for large models; each leaves the images unchanged
+        (tested). attention_slice: fused attention over that many queries at a time; vae_slice:
+        decode that many latents at a time; vae_tiling: a diffusers VAE decodes in overlapping
+        tiles (its own `enable_tiling`; difflab's autoencoders decode whole images, so for them
+        it is off); offload_text_encoder: the text encoder stays on the CPU, its states move to
+        the denoiser's device. Returns what was switched on."""
+        self.attention_slice = attention_slice
+        self.vae_slice = vae_slice if self.latent_space is not None else None
+        tiling = False
+        if vae_tiling and self.latent_space is not None and hasattr(self.latent_space.autoencoder, "enable_tiling"):
+            self.latent_space.autoencoder.enable_tiling()
+            tiling = True
+        self.offload_text_encoder = bool(offload_text_encoder and self.text_encoder is not None)
+        if self.offload_text_encoder:
+            self.text_encoder.to("cpu")
+        return {
+            "attention_slice": self.attention_slice,
+            "vae_slice": self.vae_slice,
+            "vae_tiling": tiling,
+            "offload_text_encoder": self.offload_text_encoder,
+        }
 
     def sigmas_for(self, steps: int) -> Tensor:
         """The sampling grid of `steps` steps: a diffusers folder's scheduler spacing (so its results
@@ -454,7 +497,8 @@ class Pipeline:
                 x = x / (1 + float(sig[-1]) ** 2) ** 0.5  # a VP pipeline's output at its last level
             if self.latent_space is not None:
                 with self.autocast():
-                    x = self.latent_space.decode(x).float()
+                    step = self.vae_slice or len(x)
+                    x = torch.cat([self.latent_space.decode(x[i : i + step]).float() for i in range(0, len(x), step)])
                 check_finite_tensor("the decoded images", x, f"(images {a}-{b - 1})")
             out.append(x.cpu())
         return torch.cat(out).clamp(-1, 1)

@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from difflab.core.sampling import DEFAULT_SAMPLER, SAMPLERS
-from difflab.core.validation import POS_INT, add_device_arguments, check_number
+from difflab.core.validation import POS_INT, add_device_arguments, add_memory_argument, check_number
 from difflab.methods.editing import EDIT_METHODS
 
 __all__ = ["build_app", "sample_images", "edit_image", "compare_samplers", "add_ui_parser", "MODEL_CHOICES", "zoo_path"]
@@ -46,14 +46,17 @@ def _zoo_names() -> list[str]:
 MODEL_CHOICES = _zoo_names()
 
 
-PLACEMENT = {"device": "auto", "dtype": "fp32"}  # where models run (`difflab ui --device --dtype`)
+PLACEMENT = {"device": "auto", "dtype": "fp32", "low_memory": False}  # `difflab ui --device --dtype --low-memory`
 
 
 @functools.lru_cache(maxsize=8)
 def _load(path: str):
     from difflab.pipeline import Pipeline
 
-    return Pipeline.from_pretrained(path).to(PLACEMENT["device"], PLACEMENT["dtype"])
+    pipe = Pipeline.from_pretrained(path).to(PLACEMENT["device"], PLACEMENT["dtype"])
+    if PLACEMENT["low_memory"]:
+        pipe.enable_low_memory()
+    return pipe
 
 
 def zoo_path(name: str) -> Path:
@@ -414,7 +417,7 @@ def _cmd_ui(args: argparse.Namespace) -> int:
         return 2
     from difflab.pipeline import resolve_device, resolve_dtype
 
-    PLACEMENT.update(device=str(resolve_device(args.device)), dtype=args.dtype)
+    PLACEMENT.update(device=str(resolve_device(args.device)), dtype=args.dtype, low_memory=args.low_memory)
     resolve_dtype(args.dtype)
     app = build_app()
     print(
@@ -431,5 +434,6 @@ def add_ui_parser(subparsers) -> argparse.ArgumentParser:
     u.add_argument("--port", type=POS_INT, default=7860, help="port (default 7860)")
     u.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
     add_device_arguments(u)
+    add_memory_argument(u)
     u.set_defaults(func=_cmd_ui)
     return u

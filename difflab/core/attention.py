@@ -10,7 +10,9 @@ sees each call with an :class:`AttnContext` (layer name, self or cross, spatial 
   softmax path,
 - ``out(ctx, o) -> o``: read or replace the output (B, H, Lq, Dv) before the heads are merged.
 
-Without a hook, or with one that needs no probabilities, the fused SDPA kernel runs.
+Without a hook, or with one that needs no probabilities, the fused SDPA kernel runs; inside
+:func:`attention_slicing` it runs on chunks of the queries (the same result, peak memory of the
+scores divided by the number of chunks; `Pipeline.enable_low_memory` turns it on).
 
 Usage::
 
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -36,7 +39,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["AttnContext", "AttentionHook", "HookableAttention", "attention", "attention_hooks"]
+__all__ = ["AttnContext", "AttentionHook", "HookableAttention", "attention", "attention_hooks", "attention_slicing"]
+
+_QUERY_SLICE: ContextVar[int | None] = ContextVar("difflab_attention_query_slice", default=None)
+
+
+@contextlib.contextmanager
+def attention_slicing(queries: int | None) -> Iterator[None]:
+    """Within the block, fused attention is computed `queries` query positions at a time (None: all
+    at once). Softmax is per query row, so the output is unchanged; the (Lq, Lk) score buffer of a
+    kernel shrinks to (queries, Lk) -- what "attention slicing" buys for large images on small GPUs."""
+    if queries is not None and (not isinstance(queries, int) or queries < 1):
+        raise ValueError(f"attention slice must be a positive number of queries, got {queries!r}")
+    token = _QUERY_SLICE.set(queries)
+    try:
+        yield
+    finally:
+        _QUERY_SLICE.reset(token)
 
 
 @dataclass(frozen=True)
@@ -108,7 +127,15 @@ def attention(q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext | None = None, m
         p = hook.probs(ctx, p)
         o = p.to(v.dtype) @ v
     else:
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        chunk = _QUERY_SLICE.get()
+        if chunk is None or q.shape[-2] <= chunk:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            parts = []
+            for a in range(0, q.shape[-2], chunk):
+                m = mask if mask is None or mask.shape[-2] == 1 else mask[..., a : a + chunk, :]
+                parts.append(F.scaled_dot_product_attention(q[..., a : a + chunk, :], k, v, attn_mask=m))
+            o = torch.cat(parts, dim=-2)  # (B, H, Lq, Dv)
     if hook is not None:
         o = hook.out(ctx, o)
     return o

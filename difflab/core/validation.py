@@ -256,3 +256,13 @@ def add_device_arguments(parser) -> None:
         choices=("fp32", "bf16", "fp16"),
         help="compute dtype of the networks: weights cast, run under autocast (default fp32)",
     )
+
+
+def add_memory_argument(parser) -> None:
+    """--low-memory: the memory switches of `Pipeline.enable_low_memory` (same images, less peak memory)."""
+    parser.add_argument(
+        "--low-memory",
+        action="store_true",
+        help="attention in slices of 1024 queries, VAE decoding one image at a time (tiled for diffusers VAEs), "
+        "the text encoder kept on the CPU: the same images with less peak memory",
+    )

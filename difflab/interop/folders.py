@@ -142,8 +142,7 @@ class DiffusersLatentSpace:
         self.scale = float(getattr(vae.config, "scaling_factor", 0.18215))
         self.latent_shape = tuple(latent_shape)
 
-    @torch.no_grad()
-    def decode(self, z: Tensor) -> Tensor:
+    def decode(self, z: Tensor) -> Tensor:  # differentiable: guidance through the decoder (Blended Diffusion)
         vae = self.autoencoder
         return vae.decode(z.to(next(vae.parameters()).dtype) / self.scale).sample.float()
 

@@ -84,12 +84,16 @@ def blended_diffusion(
     method: str = "euler_ancestral",
     aug_generator: torch.Generator | None = None,
     cond: dict | None = None,
+    decode=None,
 ) -> tuple[Tensor, Tensor]:
     """Blended Diffusion (Avrahami et al. 2022, Algorithm 1 + ranking). Returns (candidates
     sorted best first (K, C, H, W), their CLIP similarity scores (K,)) for one image (1, C, H, W).
 
     `cond` is the denoiser's own conditioning (batch 1 or K), for backbones that need one: the
-    null class of a class-conditional model, the empty prompt's tokens of a text-to-image UNet."""
+    null class of a class-conditional model, the empty prompt's tokens of a text-to-image UNet.
+    `decode`: for a latent-diffusion model, `image` and `edit_mask` live on the latent grid and
+    the image-text and range losses score decode(the latent composite) in pixels, the gradient
+    flowing back through the (differentiable) decoder; the candidates returned are latents."""
     if image.ndim != 4 or image.shape[0] != 1:
         raise ValueError(f"blended_diffusion edits one image of shape (1, C, H, W), got {tuple(image.shape)}")
     if not prompt or not prompt.strip():
@@ -104,7 +108,10 @@ def blended_diffusion(
     def score(x: Tensor, sigma, **cond) -> Tensor:  # -(D_CLIP + lambda range) on the masked x0 estimate
         x0 = denoiser(x, sigma, **cond)
         composite = m * x0 + (1 - m) * src
-        return -(clip_loss(clip, composite, text, n_aug, aug_generator) + lambda_range * range_loss(x0))
+        if decode is None:
+            return -(clip_loss(clip, composite, text, n_aug, aug_generator) + lambda_range * range_loss(x0))
+        pixels = decode(composite)  # the background decodes in range: the range term sees the edit
+        return -(clip_loss(clip, pixels, text, n_aug, aug_generator) + lambda_range * range_loss(pixels))
 
     guided = classifier_guidance(score, scale)(denoiser)
     tail = slice_sigmas(torch.as_tensor(sigmas, dtype=torch.float64), strength)
@@ -117,7 +124,7 @@ def blended_diffusion(
     out = sample(guided, x, tail, method=method, cond=expand_cond(cond, K), callback=blend, noise=noise)
     out = m * out + (1 - m) * src  # final background paste: unmasked pixels are the input's exactly
     with torch.no_grad():
-        sims = clip.encode_image(out) @ text.reshape(-1)
+        sims = clip.encode_image(out if decode is None else decode(out)) @ text.reshape(-1)
     order = sims.argsort(descending=True)
     return out[order], sims[order]
 
@@ -127,11 +134,11 @@ def _edit(
 ) -> Tensor:
     if ctx.clip is None:
         raise ValueError("blended needs an image-text model: --clip FOLDER (see difflab.edit.save_clip)")
+    space = getattr(ctx.prompts, "latent_space", None)  # a latent model: losses on decoded composites
+    channels = ctx.prompts.image_shape()[0] if space is not None else ctx.image.shape[1]
     cin = getattr(getattr(ctx.clip, "config", None), "in_channels", 3)
-    if cin != ctx.image.shape[1]:
-        raise ValueError(
-            f"the image-text model takes {cin}-channel images; this run's are {ctx.image.shape[1]}-channel"
-        )
+    if cin != channels:
+        raise ValueError(f"the image-text model takes {cin}-channel images; this run's are {channels}-channel")
     outs, sims = blended_diffusion(
         ctx.denoiser,
         ctx.clip,
@@ -148,6 +155,7 @@ def _edit(
         method=ctx.sampler,
         aug_generator=torch.Generator().manual_seed(ctx.seed + 1),
         cond=ctx.prompts.null_cond("blended guides the unconditional model"),
+        decode=None if space is None else space.decode,
     )
     ctx.info["scores"] = sims.tolist()
     ctx.output_tiles = [

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from difflab.metrics.standard import to_uint8
+from difflab.nn.clip import clip_embeds
 
 __all__ = ["load_hf_clip", "clip_score"]
 
@@ -48,11 +49,6 @@ def load_hf_clip(folder: str | os.PathLike, device: str | torch.device | None = 
     return model, processor
 
 
-def _embeds(out) -> Tensor:
-    """get_*_features returns a tensor (transformers 4) or a ModelOutput whose pooler_output is it (5)."""
-    return out if isinstance(out, Tensor) else out.pooler_output
-
-
 @torch.no_grad()
 def clip_score(images: Tensor, prompts: list[str], model, processor, batch_size: int = 64) -> dict:
     """{"clip_score", "per_image" (N,), "n"} of images (N, 1|3, H, W) (uint8, or float in [-1, 1]) and
@@ -72,8 +68,8 @@ def clip_score(images: Tensor, prompts: list[str], model, processor, batch_size:
         text = processor(
             text=prompts[a : a + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=limit
         )
-        img = _embeds(model.get_image_features(pixels)).float()
-        txt = _embeds(model.get_text_features(text["input_ids"].to(device), text["attention_mask"].to(device)))
+        img = clip_embeds(model.get_image_features(pixels)).float()
+        txt = clip_embeds(model.get_text_features(text["input_ids"].to(device), text["attention_mask"].to(device)))
         txt = txt.float()
         cos = (img / img.norm(dim=-1, keepdim=True) * (txt / txt.norm(dim=-1, keepdim=True))).sum(-1)
         scores.append(100 * cos.cpu())

@@ -117,6 +117,12 @@ class SmallCLIP(Backbone):
         return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
 
 
+def clip_embeds(out) -> Tensor:
+    """The projected embeddings of transformers' CLIPModel.get_image/text_features: a tensor in
+    transformers 4, a ModelOutput whose pooler_output holds them in transformers 5."""
+    return out if isinstance(out, Tensor) else out.pooler_output
+
+
 class HFCLIPWrapper(nn.Module):
     """A real CLIP from a local `transformers` folder behind SmallCLIP's interface (clean images
     only: `c_noise` is ignored, as SDG's un-finetuned baseline)."""
@@ -136,8 +142,8 @@ class HFCLIPWrapper(nn.Module):
     def encode_image(self, x: Tensor, c_noise=None) -> Tensor:
         x = F.interpolate((x + 1) / 2, size=(self.size, self.size), mode="bicubic", align_corners=False)
         feats = self.model.get_image_features(pixel_values=(x - self.mean) / self.std)
-        return F.normalize(feats, dim=-1)
+        return F.normalize(clip_embeds(feats), dim=-1)
 
     def encode_text(self, prompts, truncate: bool = False) -> Tensor:
         batch = self.tokenizer(list(prompts), padding=True, truncation=truncate, return_tensors="pt")
-        return F.normalize(self.model.get_text_features(**batch), dim=-1)
+        return F.normalize(clip_embeds(self.model.get_text_features(**batch)), dim=-1)

@@ -295,11 +295,17 @@ def test_p2p_injection_reaches_the_diffusers_attention(pipe):
     assert (injected - free).abs().max() > 1e-3
 
 
-def test_blended_asks_for_a_pixel_run(pipe):
-    from difflab.edit import edit
+def test_blended_runs_on_the_latents_with_a_transformers_clip(pipe, tmp_path):
+    from difflab.edit import edit, load_clip
+    from tests.metrics.test_clip_score import tiny_clip_folder
 
-    with pytest.raises(ValueError, match="blended scores its x0 estimates with an image-text model in pixel space"):
-        edit(pipe, "blended", _image(), mask=torch.ones(1, 1, 16, 16), prompt="a cat", steps=2)
+    clip = load_clip(tiny_clip_folder(tmp_path))  # transformers CLIP behind difflab's image-text interface
+    image, mask = _image(), torch.zeros(1, 1, 16, 16)
+    mask[..., 4:12, 4:12] = 1  # white = edit
+    r = edit(pipe, "blended", image, mask=mask, prompt="a cat", clip=clip, steps=3, candidates=2, n_aug=2)
+    assert r.output.shape == (1, 3, 16, 16) and torch.isfinite(r.output).all()
+    assert torch.equal(r.output[..., :4, :], image[..., :4, :])  # the background pixels are the input's
+    assert (r.output - image)[..., 4:12, 4:12].abs().max() > 1e-3 and len(r.info["scores"]) == 2
 
 
 def test_difflab_edit_takes_the_folder(folder, tmp_path, capsys):

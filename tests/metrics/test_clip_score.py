@@ -17,9 +17,14 @@ transformers = pytest.importorskip("transformers")
 
 @pytest.fixture(scope="module")
 def clip_folder(tmp_path_factory):
+    return tiny_clip_folder(tmp_path_factory.mktemp("clip"))
+
+
+def tiny_clip_folder(root):
+    """A random transformers CLIP (2-layer 32-d towers, 32 x 32 images, the test's own vocabulary)
+    with its CLIPProcessor, saved as a local folder."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
-    root = tmp_path_factory.mktemp("clip")
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for ch in "abcdefghijklmnopqrstuvwxyz":
         vocab[ch] = len(vocab)
