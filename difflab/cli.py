@@ -54,7 +54,24 @@ def _train_config(args: argparse.Namespace):
         "text_encoder": args.text_encoder,
         "caption_dropout": args.caption_dropout,
         "autoencoder": args.autoencoder,
+        "init_from": args.init_from,
+        "finetune": args.finetune,
+        "gradient_checkpointing": args.gradient_checkpointing or None,
     }
+    if args.init_from:  # the base fixes the architecture: flags that would change it contradict it
+        given = [
+            f
+            for f, v in (
+                ("--model", args.model),
+                ("--conditioning", args.conditioning),
+                ("--text-encoder", args.text_encoder),
+                ("--autoencoder", args.autoencoder),
+                ("--unconditional", args.unconditional),
+            )
+            if v
+        ]
+        if given:
+            raise SystemExit(f"difflab train: --init-from takes the network from the base run; drop {', '.join(given)}")
     conditioning = args.conditioning
     if args.unconditional:
         if conditioning not in (None, "none"):
@@ -65,7 +82,7 @@ def _train_config(args: argparse.Namespace):
         flags["conditioning"] = conditioning
     values.update({k: v for k, v in flags.items() if v is not None})
     for flag, value in (("--text-encoder", args.text_encoder), ("--caption-dropout", args.caption_dropout)):
-        if value is not None and values.get("conditioning") != "text":
+        if value is not None and values.get("conditioning") != "text" and not args.init_from:
             raise SystemExit(f"difflab train: {flag} needs --conditioning text")
     if args.minutes is not None and args.steps is None:
         values["steps"] = None
@@ -290,6 +307,22 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=SEED)
     t.add_argument("--save-every", type=NONNEG_INT, help="steps between checkpoints")
     t.add_argument("--bf16", action="store_true", help="bf16 autocast (CPU or GPU)")
+    t.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute each network stage in the backward pass: less memory, about a third more compute",
+    )
+    t.add_argument(
+        "--init-from",
+        metavar="RUN",
+        help="fine-tune: start from this run folder or zoo model (its network, schedule, conditioning, text "
+        "encoder and autoencoder) instead of random weights",
+    )
+    t.add_argument(
+        "--finetune",
+        choices=("all",),
+        help="what --init-from trains: all = every denoiser weight (text encoder and autoencoder frozen)",
+    )
     t.add_argument("--unconditional", action="store_true", help="ignore class labels (= --conditioning none)")
     t.add_argument(
         "--conditioning",

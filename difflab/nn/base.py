@@ -105,6 +105,17 @@ class Backbone(nn.Module):
     arch: ClassVar[str] = ""
     config_cls: ClassVar[type]
     config: Any
+    # gradient checkpointing (training only): each stage's activations are recomputed in the
+    # backward pass instead of kept, trading compute for memory; results are unchanged
+    gradient_checkpointing: bool = False
+
+    def run_stage(self, stage, *args):
+        """stage(*args), checkpointed when training with `gradient_checkpointing` on."""
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(stage, *args, use_reentrant=False)
+        return stage(*args)
 
     # ---------------------------------------------------------------------------------------
     # Config round trip

@@ -15,6 +15,7 @@ Sizes: `DIT_SIZES` holds the paper's S/B/L/XL and tiny T/XS/M for CPU runs; name
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -284,6 +285,6 @@ class DiT(Backbone):
 
         # ---- blocks --------------------------------------------------------------------------
         for block in self.blocks:
-            tokens = block(tokens, c, context, context_mask, hw=(grid_h, grid_w))
+            tokens = self.run_stage(partial(block, hw=(grid_h, grid_w)), tokens, c, context, context_mask)
         tokens = self.final_layer(tokens, c)  # (B, h*w, p*p*C_out)
         return self.unpatchify(tokens, grid_h, grid_w)  # (B, C_out, H, W)

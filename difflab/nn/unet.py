@@ -350,11 +350,11 @@ class UNet(Backbone):
         h = self.conv_in(x)
         skips = [h]
         for stage in self.down:
-            h = stage(h, emb, context, context_mask)
+            h = self.run_stage(stage, h, emb, context, context_mask)
             skips.append(h)
-        h = self.mid(h, emb, context, context_mask)
+        h = self.run_stage(self.mid, h, emb, context, context_mask)
         for stage in self.up:
             skip = skips.pop()
             h = torch.cat([h, skip.to(h.dtype)], dim=1)  # (B, C_h + C_skip, H, W)
-            h = stage(h, emb, context, context_mask)
+            h = self.run_stage(stage, h, emb, context, context_mask)
         return self.conv_out(F.silu(self.norm_out(h)))

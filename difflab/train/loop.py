@@ -60,12 +60,16 @@ from difflab.runfolder import (
     RunLock,
     atomic_write_bytes,
     check_new_folder,
+    read_json,
     read_safetensors,
     remove_stale_temps,
     write_run_save,
 )
 
 __all__ = ["TrainConfig", "train", "load_training_data"]
+
+
+FINETUNE = ("all",)  # what a fine-tuning run trains (TrainConfig.finetune)
 
 
 @dataclass
@@ -116,6 +120,13 @@ class TrainConfig:
     log_every: int = 25
     flip: bool = False
     data_kwargs: dict[str, Any] = field(default_factory=dict)
+    # fine-tuning: start from a trained run instead of random weights (`init_from`: a difflab run
+    # folder or zoo name). The base fixes the network, schedule, preconditioning, conditioning, text
+    # encoder and autoencoder; `finetune` says what is trained: "all" = every weight of the denoiser
+    # (the text encoder and the autoencoder stay frozen: no gradients, no optimizer state)
+    init_from: str | None = None
+    finetune: str = "all"
+    gradient_checkpointing: bool = False  # recompute each network stage in the backward pass (less memory)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
@@ -173,11 +184,71 @@ class TrainConfig:
             raise ValueError("flip=True would contradict captions that name positions (left, right)")
         if self.flip and self.autoencoder:
             raise ValueError("flip=True is not supported with an autoencoder (the latents are encoded once)")
+        if self.finetune not in FINETUNE:
+            raise ValueError(f"finetune must be one of {', '.join(FINETUNE)}, got {self.finetune!r}")
+        if self.finetune != "all" and not self.init_from:
+            raise ValueError(f"finetune={self.finetune!r} adapts a trained model: give init_from (--init-from RUN)")
 
 
 # --------------------------------------------------------------------------------------------
 # Building blocks
 # --------------------------------------------------------------------------------------------
+
+
+# the TrainConfig fields a fine-tuning run takes from its base run (the network it starts from)
+INHERITED = (
+    "model",
+    "model_overrides",
+    "prediction",
+    "schedule",
+    "sigma_data",
+    "conditioning",
+    "text_encoder",
+    "text_encoder_kwargs",
+)
+
+
+def base_run(cfg: TrainConfig) -> tuple[TrainConfig, Path | None, dict | None]:
+    """(cfg with the base run's architecture fields, the base folder, its config.json) for a
+    fine-tuning run; (cfg, None, None) when training from scratch. `init_from` is a difflab run
+    folder or a zoo model name."""
+    if not cfg.init_from:
+        return cfg, None, None
+    from difflab.runfolder import validate_run_config
+    from difflab.zoo import ZOO_DIR
+
+    folder = Path(cfg.init_from)
+    if not folder.exists() and (ZOO_DIR / cfg.init_from / "config.json").is_file():
+        folder = ZOO_DIR / cfg.init_from
+    if (folder / "model_index.json").is_file():
+        raise ValueError(f"init_from {folder}: diffusers folders are fine-tuned with LoRA adapters (not yet here)")
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"init_from {cfg.init_from}: no run folder (config.json) or zoo model of that name")
+    config = validate_run_config(read_json(folder / "config.json"), folder / "config.json")
+    base = config.get("train") or {}
+    missing = [k for k in ("model", "prediction", "schedule", "conditioning") if k not in base]
+    if missing:
+        raise ValueError(f"init_from {folder}: its config.json records no training fields {missing}")
+    inherited = {k: base[k] for k in INHERITED if k in base}
+    overrides = dict(base.get("model_overrides") or {})
+    if config["model"].get("num_classes") is not None:  # the class table as the base built it
+        overrides["num_classes"] = config["model"]["num_classes"]
+    inherited["model_overrides"] = overrides
+    spec = config.get("autoencoder")
+    inherited["autoencoder"] = str(folder / spec.get("folder", AUTOENCODER_FOLDER)) if spec else None
+    inherited["init_from"] = str(folder)
+    return dataclasses.replace(cfg, **inherited), folder, config
+
+
+def _check_base_fit(data: ImageData, folder: Path, config: dict) -> None:
+    """The user's images fit the base: channels and size, and class labels inside its table."""
+    want = (config["data"]["channels"], config["data"]["size"], config["data"]["size"])
+    have = tuple(data.images.shape[1:])
+    if have != want:
+        raise ValueError(f"images of shape {have} do not fit init_from {folder}, which was trained on {want}")
+    classes = config["model"].get("num_classes")
+    if classes is not None and data.labels is not None and int(data.labels.max()) >= classes:
+        raise ValueError(f"class label {int(data.labels.max())} is outside init_from {folder}'s {classes} classes")
 
 
 def load_training_data(cfg: TrainConfig) -> ImageData:
@@ -229,7 +300,16 @@ def _run_inputs(cfg: TrainConfig, data: ImageData, out: Path, resume: bool, rank
         if data.captions is None:
             raise ValueError(f"conditioning='text' needs captions, and dataset {cfg.data!r} has none (shapes has them)")
         torch.manual_seed(seed_from(cfg.seed, 0x7E47))  # a jointly trained encoder's initial weights
-        encoder = build_text_encoder(cfg.text_encoder, data.captions, cfg.text_encoder_kwargs)
+        if cfg.init_from:  # the base's own encoder (its vocabulary, its weights), frozen
+            from difflab.models import load_text_encoder
+
+            encoder = load_text_encoder(cfg.init_from, read_json(Path(cfg.init_from) / "config.json"))
+            encoder.requires_grad_(False)
+            unknown = encoder.unknown_words(data.captions) if hasattr(encoder, "unknown_words") else []
+            if unknown:
+                raise ValueError(f"captions use words {unknown[:5]} that init_from's text encoder does not know")
+        else:
+            encoder = build_text_encoder(cfg.text_encoder, data.captions, cfg.text_encoder_kwargs)
         inputs.captions = CaptionTable(encoder, data.captions)
         inputs.context_dim = encoder.dim
         inputs.text_encoder = encoder if encoder.trainable else None
@@ -445,6 +525,7 @@ def _train(
     world: int,
 ) -> Path:
     device = torch.device(device) if device is not None else _default_device(world)
+    cfg, base_folder, base_config = base_run(cfg)  # a fine-tuning run takes its architecture from the base
     micro = cfg.batch_size // cfg.grad_accum
     if micro % world:
         raise ValueError(
@@ -466,6 +547,8 @@ def _train(
         raise ValueError(
             f"dataset {cfg.data!r} has NaN/inf pixels in {bad.numel()} image(s), first at index {bad[0].item()}"
         )
+    if base_folder is not None:
+        _check_base_fit(data, base_folder, base_config)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(out)  # left by a run killed mid-write
@@ -473,7 +556,14 @@ def _train(
     inputs = _run_inputs(cfg, data, out, resume, rank)
     data, text_encoder = inputs.data, inputs.text_encoder
     torch.manual_seed(cfg.seed)
-    denoiser = _new_denoiser(cfg, data, inputs.context_dim).to(device)
+    denoiser = _new_denoiser(cfg, data, inputs.context_dim)
+    if base_folder is not None:  # the base's EMA weights, the ones it samples with
+        from difflab.models import load_run
+
+        base_denoiser, _ = load_run(base_folder)
+        denoiser.net.load_state_dict(base_denoiser.net.state_dict())
+    denoiser = denoiser.to(device)
+    denoiser.net.gradient_checkpointing = cfg.gradient_checkpointing
     params = [p for p in denoiser.net.parameters() if p.requires_grad]
     if text_encoder is not None:
         text_encoder.to(device)

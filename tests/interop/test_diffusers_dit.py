@@ -168,3 +168,34 @@ def test_mismatched_dit_components_are_named(folder, tmp_path):
     (bad / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(ValueError, match="FlowMatchEulerDiscreteScheduler is not supported here"):
         Pipeline.from_pretrained(bad)
+
+
+DIT_EDITS = {  # every registry method that fits a class-conditional model (p2p needs a text model's tokens)
+    "sdedit": {"strength": 0.6, "prompt": "goldfish"},
+    "repaint": {"jump_length": 2, "jump_n_sample": 2, "prompt": "goldfish"},
+    "ilvr": {"factor": 2},
+    "diffedit": {"prompt": "goldfish", "source_prompt": "tench", "n_draws": 2},
+    "blended": {"prompt": "a cat", "candidates": 2, "n_aug": 2},
+}
+
+
+@pytest.mark.parametrize("method", list(DIT_EDITS))
+def test_editing_methods_run_on_it(folder, method, tmp_path):
+    from difflab.edit import edit, load_clip
+    from tests.metrics.test_clip_score import tiny_clip_folder
+
+    pipe = Pipeline.from_pretrained(folder)
+    g = torch.Generator().manual_seed(1)
+    image = torch.nn.functional.interpolate(torch.rand(1, 3, 4, 4, generator=g) * 2 - 1, size=16, mode="bilinear")
+    mask = None
+    if method in ("sdedit", "repaint", "blended"):
+        mask = torch.zeros(1, 1, 16, 16)
+        mask[..., :, :8] = 1
+    kw = dict(DIT_EDITS[method])
+    if method == "blended":
+        kw["clip"] = load_clip(tiny_clip_folder(tmp_path))
+    r = edit(pipe, method, image, mask=mask, steps=3, seed=0, **kw)
+    assert r.output.shape == (1, 3, 16, 16) and torch.isfinite(r.output).all()
+    if mask is not None:
+        keep = mask if method == "repaint" else 1 - mask  # RePaint's white = keep, the others' white = edit
+        assert torch.equal(r.output * keep, image * keep)

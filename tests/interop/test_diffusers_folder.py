@@ -370,3 +370,31 @@ def test_a_class_unet_folder_samples_classes_and_refuses_guidance(tmp_path):
     assert torch.isfinite(x).all() and (x[0] - x[1]).abs().max() > 1e-4  # the label reaches the UNet
     with pytest.raises(ValueError, match="class embedding has no null class"):
         pipe(1, class_labels=0, steps=2, guidance_scale=2.0)
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_every_sampler_runs_on_a_pixel_unet_folder(tmp_path_factory, sampler):
+    root = tmp_path_factory.getbasetemp() / "pixel-every-sampler"
+    folder = root if (root / "model_index.json").exists() else tiny_pixel_folder(root)
+    x = Pipeline.from_pretrained(folder)(2, steps=3, sampler=sampler, seed=0)
+    assert x.shape == (2, 3, 16, 16) and torch.isfinite(x).all()
+
+
+@pytest.mark.parametrize("method", ["sdedit", "repaint", "ilvr", "blended"])  # the methods an unconditional model takes
+def test_editing_methods_run_on_a_pixel_unet_folder(tmp_path, method):
+    from difflab.edit import edit, load_clip
+    from tests.metrics.test_clip_score import tiny_clip_folder
+
+    pipe = Pipeline.from_pretrained(tiny_pixel_folder(tmp_path / "ddim"))
+    image, mask = _image(), None
+    kw = {"ilvr": {"factor": 2}, "repaint": {"jump_length": 2, "jump_n_sample": 2}}.get(method, {})
+    if method != "ilvr":
+        mask = torch.zeros(1, 1, 16, 16)
+        mask[..., :, :7] = 1
+    if method == "blended":
+        kw = {"prompt": "a cat", "candidates": 2, "n_aug": 2, "clip": load_clip(tiny_clip_folder(tmp_path / "clip"))}
+    r = edit(pipe, method, image, mask=mask, steps=3, seed=0, **kw)
+    assert r.output.shape == (1, 3, 16, 16) and torch.isfinite(r.output).all()
+    if mask is not None:
+        keep = mask if method == "repaint" else 1 - mask
+        assert torch.equal(r.output * keep, image.clamp(-1, 1) * keep)

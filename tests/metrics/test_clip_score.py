@@ -25,6 +25,8 @@ def tiny_clip_folder(root):
     with its CLIPProcessor, saved as a local folder."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
+    root.mkdir(parents=True, exist_ok=True)
+
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for ch in "abcdefghijklmnopqrstuvwxyz":
         vocab[ch] = len(vocab)
