@@ -56,6 +56,7 @@ def _train_config(args: argparse.Namespace):
         "autoencoder": args.autoencoder,
         "init_from": args.init_from,
         "finetune": args.finetune,
+        "lora_rank": args.lora_rank,
         "gradient_checkpointing": args.gradient_checkpointing or None,
     }
     if args.init_from:  # the base fixes the architecture: flags that would change it contradict it
@@ -320,9 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument(
         "--finetune",
-        choices=("all",),
-        help="what --init-from trains: all = every denoiser weight (text encoder and autoencoder frozen)",
+        choices=("all", "lora"),
+        help="what --init-from trains: all = every denoiser weight; lora = rank --lora-rank adapters on the "
+        "attention projections (the run folder holds only them); text encoder and autoencoder stay frozen",
     )
+    t.add_argument("--lora-rank", type=POS_INT, help="LoRA rank (default 4)")
     t.add_argument("--unconditional", action="store_true", help="ignore class labels (= --conditioning none)")
     t.add_argument(
         "--conditioning",

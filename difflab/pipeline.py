@@ -107,8 +107,32 @@ class Pipeline:
 
         if is_diffusers_folder(path):
             return cls(*load_diffusers_folder(path))
+        config_file = Path(path) / "config.json"
+        raw = read_json(config_file) if config_file.is_file() else {}
+        adapter = raw.get("adapter") if isinstance(raw, dict) else None  # a damaged file: load_run says so
+        if adapter:
+            return cls._with_adapter(path, adapter, weights)
         denoiser, config = load_run(path, weights=weights)
         return cls(denoiser, config, load_text_encoder(path, config, weights), load_run_latent_space(path, config))
+
+    @classmethod
+    def _with_adapter(cls, path, adapter: dict, weights: str) -> "Pipeline":
+        """A LoRA run (`difflab train --finetune lora`): its base pipeline with the run's adapters."""
+        from difflab.nn.lora import LORA_TARGETS, add_lora, load_lora_state
+        from difflab.runfolder import read_run
+
+        base = Path(adapter.get("base", ""))
+        if not (base / "config.json").is_file() and not (base / "model_index.json").is_file():
+            raise FileNotFoundError(f"{path} holds LoRA adapters for the base {base}, which is not there")
+        config, tensors, _ = read_run(path, weights)
+        if weights == "raw":
+            tensors = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+        pipe = cls.from_pretrained(base)
+        add_lora(pipe.denoiser.net, int(adapter["rank"]), adapter.get("alpha"), adapter.get("targets") or LORA_TARGETS)
+        load_lora_state(pipe.denoiser.net, tensors)
+        pipe.denoiser.eval().requires_grad_(False)
+        pipe.config = {**pipe.config, "adapter": adapter, "train": config.get("train", {})}
+        return pipe
 
     def to(self, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> "Pipeline":
         """Move every network to `device` ("auto": CUDA when present, else CPU) and set the compute

@@ -147,9 +147,14 @@ class DiffusersLatentSpace:
         return vae.decode(z.to(next(vae.parameters()).dtype) / self.scale).sample.float()
 
     @torch.no_grad()
-    def encode(self, x: Tensor) -> Tensor:
+    def encode(self, x: Tensor, batch_size: int = 64) -> Tensor:
         vae = self.autoencoder
-        return vae.encode(x.to(next(vae.parameters()).dtype)).latent_dist.mean.float() * self.scale
+        dtype, device = next(vae.parameters()).dtype, next(vae.parameters()).device
+        out = [
+            vae.encode(x[i : i + batch_size].to(device, dtype)).latent_dist.mean.float().cpu() * self.scale
+            for i in range(0, len(x), batch_size)
+        ]
+        return torch.cat(out).to(x.device)
 
 
 def _scheduler(spec: dict, steps: int):

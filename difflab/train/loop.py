@@ -46,6 +46,7 @@ from difflab.data import ImageData, batch_indices, load_dataset
 from difflab.data._hash import seed_from
 from difflab.nn import create_model
 from difflab.nn.base import load_weights
+from difflab.nn.lora import add_lora, has_lora, lora_state, load_lora_state
 from difflab.nn.text import TEXT_ENCODERS
 from difflab.models import AUTOENCODER_FOLDER, TRAINABLE_PREFIX
 from difflab.train.conditioning import (
@@ -57,10 +58,10 @@ from difflab.train.conditioning import (
 )
 from difflab.runfolder import (
     CHECKPOINT_FORMAT,
+    atomic_save_safetensors,
     RunLock,
     atomic_write_bytes,
     check_new_folder,
-    read_json,
     read_safetensors,
     remove_stale_temps,
     write_run_save,
@@ -69,7 +70,7 @@ from difflab.runfolder import (
 __all__ = ["TrainConfig", "train", "load_training_data"]
 
 
-FINETUNE = ("all",)  # what a fine-tuning run trains (TrainConfig.finetune)
+FINETUNE = ("all", "lora")  # what a fine-tuning run trains (TrainConfig.finetune)
 
 
 @dataclass
@@ -122,10 +123,13 @@ class TrainConfig:
     data_kwargs: dict[str, Any] = field(default_factory=dict)
     # fine-tuning: start from a trained run instead of random weights (`init_from`: a difflab run
     # folder or zoo name). The base fixes the network, schedule, preconditioning, conditioning, text
-    # encoder and autoencoder; `finetune` says what is trained: "all" = every weight of the denoiser
-    # (the text encoder and the autoencoder stay frozen: no gradients, no optimizer state)
+    # encoder and autoencoder; `finetune` says what is trained: "all" = every weight of the denoiser,
+    # "lora" = adapters only (the run folder then holds just them and names its base); the text
+    # encoder and the autoencoder stay frozen (no gradients, no optimizer state)
     init_from: str | None = None
-    finetune: str = "all"
+    finetune: str = "all"  # "lora": rank-`lora_rank` adapters on every attention projection, all else frozen
+    lora_rank: int = 4
+    lora_alpha: float | None = None  # None: = lora_rank (scale 1)
     gradient_checkpointing: bool = False  # recompute each network stage in the backward pass (less memory)
 
     @classmethod
@@ -186,6 +190,8 @@ class TrainConfig:
             raise ValueError("flip=True is not supported with an autoencoder (the latents are encoded once)")
         if self.finetune not in FINETUNE:
             raise ValueError(f"finetune must be one of {', '.join(FINETUNE)}, got {self.finetune!r}")
+        if not isinstance(self.lora_rank, int) or self.lora_rank < 1:
+            raise ValueError(f"lora_rank must be a positive integer, got {self.lora_rank!r}")
         if self.finetune != "all" and not self.init_from:
             raise ValueError(f"finetune={self.finetune!r} adapts a trained model: give init_from (--init-from RUN)")
 
@@ -196,6 +202,8 @@ class TrainConfig:
 
 
 # the TrainConfig fields a fine-tuning run takes from its base run (the network it starts from)
+DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"  # what diffusers' load_lora_weights looks for
+
 INHERITED = (
     "model",
     "model_overrides",
@@ -205,50 +213,85 @@ INHERITED = (
     "conditioning",
     "text_encoder",
     "text_encoder_kwargs",
+    "sigma_sampler",
+    "p_mean",
+    "p_std",
+    "weighting",
 )
 
 
-def base_run(cfg: TrainConfig) -> tuple[TrainConfig, Path | None, dict | None]:
-    """(cfg with the base run's architecture fields, the base folder, its config.json) for a
-    fine-tuning run; (cfg, None, None) when training from scratch. `init_from` is a difflab run
-    folder or a zoo model name."""
+@dataclasses.dataclass
+class _Base:
+    """The trained model a fine-tuning run starts from: its folder, its pipeline (denoiser with the
+    EMA weights, text encoder, latent space) and whether it is a diffusers folder."""
+
+    folder: Path
+    pipe: Any
+    diffusers: bool
+
+    @property
+    def config(self) -> dict:
+        return self.pipe.config
+
+
+def base_run(cfg: TrainConfig) -> tuple[TrainConfig, _Base | None]:
+    """(cfg with the base's architecture fields, the base) for a fine-tuning run; (cfg, None) when
+    training from scratch. `init_from`: a difflab run folder, a zoo model name, or a diffusers
+    folder (Stable Diffusion layout; LoRA only: its full weights belong to diffusers' own format)."""
     if not cfg.init_from:
-        return cfg, None, None
-    from difflab.runfolder import validate_run_config
+        return cfg, None
+    from difflab.pipeline import Pipeline
     from difflab.zoo import ZOO_DIR
 
     folder = Path(cfg.init_from)
     if not folder.exists() and (ZOO_DIR / cfg.init_from / "config.json").is_file():
         folder = ZOO_DIR / cfg.init_from
-    if (folder / "model_index.json").is_file():
-        raise ValueError(f"init_from {folder}: diffusers folders are fine-tuned with LoRA adapters (not yet here)")
-    if not (folder / "config.json").is_file():
+    diffusers = (folder / "model_index.json").is_file()
+    if not diffusers and not (folder / "config.json").is_file():
         raise FileNotFoundError(f"init_from {cfg.init_from}: no run folder (config.json) or zoo model of that name")
-    config = validate_run_config(read_json(folder / "config.json"), folder / "config.json")
-    base = config.get("train") or {}
-    missing = [k for k in ("model", "prediction", "schedule", "conditioning") if k not in base]
-    if missing:
-        raise ValueError(f"init_from {folder}: its config.json records no training fields {missing}")
-    inherited = {k: base[k] for k in INHERITED if k in base}
-    overrides = dict(base.get("model_overrides") or {})
-    if config["model"].get("num_classes") is not None:  # the class table as the base built it
-        overrides["num_classes"] = config["model"]["num_classes"]
-    inherited["model_overrides"] = overrides
-    spec = config.get("autoencoder")
-    inherited["autoencoder"] = str(folder / spec.get("folder", AUTOENCODER_FOLDER)) if spec else None
+    if diffusers and cfg.finetune == "all":
+        raise ValueError(f"init_from {folder} is a diffusers folder: fine-tune it with --finetune lora")
+    pipe = Pipeline.from_pretrained(folder)
+    if pipe.config.get("adapter"):
+        raise ValueError(
+            f"init_from {folder} holds LoRA adapters; start from its base {pipe.config['adapter']['base']}"
+        )
+    if diffusers:  # the DDPM recipe diffusers' models were trained with
+        inherited = {
+            "model": "diffusers",
+            "model_overrides": {},
+            "prediction": pipe.denoiser.prediction,
+            "schedule": pipe.denoiser.schedule.to_config(),
+            "conditioning": pipe.conditioning,
+            "sigma_sampler": "discrete_uniform",
+            "text_encoder": "minilm",  # unused: the base's own encoder is used, and recorded
+            "autoencoder": None,
+        }
+    else:
+        base = pipe.config.get("train") or {}
+        missing = [k for k in ("model", "prediction", "schedule", "conditioning") if k not in base]
+        if missing:
+            raise ValueError(f"init_from {folder}: its config.json records no training fields {missing}")
+        inherited = {k: base[k] for k in INHERITED if k in base}
+        overrides = dict(base.get("model_overrides") or {})
+        if pipe.num_classes is not None:  # the class table as the base built it
+            overrides["num_classes"] = pipe.num_classes
+        inherited["model_overrides"] = overrides
+        spec = pipe.config.get("autoencoder")
+        inherited["autoencoder"] = str(folder / spec.get("folder", AUTOENCODER_FOLDER)) if spec else None
     inherited["init_from"] = str(folder)
-    return dataclasses.replace(cfg, **inherited), folder, config
+    return dataclasses.replace(cfg, **inherited), _Base(folder, pipe, diffusers)
 
 
-def _check_base_fit(data: ImageData, folder: Path, config: dict) -> None:
+def _check_base_fit(data: ImageData, base: _Base) -> None:
     """The user's images fit the base: channels and size, and class labels inside its table."""
-    want = (config["data"]["channels"], config["data"]["size"], config["data"]["size"])
-    have = tuple(data.images.shape[1:])
+    d = base.config["data"]
+    want, have = (d["channels"], d["size"], d["size"]), tuple(data.images.shape[1:])
     if have != want:
-        raise ValueError(f"images of shape {have} do not fit init_from {folder}, which was trained on {want}")
-    classes = config["model"].get("num_classes")
+        raise ValueError(f"images of shape {have} do not fit init_from {base.folder}, which was trained on {want}")
+    classes = base.pipe.num_classes
     if classes is not None and data.labels is not None and int(data.labels.max()) >= classes:
-        raise ValueError(f"class label {int(data.labels.max())} is outside init_from {folder}'s {classes} classes")
+        raise ValueError(f"class label {int(data.labels.max())} is outside init_from {base.folder}'s {classes} classes")
 
 
 def load_training_data(cfg: TrainConfig) -> ImageData:
@@ -283,7 +326,9 @@ class _RunInputs:
     context_dim: int | None = None
 
 
-def _run_inputs(cfg: TrainConfig, data: ImageData, out: Path, resume: bool, rank: int) -> _RunInputs:
+def _run_inputs(
+    cfg: TrainConfig, data: ImageData, out: Path, resume: bool, rank: int, base: _Base | None = None
+) -> _RunInputs:
     """Encode captions (text) and images (latent diffusion) once, before the first step."""
     inputs = _RunInputs(
         data,
@@ -300,10 +345,12 @@ def _run_inputs(cfg: TrainConfig, data: ImageData, out: Path, resume: bool, rank
         if data.captions is None:
             raise ValueError(f"conditioning='text' needs captions, and dataset {cfg.data!r} has none (shapes has them)")
         torch.manual_seed(seed_from(cfg.seed, 0x7E47))  # a jointly trained encoder's initial weights
-        if cfg.init_from:  # the base's own encoder (its vocabulary, its weights), frozen
-            from difflab.models import load_text_encoder
-
-            encoder = load_text_encoder(cfg.init_from, read_json(Path(cfg.init_from) / "config.json"))
+        if base is not None:  # the base's own encoder (its vocabulary, its weights), frozen
+            encoder = base.pipe.text_encoder
+            if encoder is None:
+                raise ValueError(
+                    f"dataset {cfg.data!r} has captions, but init_from {base.folder} is not text-conditional"
+                )
             encoder.requires_grad_(False)
             unknown = encoder.unknown_words(data.captions) if hasattr(encoder, "unknown_words") else []
             if unknown:
@@ -313,13 +360,17 @@ def _run_inputs(cfg: TrainConfig, data: ImageData, out: Path, resume: bool, rank
         inputs.captions = CaptionTable(encoder, data.captions)
         inputs.context_dim = encoder.dim
         inputs.text_encoder = encoder if encoder.trainable else None
-        inputs.extras["text_encoder"] = encoder.config_dict()
-    if cfg.autoencoder:
+        inputs.extras["text_encoder"] = base.config["text_encoder"] if base is not None else encoder.config_dict()
+    if base is not None and base.diffusers and base.pipe.latent_space is not None:  # its VAE, kept in the base
+        inputs.data = encode_latents(base.pipe.latent_space, data)
+        inputs.extras["autoencoder"] = dict(base.config["autoencoder"])
+    elif cfg.autoencoder:
         from difflab.nn.autoencoder import save_latent_space
 
         copy = out / AUTOENCODER_FOLDER  # a resumed run encodes with the copy it started with
-        space = open_autoencoder(copy if resume else cfg.autoencoder, data)
-        if rank == 0 and not resume:
+        adapter = cfg.finetune != "all"  # an adapter run stays small: it decodes with its base's
+        space = open_autoencoder(copy if resume and not adapter else cfg.autoencoder, data)
+        if rank == 0 and not resume and not adapter:
             save_latent_space(space, copy, source=str(cfg.autoencoder))
         inputs.data = encode_latents(space, data)
         inputs.extras["autoencoder"] = {
@@ -332,7 +383,10 @@ def _run_inputs(cfg: TrainConfig, data: ImageData, out: Path, resume: bool, rank
 
 
 def _model_state(denoiser: Preconditioned, text_encoder: nn.Module | None = None) -> dict[str, Tensor]:
-    """The trained tensors: the network's, and a jointly trained text encoder's as "text_encoder.*"."""
+    """The trained tensors: the network's, and a jointly trained text encoder's as "text_encoder.*";
+    of a LoRA run, its adapters alone."""
+    if has_lora(denoiser.net):
+        return lora_state(denoiser.net)
     state = dict(denoiser.net.state_dict())
     if text_encoder is not None:
         state.update({TRAINABLE_PREFIX + k: v for k, v in text_encoder.state_dict().items()})
@@ -342,6 +396,9 @@ def _model_state(denoiser: Preconditioned, text_encoder: nn.Module | None = None
 def _load_model_state(
     denoiser: Preconditioned, text_encoder: nn.Module | None, state: dict[str, Tensor], path: Path
 ) -> None:
+    if has_lora(denoiser.net):
+        load_lora_state(denoiser.net, state)
+        return
     if text_encoder is None:
         load_weights(denoiser.net, state, path)
         return
@@ -389,6 +446,17 @@ def _load_optimizer(opt: torch.optim.Optimizer, params: list[nn.Parameter], tens
 
 
 def _run_config(cfg: TrainConfig, denoiser: Preconditioned, inputs: _RunInputs) -> dict:
+    if has_lora(denoiser.net):  # adapters and the base they fit: Pipeline.from_pretrained puts them together
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "adapter": {"kind": "lora", "base": cfg.init_from, **denoiser.net.lora_config},
+            "model": json.loads(json.dumps(getattr(denoiser.net, "config_dict", dict)())),
+            "schedule": denoiser.schedule.to_config(),
+            "prediction": denoiser.prediction,
+            "sigma_data": denoiser.sigma_data,
+            **{k: v for k, v in inputs.extras.items() if k != "autoencoder"},
+            "train": dataclasses.asdict(cfg),
+        }
     return {
         "format": CHECKPOINT_FORMAT,
         "model": denoiser.net.config_dict(),
@@ -427,6 +495,12 @@ def _save(
         weights=ema,
         config=_run_config(cfg, denoiser, inputs),
     )
+    if has_lora(denoiser.net) and cfg.init_from and (Path(cfg.init_from) / "model_index.json").is_file():
+        # the adapters as diffusers' load_lora_weights reads them ("unet.<module>.lora_A/B.weight"); diffusers
+        # takes alpha = rank, so another alpha's scale is folded into lora_B
+        scale = denoiser.net.lora_config["alpha"] / denoiser.net.lora_config["rank"]
+        lora = {k: (v * scale if ".lora_B." in k else v).contiguous() for k, v in ema.items()}
+        atomic_save_safetensors(lora, out / DIFFUSERS_LORA_FILE)
 
 
 def _log_rows_upto(log_path: Path, step: int) -> list[str]:
@@ -525,7 +599,7 @@ def _train(
     world: int,
 ) -> Path:
     device = torch.device(device) if device is not None else _default_device(world)
-    cfg, base_folder, base_config = base_run(cfg)  # a fine-tuning run takes its architecture from the base
+    cfg, base = base_run(cfg)  # a fine-tuning run takes its architecture (and weights) from the base
     micro = cfg.batch_size // cfg.grad_accum
     if micro % world:
         raise ValueError(
@@ -547,21 +621,21 @@ def _train(
         raise ValueError(
             f"dataset {cfg.data!r} has NaN/inf pixels in {bad.numel()} image(s), first at index {bad[0].item()}"
         )
-    if base_folder is not None:
-        _check_base_fit(data, base_folder, base_config)
+    if base is not None:
+        _check_base_fit(data, base)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(out)  # left by a run killed mid-write
 
-    inputs = _run_inputs(cfg, data, out, resume, rank)
+    inputs = _run_inputs(cfg, data, out, resume, rank, base)
     data, text_encoder = inputs.data, inputs.text_encoder
     torch.manual_seed(cfg.seed)
-    denoiser = _new_denoiser(cfg, data, inputs.context_dim)
-    if base_folder is not None:  # the base's EMA weights, the ones it samples with
-        from difflab.models import load_run
-
-        base_denoiser, _ = load_run(base_folder)
-        denoiser.net.load_state_dict(base_denoiser.net.state_dict())
+    if base is not None:  # the base's network with its EMA weights, the ones it samples with
+        denoiser = base.pipe.denoiser.requires_grad_(cfg.finetune == "all")
+    else:
+        denoiser = _new_denoiser(cfg, data, inputs.context_dim)
+    if cfg.finetune == "lora":
+        add_lora(denoiser.net, cfg.lora_rank, cfg.lora_alpha)
     denoiser = denoiser.to(device)
     denoiser.net.gradient_checkpointing = cfg.gradient_checkpointing
     params = [p for p in denoiser.net.parameters() if p.requires_grad]

@@ -17,9 +17,10 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
 
-def tiny_sd_folder(root):
-    """A StableDiffusionPipeline folder: CLIP text model (2 layers, 32-d), UNet2DConditionModel
-    (32/64 channels, 8x8 latents), AutoencoderKL (factor 2, 16x16 images), DDIM scheduler."""
+def tiny_sd_folder(root, max_length: int = 16):
+    """A StableDiffusionPipeline folder: CLIP text model (2 layers, 32-d, `max_length` tokens),
+    UNet2DConditionModel (32/64 channels, 8x8 latents), AutoencoderKL (factor 2, 16x16 images), DDIM
+    scheduler."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -30,7 +31,7 @@ def tiny_sd_folder(root):
         vocab[ch + "</w>"] = len(vocab)
     (root / "vocab.json").write_text(json.dumps(vocab))
     (root / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(root / "vocab.json"), str(root / "merges.txt"), model_max_length=16)
+    tokenizer = CLIPTokenizer(str(root / "vocab.json"), str(root / "merges.txt"), model_max_length=max_length)
     torch.manual_seed(0)
     text = CLIPTextModel(
         CLIPTextConfig(
@@ -39,7 +40,7 @@ def tiny_sd_folder(root):
             intermediate_size=37,
             num_attention_heads=4,
             num_hidden_layers=2,
-            max_position_embeddings=16,
+            max_position_embeddings=max_length,
             bos_token_id=0,
             eos_token_id=1,
             pad_token_id=1,
