@@ -9,10 +9,11 @@ install has them; the repository's checkpoints/ is a link to the same folder).
 
 from __future__ import annotations
 
+import os
 from importlib.resources import files
 from pathlib import Path
 
-__all__ = ["ASSETS_DIR", "asset"]
+__all__ = ["ASSETS_DIR", "asset", "resolve_run"]
 
 
 def _assets_dir() -> Path:
@@ -28,3 +29,13 @@ ASSETS_DIR = _assets_dir()
 def asset(*parts: str) -> Path:
     """A path under the package's checkpoints/ folder (it may not exist: callers say what is missing)."""
     return ASSETS_DIR.joinpath(*parts)
+
+
+def resolve_run(name_or_path: str | os.PathLike) -> Path:
+    """A folder as given, or the zoo model of that name when no such folder exists (every command
+    that takes a run folder also takes a zoo name)."""
+    path = Path(name_or_path)
+    zoo = asset("zoo", str(name_or_path))
+    if not path.exists() and (zoo / "config.json").is_file():
+        return zoo
+    return path

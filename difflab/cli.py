@@ -275,6 +275,21 @@ def _cmd_fid(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    """A run folder or zoo model as a diffusers folder (difflab.interop.export)."""
+    from difflab.assets import resolve_run
+    from difflab.interop.export import export_diffusers
+    from difflab.pipeline import Pipeline
+
+    run = resolve_run(args.run)  # a folder, or a zoo name
+    if not run.is_dir():
+        raise FileNotFoundError(f"run folder {run} does not exist (nor is it a zoo model name)")
+    zoo = json.loads((run / "zoo.json").read_text()) if (run / "zoo.json").is_file() else None
+    out = export_diffusers(Pipeline.from_pretrained(run, weights=args.weights), args.out, zoo=zoo)
+    print(f"wrote {out} (diffusers.DiffusionPipeline.from_pretrained({str(out)!r}, trust_remote_code=True) loads it)")
+    return 0
+
+
 # --------------------------------------------------------------------------------------------
 # The parser
 # --------------------------------------------------------------------------------------------
@@ -530,9 +545,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_reproduce_parser(sub)
 
-    from difflab.interop.export import add_export_parser
+    from difflab.finetune import add_finetune_parser
 
-    add_export_parser(sub)
+    add_finetune_parser(sub)
+
+    e = sub.add_parser(
+        "export",
+        help="write a run as a diffusers folder (UNet2DModel, scheduler, pipeline.py, model card)",
+        description="Write a difflab run (a folder or a zoo name) as a folder that "
+        "diffusers.DiffusionPipeline.from_pretrained loads and samples from, with the same outputs as difflab's "
+        "sampler on the same noise and grid. Pixel UNet runs map (unconditional or class-conditional, EDM or "
+        "discrete-VP eps/v/x0); text-conditional, latent and DiT runs do not, and the error says why.",
+    )
+    e.add_argument("run", help="run folder or zoo model name")
+    e.add_argument("--to", choices=["diffusers"], default="diffusers", help="the format (diffusers)")
+    e.add_argument("--weights", choices=["ema", "raw"], default="ema", help="which weights of a run folder")
+    e.add_argument("out", help="new folder to write")
+    e.set_defaults(func=_cmd_export)
 
     from difflab.ui import add_ui_parser
 

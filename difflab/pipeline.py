@@ -116,8 +116,21 @@ class Pipeline:
         return cls(denoiser, config, load_text_encoder(path, config, weights), load_run_latent_space(path, config))
 
     @classmethod
+    def from_original(cls, path: str | os.PathLike, kind: str, **kwargs) -> "Pipeline":
+        """An original checkpoint file in difflab's own networks: kind "adm" (guided-diffusion; kwargs
+        are its flags) or "dit" (DiT; kwargs vae=AutoencoderKL folder, num_heads). See
+        `difflab.interop.original`."""
+        from difflab.interop.original import load_adm, load_dit
+
+        loaders = {"adm": load_adm, "dit": load_dit}
+        if kind not in loaders:
+            raise ValueError(f"kind must be one of {', '.join(loaders)}, got {kind!r}")
+        return cls(*loaders[kind](path, **kwargs))
+
+    @classmethod
     def _with_adapter(cls, path, adapter: dict, weights: str) -> "Pipeline":
-        """A LoRA run (`difflab train --finetune lora`): its base pipeline with the run's adapters."""
+        """A LoRA run (`difflab train --finetune lora`) or a Textual Inversion run (`--finetune
+        embeddings`): its base pipeline with the run's adapters, or with its new tokens' rows."""
         from difflab.nn.lora import LORA_TARGETS, add_lora, load_lora_state
         from difflab.runfolder import read_run
 
@@ -128,6 +141,17 @@ class Pipeline:
         if weights == "raw":
             tensors = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
         pipe = cls.from_pretrained(base)
+        if adapter.get("kind") == "textual_inversion":
+            tokens = list(adapter["tokens"])
+            missing = [t for t in tokens if f"token.{t}" not in tensors]
+            if missing or pipe.text_encoder is None:
+                raise ValueError(f"{path}: no embedding for token(s) {missing} (or its base has no text encoder)")
+            ids = pipe.text_encoder.add_tokens(tokens)
+            with torch.no_grad():
+                for t, i in zip(tokens, ids):
+                    pipe.text_encoder.token_embedding.weight[i] = tensors[f"token.{t}"]
+            pipe.config = {**pipe.config, "adapter": adapter, "train": config.get("train", {})}
+            return pipe
         add_lora(pipe.denoiser.net, int(adapter["rank"]), adapter.get("alpha"), adapter.get("targets") or LORA_TARGETS)
         load_lora_state(pipe.denoiser.net, tensors)
         pipe.denoiser.eval().requires_grad_(False)

@@ -1,6 +1,6 @@
 """A difflab run as a diffusers folder: `difflab export RUN --to diffusers OUT`.
 
-    export_diffusers("runs/fmnist-unet-s", "out/fmnist")          # or checkpoints/zoo/NAME
+    export_diffusers(Pipeline.from_pretrained("runs/fmnist-unet-s"), "out/fmnist")   # or difflab export
     pipe = diffusers.DiffusionPipeline.from_pretrained("out/fmnist", trust_remote_code=True)  # pipeline.py
     images = pipe(batch_size=4, class_labels=[0, 1, 2, 3], guidance_scale=2.0, num_inference_steps=20).images
 
@@ -337,20 +337,18 @@ class DifflabExportPipeline(DiffusionPipeline):
 '''
 
 
-def export_diffusers(run, out, weights: str = "ema", zoo: dict | None = None) -> Path:
-    """Write the run (a folder, or a loaded difflab Pipeline) as a diffusers folder at `out`.
+def export_diffusers(pipe, out, zoo: dict | None = None) -> Path:
+    """Write a loaded difflab Pipeline (`Pipeline.from_pretrained(run)`) as a diffusers folder at
+    `out`; `zoo`: the run's zoo.json record, for the model card.
 
     The folder is written next to `out` and renamed into place, so a failed export leaves nothing
     half-written; an existing non-empty `out` is refused. Raises ValueError naming why a run does
     not map (`why_not_exportable`)."""
-    from difflab.pipeline import Pipeline
-
     try:
         import diffusers
         from diffusers import UNet2DModel
     except ImportError as e:
         raise ValueError(f"exporting to diffusers needs diffusers installed: {e}") from None
-    pipe = run if isinstance(run, Pipeline) else Pipeline.from_pretrained(run, weights=weights)
     why = why_not_exportable(pipe.denoiser, pipe.config)
     if why:
         raise ValueError(f"cannot export to diffusers: {why}")
@@ -379,8 +377,6 @@ def export_diffusers(run, out, weights: str = "ema", zoo: dict | None = None) ->
         (tmp / f"{PIPELINE_MODULE}.py").write_text(_PIPELINE)
         config = {k: v for k, v in pipe.config.items() if k != "saved_step"}
         (tmp / "difflab_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if zoo is None and not isinstance(run, Pipeline) and (Path(run) / "zoo.json").is_file():
-            zoo = json.loads((Path(run) / "zoo.json").read_text())
         card = model_card(config, zoo, name=out.name, exported=f"diffusers ({scheduler_cls}, UNet2DModel)")
         (tmp / "README.md").write_text(card)
         if out.exists():
@@ -390,32 +386,3 @@ def export_diffusers(run, out, weights: str = "ema", zoo: dict | None = None) ->
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def _cmd_export(args) -> int:
-    from difflab.zoo import ZOO_DIR
-
-    run = args.run
-    if not Path(run).exists() and (ZOO_DIR / run / "config.json").is_file():
-        run = str(ZOO_DIR / run)  # a zoo name
-    if not Path(run).is_dir():
-        raise FileNotFoundError(f"run folder {run} does not exist (nor is it a zoo model name)")
-    out = export_diffusers(run, args.out, weights=args.weights)
-    print(f"wrote {out} (diffusers.DiffusionPipeline.from_pretrained({str(out)!r}, trust_remote_code=True) loads it)")
-    return 0
-
-
-def add_export_parser(sub) -> None:
-    e = sub.add_parser(
-        "export",
-        help="write a run as a diffusers folder (UNet2DModel, scheduler, pipeline.py, model card)",
-        description="Write a difflab run (a folder or a zoo name) as a folder that "
-        "diffusers.DiffusionPipeline.from_pretrained loads and samples from, with the same outputs as difflab's "
-        "sampler on the same noise and grid. Pixel UNet runs map (unconditional or class-conditional, EDM or "
-        "discrete-VP eps/v/x0); text-conditional, latent and DiT runs do not, and the error says why.",
-    )
-    e.add_argument("run", help="run folder or zoo model name")
-    e.add_argument("--to", choices=["diffusers"], default="diffusers", help="the format (diffusers)")
-    e.add_argument("--weights", choices=["ema", "raw"], default="ema", help="which weights of a run folder")
-    e.add_argument("out", help="new folder to write")
-    e.set_defaults(func=_cmd_export)

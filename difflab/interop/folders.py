@@ -117,6 +117,24 @@ class CLIPPromptEncoder(nn.Module):
             list(prompts), padding="max_length", max_length=self.max_length, truncation=truncate, return_tensors="pt"
         )
 
+    @property
+    def token_embedding(self) -> nn.Embedding:
+        return self.text_encoder.get_input_embeddings()
+
+    def add_tokens(self, tokens, init_from: str | None = None) -> list[int]:
+        """New pseudo-words (Textual Inversion's "<S*>"), rows initialised from `init_from`'s mean embedding."""
+        from difflab.nn.text import add_hf_tokens
+
+        return add_hf_tokens(self.tokenizer, self.text_encoder, tokens, init_from)
+
+    def token_ids(self, prompts, truncate: bool = False) -> tuple[Tensor, Tensor]:
+        ids = self.tokenize(list(prompts), truncate)["input_ids"]
+        return ids, torch.ones(ids.shape, dtype=torch.bool)
+
+    def encode(self, ids: Tensor, mask: Tensor) -> Tensor:
+        """Token states of token ids, with gradients (the pipeline attends every position)."""
+        return self.text_encoder(ids.to(next(self.text_encoder.parameters()).device))[0]
+
     @torch.no_grad()
     def forward(self, prompts, truncate: bool = False) -> tuple[Tensor, Tensor]:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)

@@ -3,10 +3,11 @@ UNet state dicts into `difflab.nn.UNet`, and DiT (Peebles & Xie 2023) state dict
 `difflab.nn.DiT`. Files are read with torch.load(weights_only=True) (tensors only, no code) or as
 safetensors; every tensor of the file must land and every weight of the network must be given.
 
-    pipe = adm_pipeline("64x64_diffusion.pt", image_size=64, num_channels=192, num_res_blocks=3,
-                        attention_resolutions="32,16,8", num_head_channels=64, class_cond=True,
-                        learn_sigma=True, resblock_updown=True, use_new_attention_order=True)
-    pipe = dit_pipeline("DiT-XL-2-256x256.pt", vae="sd-vae-ft-ema/")   # a diffusers AutoencoderKL folder
+    pipe = Pipeline.from_original("64x64_diffusion.pt", "adm", image_size=64, num_channels=192,
+                                  num_res_blocks=3, attention_resolutions="32,16,8", num_head_channels=64,
+                                  class_cond=True, learn_sigma=True, resblock_updown=True,
+                                  use_new_attention_order=True)
+    pipe = Pipeline.from_original("DiT-XL-2-256x256.pt", "dit", vae="sd-vae-ft-ema/")   # an AutoencoderKL folder
 
 The mapping (ADM):
 
@@ -47,7 +48,7 @@ from difflab.core.schedules import vp_cosine, vp_linear
 from difflab.nn.dit import DIT_SIZES, DiT, DiTConfig
 from difflab.nn.unet import UNet, UNetConfig
 
-__all__ = ["read_state_dict", "adm_unet", "adm_pipeline", "dit_network", "dit_pipeline", "ADM_CHANNEL_MULT"]
+__all__ = ["read_state_dict", "adm_unet", "load_adm", "dit_network", "load_dit", "ADM_CHANNEL_MULT"]
 
 # guided-diffusion's channel_mult by image size (its create_model defaults)
 ADM_CHANNEL_MULT = {256: (1, 1, 2, 2, 4, 4), 128: (1, 1, 2, 3, 4), 64: (1, 2, 3, 4), 32: (1, 2, 2, 2)}
@@ -228,11 +229,10 @@ def adm_unet(
     return net.eval()
 
 
-def adm_pipeline(path, *, diffusion_steps: int = 1000, noise_schedule: str = "linear", **flags):
-    """A difflab Pipeline of a guided-diffusion checkpoint: the UNet (`adm_unet` flags), ADM's
-    schedule, eps prediction (with its learned variance when learn_sigma)."""
-    from difflab.pipeline import Pipeline
-
+def load_adm(path, *, diffusion_steps: int = 1000, noise_schedule: str = "linear", **flags) -> tuple:
+    """(denoiser, config, None, None) of a guided-diffusion checkpoint -- `Pipeline.from_original(path,
+    "adm", **flags)`: the UNet (`adm_unet` flags), ADM's schedule, eps prediction (with its learned
+    variance when learn_sigma)."""
     net = adm_unet(read_state_dict(path), **flags)
     if noise_schedule == "linear":
         scale = 1000 / diffusion_steps  # ADM scales the DDPM betas to the step count
@@ -250,7 +250,7 @@ def adm_pipeline(path, *, diffusion_steps: int = 1000, noise_schedule: str = "li
         "prediction": "eps",
         "train": {"label_dropout": 0.0},  # ADM guides with a classifier, not classifier-free
     }
-    return Pipeline(denoiser, config)
+    return denoiser, config, None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -334,11 +334,10 @@ def _dit_to_difflab(state: dict, depth: int, num_heads: int) -> dict:
     return mine
 
 
-def dit_pipeline(path, vae: str | os.PathLike | None = None, num_heads: int | None = None):
-    """A difflab Pipeline of an original DiT checkpoint on the latents of a diffusers AutoencoderKL
-    folder (`vae`; DiT used sd-vae-ft-ema/mse), or on raw tensors when vae is None."""
-    from difflab.pipeline import Pipeline
-
+def load_dit(path, vae: str | os.PathLike | None = None, num_heads: int | None = None) -> tuple:
+    """(denoiser, config, None, latent space) of an original DiT checkpoint -- `Pipeline.from_original(
+    path, "dit", vae=...)`: on the latents of a diffusers AutoencoderKL folder (`vae`; DiT used
+    sd-vae-ft-ema/mse), or on raw tensors when vae is None."""
     net = dit_network(read_state_dict(path), num_heads)
     schedule = vp_linear(1000)
     denoiser = Preconditioned(net, schedule, "eps", learned_variance=net.config.learn_sigma).eval()
@@ -365,4 +364,4 @@ def dit_pipeline(path, vae: str | os.PathLike | None = None, num_heads: int | No
         latent_space = DiffusersLatentSpace(auto, (cfg.in_channels, cfg.input_size, cfg.input_size))
         config["autoencoder"] = {"kind": "diffusers", "folder": str(vae)}
         config["data"] = {"name": "dit", "channels": int(auto.config.in_channels), "size": cfg.input_size * factor}
-    return Pipeline(denoiser, config, latent_space=latent_space)
+    return denoiser, config, None, latent_space

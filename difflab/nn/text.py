@@ -63,6 +63,24 @@ def _check_prompts(prompts) -> list[str]:
     return prompts
 
 
+def add_hf_tokens(tokenizer, model: nn.Module, tokens: Sequence[str], init_from: str | None = None) -> list[int]:
+    """New tokens in a transformers tokenizer and its model's input embedding table, each row
+    initialised from the mean embedding of `init_from`'s tokens (Textual Inversion's start)."""
+    tokens = list(tokens)
+    if tokenizer.add_tokens(tokens) != len(tokens):
+        raise ValueError(f"token(s) {tokens} already in the text encoder's vocabulary: pick a new pseudo-word")
+    model.resize_token_embeddings(len(tokenizer))
+    ids = tokenizer.convert_tokens_to_ids(tokens)
+    if init_from is not None:
+        src = tokenizer(init_from, add_special_tokens=False)["input_ids"]
+        if not src:
+            raise ValueError(f"init_from word {init_from!r} has no tokens")
+        with torch.no_grad():
+            emb = model.get_input_embeddings().weight
+            emb[ids] = emb[src].mean(0)
+    return ids
+
+
 class MiniLMEncoder(nn.Module):
     """Frozen all-MiniLM-L6-v2 (384-d per-token states), loaded from the local package."""
 
@@ -93,20 +111,18 @@ class MiniLMEncoder(nn.Module):
 
     def add_tokens(self, tokens: Sequence[str], init_from: str | None = None) -> list[int]:
         """Add new pseudo-words (e.g. "<S*>") with rows initialised from a coarse word's mean embedding."""
-        added = self.tokenizer.add_tokens(list(tokens))
-        if added != len(tokens):
-            raise ValueError(f"some of {list(tokens)} are already in the vocabulary")
-        self.model.resize_token_embeddings(len(self.tokenizer))
-        ids = self.tokenizer.convert_tokens_to_ids(list(tokens))
-        if init_from is not None:
-            src = self.tokenizer(init_from, add_special_tokens=False)["input_ids"]
-            if not src:
-                raise ValueError(f"init_from word {init_from!r} has no tokens")
-            with torch.no_grad():
-                emb = self.token_embedding.weight
-                emb[ids] = emb[src].mean(0)
+        ids = add_hf_tokens(self.tokenizer, self.model, tokens, init_from)
         self._cache.clear()
         return ids
+
+    def token_ids(self, prompts, truncate: bool = False) -> tuple[Tensor, Tensor]:
+        """(token ids (B, T), key mask (B, T) bool) of prompts, for `encode` inside a training graph."""
+        batch = self.tokenize(prompts, truncate)
+        return batch["input_ids"], batch["attention_mask"].bool()
+
+    def encode(self, ids: Tensor, mask: Tensor) -> Tensor:
+        """Token states (B, T, 384) of token ids, with gradients (Textual Inversion trains a row)."""
+        return self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
 
     def tokenize(self, prompts, truncate: bool = False) -> dict[str, Tensor]:
         prompts = _check_prompts(prompts)
@@ -181,6 +197,34 @@ class WordEncoder(nn.Module):
     def unknown_words(self, prompts) -> list[str]:
         """Words of `prompts` outside the vocabulary (they would all read as <unk>), in order."""
         return list(dict.fromkeys(w for p in _check_prompts(prompts) for w in self.words(p) if w not in self.index))
+
+    @property
+    def token_embedding(self) -> nn.Embedding:
+        return self.embed
+
+    def add_tokens(self, tokens: Sequence[str], init_from: str | None = None) -> list[int]:
+        """New words (letters and digits, e.g. "sks") with rows initialised from `init_from`'s mean embedding."""
+        for t in tokens:
+            if self.words(t) != [t]:
+                raise ValueError(f"token {t!r} is not one word of letters and digits (this encoder reads only those)")
+            if t in self.index:
+                raise ValueError(f"token(s) {list(tokens)} already in the text encoder's vocabulary: pick a new word")
+        old = self.embed.weight.detach()
+        self.vocab += list(tokens)
+        self.index = {w: i for i, w in enumerate(self.vocab)}
+        self.embed = nn.Embedding(len(self.vocab), self.dim).to(old.device)
+        ids = [self.index[t] for t in tokens]
+        with torch.no_grad():
+            self.embed.weight[: len(old)] = old
+            if init_from is not None:
+                src = [self.index[w] for w in self.words(init_from) if w in self.index]
+                if not src:
+                    raise ValueError(f"init_from word {init_from!r} is not in the vocabulary")
+                self.embed.weight[ids] = old[src].mean(0)
+        return ids
+
+    def token_ids(self, prompts, truncate: bool = False) -> tuple[Tensor, Tensor]:
+        return self.tokenize(prompts, truncate)
 
     def tokenize(self, prompts, truncate: bool = False) -> tuple[Tensor, Tensor]:
         prompts = _check_prompts(prompts)

@@ -65,16 +65,18 @@ def build_text_encoder(kind: str, captions: Sequence[str], kwargs: dict[str, Any
 class CaptionTable:
     """Every distinct caption (+ the empty prompt, the null condition) encoded once, in sorted order."""
 
-    def __init__(self, encoder: nn.Module, captions: Sequence[str], chunk: int = 256):
+    def __init__(self, encoder: nn.Module, captions: Sequence[str], chunk: int = 256, ids: bool | None = None):
         unique = sorted(set(captions))
         where = {c: i for i, c in enumerate(unique)}
         self.rows = torch.tensor([where[c] for c in captions], dtype=torch.long)  # (N,) caption of each item
         self.null = len(unique)  # the row of ""
         prompts = [*unique, ""]
-        self.trainable = bool(getattr(encoder, "trainable", False))
+        # token ids (the encoder runs in the loss) for a jointly trained encoder, or when `ids` asks
+        # for them (Textual Inversion trains a row of a pretrained encoder's embedding table)
+        self.trainable = bool(getattr(encoder, "trainable", False)) if ids is None else ids
         self.key = "token_ids" if self.trainable else "context"
-        if self.trainable:  # token ids; the encoder runs in the loss
-            self.values, self.mask = encoder.tokenize(prompts)
+        if self.trainable:
+            self.values, self.mask = encoder.token_ids(prompts)
             return
         parts = [encoder(prompts[i : i + chunk]) for i in range(0, len(prompts), chunk)]  # fixed chunks: exact resume
         T = max(m.shape[1] for _, m in parts)

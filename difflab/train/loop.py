@@ -70,7 +70,7 @@ from difflab.runfolder import (
 __all__ = ["TrainConfig", "train", "load_training_data"]
 
 
-FINETUNE = ("all", "lora")  # what a fine-tuning run trains (TrainConfig.finetune)
+FINETUNE = ("all", "lora", "embeddings")  # what a fine-tuning run trains (TrainConfig.finetune)
 
 
 @dataclass
@@ -124,12 +124,15 @@ class TrainConfig:
     # fine-tuning: start from a trained run instead of random weights (`init_from`: a difflab run
     # folder or zoo name). The base fixes the network, schedule, preconditioning, conditioning, text
     # encoder and autoencoder; `finetune` says what is trained: "all" = every weight of the denoiser,
-    # "lora" = adapters only (the run folder then holds just them and names its base); the text
-    # encoder and the autoencoder stay frozen (no gradients, no optimizer state)
+    # "lora" = adapters only (the run folder then holds just them and names its base), "embeddings"
+    # = Textual Inversion: one new `token`'s row of the text encoder's embedding table, nothing else;
+    # what is not trained stays frozen (no gradients, no optimizer state)
     init_from: str | None = None
     finetune: str = "all"  # "lora": rank-`lora_rank` adapters on every attention projection, all else frozen
     lora_rank: int = 4
     lora_alpha: float | None = None  # None: = lora_rank (scale 1)
+    token: str | None = None  # "embeddings" (Textual Inversion): the new pseudo-word, e.g. "<S*>"
+    init_token: str | None = None  # the coarse word its embedding row starts from
     gradient_checkpointing: bool = False  # recompute each network stage in the backward pass (less memory)
 
     @classmethod
@@ -192,6 +195,8 @@ class TrainConfig:
             raise ValueError(f"finetune must be one of {', '.join(FINETUNE)}, got {self.finetune!r}")
         if not isinstance(self.lora_rank, int) or self.lora_rank < 1:
             raise ValueError(f"lora_rank must be a positive integer, got {self.lora_rank!r}")
+        if self.finetune == "embeddings" and not (self.token and self.init_token):
+            raise ValueError("finetune='embeddings' (Textual Inversion) needs token (e.g. '<S*>') and init_token")
         if self.finetune != "all" and not self.init_from:
             raise ValueError(f"finetune={self.finetune!r} adapts a trained model: give init_from (--init-from RUN)")
 
@@ -203,6 +208,7 @@ class TrainConfig:
 
 # the TrainConfig fields a fine-tuning run takes from its base run (the network it starts from)
 DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"  # what diffusers' load_lora_weights looks for
+DIFFUSERS_TI_FILE = "learned_embeds.safetensors"  # {token: embedding}, diffusers' load_textual_inversion
 
 INHERITED = (
     "model",
@@ -241,11 +247,9 @@ def base_run(cfg: TrainConfig) -> tuple[TrainConfig, _Base | None]:
     if not cfg.init_from:
         return cfg, None
     from difflab.pipeline import Pipeline
-    from difflab.zoo import ZOO_DIR
+    from difflab.assets import resolve_run
 
-    folder = Path(cfg.init_from)
-    if not folder.exists() and (ZOO_DIR / cfg.init_from / "config.json").is_file():
-        folder = ZOO_DIR / cfg.init_from
+    folder = resolve_run(cfg.init_from)  # a folder, or a zoo name
     diffusers = (folder / "model_index.json").is_file()
     if not diffusers and not (folder / "config.json").is_file():
         raise FileNotFoundError(f"init_from {cfg.init_from}: no run folder (config.json) or zoo model of that name")
@@ -345,6 +349,7 @@ def _run_inputs(
         if data.captions is None:
             raise ValueError(f"conditioning='text' needs captions, and dataset {cfg.data!r} has none (shapes has them)")
         torch.manual_seed(seed_from(cfg.seed, 0x7E47))  # a jointly trained encoder's initial weights
+        ids = None
         if base is not None:  # the base's own encoder (its vocabulary, its weights), frozen
             encoder = base.pipe.text_encoder
             if encoder is None:
@@ -352,14 +357,17 @@ def _run_inputs(
                     f"dataset {cfg.data!r} has captions, but init_from {base.folder} is not text-conditional"
                 )
             encoder.requires_grad_(False)
+            if cfg.finetune == "embeddings":
+                _add_learned_token(encoder, cfg.token, cfg.init_token, data.captions)
+                ids = True  # token ids: the encoder runs inside the loss, its new row gets gradients
             unknown = encoder.unknown_words(data.captions) if hasattr(encoder, "unknown_words") else []
             if unknown:
                 raise ValueError(f"captions use words {unknown[:5]} that init_from's text encoder does not know")
         else:
             encoder = build_text_encoder(cfg.text_encoder, data.captions, cfg.text_encoder_kwargs)
-        inputs.captions = CaptionTable(encoder, data.captions)
+        inputs.captions = CaptionTable(encoder, data.captions, ids=ids)
         inputs.context_dim = encoder.dim
-        inputs.text_encoder = encoder if encoder.trainable else None
+        inputs.text_encoder = encoder if encoder.trainable or ids else None
         inputs.extras["text_encoder"] = base.config["text_encoder"] if base is not None else encoder.config_dict()
     if base is not None and base.diffusers and base.pipe.latent_space is not None:  # its VAE, kept in the base
         inputs.data = encode_latents(base.pipe.latent_space, data)
@@ -382,9 +390,28 @@ def _run_inputs(
     return inputs
 
 
+def _add_learned_token(encoder: nn.Module, token: str, init_token: str, captions) -> None:
+    """Textual Inversion's pseudo-word: a new row of the embedding table, initialised from a coarse
+    word, the only weight that trains (a gradient mask zeroes every other row's gradient; with no
+    weight decay on it, AdamW leaves those rows bit for bit)."""
+    if not any(token in c for c in captions):
+        raise ValueError(f"no caption uses the token {token!r}: caption the concept's images with it ('a {token}')")
+    (row,) = encoder.add_tokens([token], init_from=init_token)
+    weight = encoder.token_embedding.weight
+    keep = torch.zeros(weight.shape[0], 1, device=weight.device)
+    keep[row] = 1
+    weight.requires_grad_(True)
+    weight.register_hook(lambda g: g * keep.to(g.device, g.dtype))
+    encoder.learned_tokens = {token: row}
+
+
 def _model_state(denoiser: Preconditioned, text_encoder: nn.Module | None = None) -> dict[str, Tensor]:
     """The trained tensors: the network's, and a jointly trained text encoder's as "text_encoder.*";
-    of a LoRA run, its adapters alone."""
+    of a LoRA run, its adapters alone; of Textual Inversion, its token's embedding row."""
+    learned = getattr(text_encoder, "learned_tokens", None)
+    if learned:
+        weight = text_encoder.token_embedding.weight
+        return {f"token.{t}": weight[i] for t, i in learned.items()}
     if has_lora(denoiser.net):
         return lora_state(denoiser.net)
     state = dict(denoiser.net.state_dict())
@@ -396,6 +423,12 @@ def _model_state(denoiser: Preconditioned, text_encoder: nn.Module | None = None
 def _load_model_state(
     denoiser: Preconditioned, text_encoder: nn.Module | None, state: dict[str, Tensor], path: Path
 ) -> None:
+    learned = getattr(text_encoder, "learned_tokens", None)
+    if learned:
+        with torch.no_grad():
+            for t, i in learned.items():
+                text_encoder.token_embedding.weight[i] = state[f"token.{t}"]
+        return
     if has_lora(denoiser.net):
         load_lora_state(denoiser.net, state)
         return
@@ -446,10 +479,15 @@ def _load_optimizer(opt: torch.optim.Optimizer, params: list[nn.Parameter], tens
 
 
 def _run_config(cfg: TrainConfig, denoiser: Preconditioned, inputs: _RunInputs) -> dict:
-    if has_lora(denoiser.net):  # adapters and the base they fit: Pipeline.from_pretrained puts them together
+    adapter = None
+    if has_lora(denoiser.net):
+        adapter = {"kind": "lora", "base": cfg.init_from, **denoiser.net.lora_config}
+    elif cfg.finetune == "embeddings":
+        adapter = {"kind": "textual_inversion", "base": cfg.init_from, "tokens": {cfg.token: cfg.init_token}}
+    if adapter:  # adapters and the base they fit: Pipeline.from_pretrained puts them together
         return {
             "format": CHECKPOINT_FORMAT,
-            "adapter": {"kind": "lora", "base": cfg.init_from, **denoiser.net.lora_config},
+            "adapter": adapter,
             "model": json.loads(json.dumps(getattr(denoiser.net, "config_dict", dict)())),
             "schedule": denoiser.schedule.to_config(),
             "prediction": denoiser.prediction,
@@ -495,7 +533,10 @@ def _save(
         weights=ema,
         config=_run_config(cfg, denoiser, inputs),
     )
-    if has_lora(denoiser.net) and cfg.init_from and (Path(cfg.init_from) / "model_index.json").is_file():
+    diffusers_base = cfg.init_from and (Path(cfg.init_from) / "model_index.json").is_file()
+    if cfg.finetune == "embeddings" and diffusers_base:  # what diffusers' load_textual_inversion reads
+        atomic_save_safetensors({cfg.token: ema[f"token.{cfg.token}"].contiguous()}, out / DIFFUSERS_TI_FILE)
+    if has_lora(denoiser.net) and diffusers_base:
         # the adapters as diffusers' load_lora_weights reads them ("unet.<module>.lora_A/B.weight"); diffusers
         # takes alpha = rank, so another alpha's scale is folded into lora_B
         scale = denoiser.net.lora_config["alpha"] / denoiser.net.lora_config["rank"]
@@ -642,7 +683,9 @@ def _train(
     if text_encoder is not None:
         text_encoder.to(device)
         params += [p for p in text_encoder.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # Textual Inversion: no weight decay, so the masked rows of the embedding table stay bit for bit
+    wd = 0.0 if cfg.finetune == "embeddings" else cfg.weight_decay
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=wd)
     ema = {k: v.detach().clone() for k, v in _model_state(denoiser, text_encoder).items()}
     step, elapsed = 0, 0.0
     log_path = out / "log.jsonl"

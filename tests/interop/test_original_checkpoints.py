@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from difflab.interop.original import adm_pipeline, adm_unet, dit_network, dit_pipeline, read_state_dict
+from difflab.interop.original import adm_unet, dit_network, read_state_dict
+from difflab.pipeline import Pipeline
 
 # ---------------------------------------------------------------------------------------------
 # guided-diffusion, as its unet.py computes
@@ -162,14 +163,14 @@ def test_a_guided_diffusion_state_dict_computes_what_adm_computes(tmp_path, orde
 def test_an_adm_pipeline_samples_and_refuses_classifier_free_guidance(tmp_path):
     path = tmp_path / "adm.pt"
     torch.save({"module." + k: v for k, v in ADM("legacy").s.items()}, path)  # DataParallel names too
-    pipe = adm_pipeline(path, **ADM_FLAGS)
+    pipe = Pipeline.from_original(path, "adm", **ADM_FLAGS)
     assert pipe.denoiser.learned_variance and pipe.num_classes == 5 and pipe.denoiser.schedule.T == 1000
     x = pipe(2, class_labels=[0, 3], steps=3, sampler="euler", seed=0)
     assert x.shape == (2, 3, 16, 16) and torch.isfinite(x).all()
     with pytest.raises(ValueError, match="no null class"):
         pipe(1, class_labels=0, steps=2, guidance_scale=2.0)
     with pytest.raises(ValueError, match="does not fit these flags"):
-        adm_pipeline(path, **{**ADM_FLAGS, "num_res_blocks": 2})
+        Pipeline.from_original(path, "adm", **{**ADM_FLAGS, "num_res_blocks": 2})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,15 +275,15 @@ def test_a_dit_pipeline_guides_and_bad_files_are_named(tmp_path):
     s = _dit_state()
     path = tmp_path / "dit.pt"
     torch.save(s, path)
-    pipe = dit_pipeline(path, num_heads=2)
+    pipe = Pipeline.from_original(path, "dit", num_heads=2)
     x = pipe(2, class_labels=[1, 2], steps=3, guidance_scale=4.0, seed=0)
     assert x.shape == (2, 4, 8, 8) and torch.isfinite(x).all()
     with pytest.raises(ValueError, match="not a paper size: pass num_heads"):
-        dit_pipeline(path)
+        Pipeline.from_original(path, "dit")
     bad = dict(s, pos_embed=torch.zeros_like(s["pos_embed"]))
     torch.save(bad, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="pos_embed is not DiT's 2-D sin-cos grid"):
-        dit_pipeline(tmp_path / "bad.pt", num_heads=2)
+        Pipeline.from_original(tmp_path / "bad.pt", "dit", num_heads=2)
     torch.save({"x": torch.nn.Linear(2, 2)}, tmp_path / "pickled.pt")  # an object, not tensors
     with pytest.raises(ValueError, match="not a plain tensor state dict"):
         read_state_dict(tmp_path / "pickled.pt")

@@ -200,3 +200,102 @@ def test_lora_on_a_diffusers_folder_loads_in_diffusers_with_the_same_images(tmp_
     torch.testing.assert_close(got, want.images * 2 - 1, rtol=0, atol=1e-4)
     with pytest.raises(ValueError, match="fine-tune it with --finetune lora"):
         train(text_config(init_from=str(sd), steps=1), tmp_path / "all", progress=False)
+
+
+# ---- Textual Inversion ---------------------------------------------------------------------------
+
+
+def _concept(n=3, seed=11):
+    from difflab.data import load_dataset
+
+    return load_dataset("shapes", "train", n=n, size=16, seed=seed).images
+
+
+def test_textual_inversion_changes_one_row_and_nothing_else(base, tmp_path):
+    from difflab.finetune import textual_inversion
+
+    words = ("a {}", "a large {}", "a small {}")  # the word-level base knows only the shapes captions' words
+    run = textual_inversion(
+        base, _concept(), tmp_path / "ti", token="sks", init="circle", steps=4, templates=words, progress=False
+    )
+    config = json.loads((run / "config.json").read_text())
+    assert config["adapter"] == {"kind": "textual_inversion", "base": str(base), "tokens": {"sks": "circle"}}
+    assert set(load_file(str(run / "model.safetensors"))) == {"token.sks"}  # one row: the whole output
+    tuned, plain = Pipeline.from_pretrained(run), Pipeline.from_pretrained(base)
+    new, old = tuned.text_encoder.token_embedding.weight, plain.text_encoder.token_embedding.weight
+    row = tuned.text_encoder.index["sks"]
+    assert row == len(old) and torch.equal(new[:row], old)  # every other row bit for bit
+    start = old[plain.text_encoder.index["circle"]]
+    assert (new[row] - start).abs().max() > 1e-4  # the row itself trained away from its initial word
+    theirs = plain.denoiser.net.state_dict()
+    assert all(torch.equal(v, theirs[k]) for k, v in tuned.denoiser.net.state_dict().items())  # frozen network
+    a = tuned(2, prompt="a sks on the left", steps=3, seed=0)  # the token composes in a new prompt
+    states = tuned.encode_prompts(["a sks on the left", "a circle on the left"])[0]
+    assert torch.isfinite(a).all() and (states[0] - states[1]).abs().max() > 1e-4
+
+
+def test_textual_inversion_bad_input_is_named(base, tmp_path):
+    from difflab.finetune import concept_data, textual_inversion
+
+    with pytest.raises(ValueError, match="already in the text encoder's vocabulary"):
+        textual_inversion(base, _concept(), tmp_path / "a", token="circle", init="square", steps=1, progress=False)
+    with pytest.raises(ValueError, match="at least one image"):
+        concept_data(torch.zeros(0, 3, 16, 16), "sks")
+    with pytest.raises(ValueError, match=r"images of shape \(3, 32, 32\) do not fit"):
+        big = torch.zeros(2, 3, 32, 32)
+        textual_inversion(
+            base, big, tmp_path / "b", token="sks", init="circle", steps=1, templates=("a {}",), progress=False
+        )
+    with pytest.raises(ValueError, match="needs token"):
+        train(text_config(init_from=str(base), finetune="embeddings"), tmp_path / "c", progress=False)
+
+
+def test_textual_inversion_on_a_diffusers_folder_loads_in_diffusers(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    from difflab.finetune import textual_inversion
+    from tests.interop.test_diffusers_folder import tiny_sd_folder
+
+    sd = tiny_sd_folder(tmp_path / "sd", max_length=77)
+    run = textual_inversion(
+        sd, _concept(), tmp_path / "ti", token="<s*>", init="circle", steps=3, lr=0.05, progress=False
+    )
+    assert (run / "learned_embeds.safetensors").is_file()
+    pipe = Pipeline.from_pretrained(run)
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    got = pipe(1, prompt="a <s*> on the left", steps=3, sampler="euler", latents=latents)
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(sd, safety_checker=None, requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    ref.load_textual_inversion(run, weight_name="learned_embeds.safetensors")  # diffusers' own loader
+    want = (
+        ref(
+            "a <s*> on the left", num_inference_steps=3, guidance_scale=1.0, latents=latents.clone(), output_type="pt"
+        ).images
+        * 2
+        - 1
+    )
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
+def test_the_textual_inversion_command_then_sampling_the_word(base, tmp_path, capsys):
+    from PIL import Image
+
+    folder = tmp_path / "concept"
+    folder.mkdir()
+    for i, im in enumerate(_concept()):
+        Image.fromarray(((im.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()).save(folder / f"{i}.png")
+    out = tmp_path / "ti"
+    args = ["--base", str(base), "--images", str(folder), "--token", "sks", "--init", "circle", "--steps", "2"]
+    assert main(["finetune", "textual-inversion", *args, "--batch-size", "4", "--out", str(out), "--no-progress"]) == 0
+    assert "learned 'sks' from 3 image(s)" in capsys.readouterr().out
+    grid = tmp_path / "grid.png"
+    assert (
+        main(["sample", "--run", str(out), "--prompt", "a large sks", "--n", "2", "--steps", "2", "--out", str(grid)])
+        == 0
+    )
+    assert grid.is_file()
+    assert (
+        main(["finetune", "textual-inversion", *args, "--out", str(tmp_path / "x"), "--images", str(tmp_path / "no")])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "--images folder" in err and "does not exist" in err
