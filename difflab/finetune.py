@@ -8,7 +8,15 @@ initialised from a coarse word and is the only weight trained (the denoiser, the
 encoder and the autoencoder frozen), with the denoising loss on the concept's images captioned by
 prompt templates ("a photo of a <S*>", ...). The run folder holds that one row and names its base;
 on a diffusers base it also holds learned_embeds.safetensors for diffusers' load_textual_inversion.
-Everything runs in difflab's one training loop (`TrainConfig(init_from=..., finetune="embeddings")`).
+
+DreamBooth (Ruiz et al. 2023, arXiv 2208.12242): the whole denoiser (or LoRA adapters) fine-tuned on
+the subject's images captioned "a [identifier] [class]", with class-specific prior preservation: images
+the frozen base generates for "a [class]" are trained on too, their loss weighted by lambda (paper: 1).
+
+    difflab finetune dreambooth --base shapes-text-unet --images my_subject/ --identifier sks \\
+        --class-noun star --prior-weight 1 --class-images 50 --steps 400 --out runs/db   # --lora: adapters
+
+Everything runs in difflab's one training loop (`TrainConfig(init_from=..., finetune=...)`).
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ import torch
 
 from difflab.data import ImageData
 
-__all__ = ["TEMPLATES", "concept_data", "textual_inversion", "add_finetune_parser"]
+__all__ = ["TEMPLATES", "concept_data", "textual_inversion", "dreambooth", "add_finetune_parser"]
 
 # prompt templates for the concept's images ({} is the token): the paper's object templates, short
 TEMPLATES = (
@@ -102,6 +110,96 @@ def textual_inversion(
     return train(cfg, out, data=data, progress=progress)
 
 
+def dreambooth(
+    base,
+    images: torch.Tensor,
+    out,
+    *,
+    identifier: str = "sks",
+    class_noun: str,
+    prior_weight: float = 1.0,
+    class_images: int = 50,
+    class_steps: int = 20,
+    lora: bool = False,
+    lora_rank: int = 4,
+    steps: int = 400,
+    lr: float | None = None,
+    batch_size: int = 8,
+    seed: int = 0,
+    progress: bool = True,
+) -> Path:
+    """Fine-tune `base` on the subject `images` captioned "a {identifier} {class_noun}", with
+    `class_images` prior images the frozen base samples for "a {class_noun}" (weight
+    `prior_weight`; 0 switches prior preservation off). Writes and returns the run folder."""
+    from difflab.pipeline import Pipeline
+    from difflab.train import TrainConfig, train
+
+    if not 0 <= prior_weight < float("inf"):
+        raise ValueError(f"prior_weight must be a finite number >= 0, got {prior_weight}")
+    if images.ndim != 4 or len(images) < 1:
+        raise ValueError(f"need at least one subject image (N, C, H, W), got shape {tuple(images.shape)}")
+    instance = f"a {identifier} {class_noun}"
+    items, captions, weights = [images], [instance] * len(images), [1.0] * len(images)
+    if prior_weight > 0:
+        pipe = Pipeline.from_pretrained(base)
+        prior = pipe(class_images, prompt=f"a {class_noun}", steps=class_steps, seed=seed + 1, progress=progress)
+        items.append(prior)
+        captions += [f"a {class_noun}"] * class_images
+        weights += [float(prior_weight)] * class_images
+    x = torch.cat(items)
+    repeat = max(1, -(-batch_size // len(x)))
+    data = ImageData(
+        x.repeat(repeat, 1, 1, 1),
+        captions=captions * repeat,
+        name="dreambooth",
+        meta={"loss_weight": torch.tensor(weights * repeat)},
+    )
+    cfg = TrainConfig(
+        data="dreambooth",
+        init_from=str(base),
+        finetune="lora" if lora else "all",
+        lora_rank=lora_rank,
+        steps=steps,
+        lr=lr if lr is not None else (1e-3 if lora else 5e-5),
+        warmup=0,
+        batch_size=batch_size,
+        caption_dropout=0.0,
+        ema_decay=0.0,  # the paper keeps the fine-tuned weights as they end
+        save_every=max(steps // 4, 1),
+        log_every=max(1, min(25, steps)),
+        seed=seed,
+    )
+    return train(cfg, out, data=data, progress=progress)
+
+
+def _cmd_dreambooth(args) -> int:
+    from difflab.pipeline import Pipeline
+
+    base = Pipeline.from_pretrained(_resolve(args.base))
+    if base.conditioning != "text":
+        raise ValueError(f"--base {args.base} is not a text-to-image model (DreamBooth binds a word to the subject)")
+    c, h, _ = base.image_shape()
+    images = load_concept_images(args.images, h, c)
+    out = dreambooth(
+        _resolve(args.base),
+        images,
+        args.out,
+        identifier=args.identifier,
+        class_noun=args.class_noun,
+        prior_weight=args.prior_weight,
+        class_images=args.class_images,
+        lora=args.lora,
+        lora_rank=args.lora_rank,
+        steps=args.steps,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    print(f"fine-tuned on {len(images)} image(s) of 'a {args.identifier} {args.class_noun}': {out}")
+    return 0
+
+
 def _cmd_textual_inversion(args) -> int:
     from difflab.pipeline import Pipeline
 
@@ -141,7 +239,7 @@ def _resolve(base: str) -> str:
 def add_finetune_parser(sub) -> None:
     from difflab.core.validation import LR, POS_INT, SEED
 
-    f = sub.add_parser("finetune", help="personalise a text-to-image model: textual-inversion")
+    f = sub.add_parser("finetune", help="personalise a text-to-image model: textual-inversion, dreambooth")
     fs = f.add_subparsers(dest="method", required=True, metavar="METHOD")
     ti = fs.add_parser(
         "textual-inversion",
@@ -159,3 +257,24 @@ def add_finetune_parser(sub) -> None:
     ti.add_argument("--out", required=True, help="run folder to write")
     ti.add_argument("--no-progress", action="store_true")
     ti.set_defaults(func=_cmd_textual_inversion)
+
+    db = fs.add_parser(
+        "dreambooth",
+        help="fine-tune on 3-5 images of a subject with class-prior preservation (Ruiz et al. 2023)",
+        description=__doc__.split("\n\n")[3],
+    )
+    db.add_argument("--base", required=True, help="text-to-image run folder or zoo name")
+    db.add_argument("--images", required=True, help="folder of the subject's images (3-5)")
+    db.add_argument("--identifier", default="sks", help="the rare identifier word (default sks)")
+    db.add_argument("--class-noun", required=True, help="the subject's class, e.g. star")
+    db.add_argument("--prior-weight", type=float, default=1.0, help="lambda of the prior loss; 0: off (default 1)")
+    db.add_argument("--class-images", type=POS_INT, default=50, help="prior images the base generates (default 50)")
+    db.add_argument("--lora", action="store_true", help="train LoRA adapters instead of every weight")
+    db.add_argument("--lora-rank", type=POS_INT, default=4)
+    db.add_argument("--steps", type=POS_INT, default=400)
+    db.add_argument("--lr", type=LR, help="default 5e-5 (full), 1e-3 (LoRA)")
+    db.add_argument("--batch-size", type=POS_INT, default=8)
+    db.add_argument("--seed", type=SEED, default=0)
+    db.add_argument("--out", required=True, help="run folder to write")
+    db.add_argument("--no-progress", action="store_true")
+    db.set_defaults(func=_cmd_dreambooth)

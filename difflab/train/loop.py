@@ -744,6 +744,11 @@ def _train(
             step_loss, device_ids=[device.index] if device.type == "cuda" else None
         )
     n = data.images.shape[0]
+    item_weight = data.meta.get("loss_weight")  # (N,) per-item loss weights, or None
+    if item_weight is not None:
+        item_weight = torch.as_tensor(item_weight, dtype=torch.float32)
+        if item_weight.shape != (n,) or not torch.isfinite(item_weight).all() or (item_weight < 0).any():
+            raise ValueError(f"data.meta['loss_weight'] must be {n} finite non-negative numbers")
     pbar = None
     if progress and rank == 0:
         from tqdm.auto import tqdm
@@ -787,10 +792,11 @@ def _train(
             share = torch.arange(a, a + micro)[rank::world]
             xb, sb, nb = x0[share].to(device), sigma[share], noise[share].to(device)
             cb = {k: v[share].to(device) for k, v in cond.items()}
+            wb = None if item_weight is None else item_weight[idx][share]
             last = a + micro >= cfg.batch_size  # DDP all-reduces the gradients after the last one
             with step_loss.no_sync() if world > 1 and not last else contextlib.nullcontext():
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                    loss = step_loss(xb, sb, nb, cb)
+                    loss = step_loss(xb, sb, nb, cb) if wb is None else step_loss(xb, sb, nb, cb, wb)
                 (loss / cfg.grad_accum).backward()
             total += loss.detach().float() / cfg.grad_accum
         if world > 1:  # the global batch's loss, so every rank sees (and stops on) the same value
@@ -863,11 +869,15 @@ class _LossModule(nn.Module):
         self.loss_fn = loss_fn
         self.text_encoder = text_encoder  # trained jointly: its gradients flow (and DDP averages them)
 
-    def forward(self, x0: Tensor, sigma: Tensor, noise: Tensor, cond: dict) -> Tensor:
+    def forward(self, x0: Tensor, sigma: Tensor, noise: Tensor, cond: dict, weight: Tensor | None = None) -> Tensor:
         if "token_ids" in cond:  # token ids -> token states, inside the graph
             cond = dict(cond)
             cond["context"] = self.text_encoder.encode(cond.pop("token_ids"), cond["context_mask"])
-        return self.loss_fn(self.denoiser, x0, sigma=sigma, noise=noise, **cond)
+        if weight is None:
+            return self.loss_fn(self.denoiser, x0, sigma=sigma, noise=noise, **cond)
+        # per-item weights (DreamBooth's prior-preservation lambda on the class images)
+        losses = self.loss_fn(self.denoiser, x0, sigma=sigma, noise=noise, reduce=False, **cond)
+        return (losses * weight.to(losses.device, losses.dtype)).mean()
 
 
 def plot_loss(run: str | os.PathLike) -> Path | None:

@@ -299,3 +299,61 @@ def test_the_textual_inversion_command_then_sampling_the_word(base, tmp_path, ca
     )
     err = capsys.readouterr().err
     assert "--images folder" in err and "does not exist" in err
+
+
+# ---- DreamBooth ----------------------------------------------------------------------------------
+
+
+def test_dreambooth_trains_subject_and_weighted_prior_images(base, tmp_path, monkeypatch):
+    """The subject's images captioned "a circle star" (a word-level base knows no "sks": the identifier
+    is a vocabulary word here) plus class images the frozen base generated for "a star", the latter's
+    loss weighted by lambda: the weight reaches the loss (lambda 0 and 1 give different runs)."""
+    from difflab.finetune import dreambooth
+
+    seen = {}
+    import difflab.train.loop as loop
+
+    original = loop._LossModule.forward
+
+    def spy(self, x0, sigma, noise, cond, weight=None):
+        seen.setdefault("weights", []).append(None if weight is None else weight.clone())
+        return original(self, x0, sigma, noise, cond, weight)
+
+    monkeypatch.setattr(loop._LossModule, "forward", spy)
+    kw = dict(
+        identifier="circle",
+        class_noun="star",
+        class_images=4,
+        class_steps=2,
+        steps=2,
+        batch_size=4,
+        lr=1e-3,
+        progress=False,
+    )
+    run = dreambooth(base, _concept(2), tmp_path / "db", prior_weight=0.5, **kw)
+    weights = torch.cat(seen["weights"])
+    assert set(weights.tolist()) <= {1.0, 0.5} and 0.5 in weights.tolist()  # instance 1, prior lambda
+    config = json.loads((run / "config.json").read_text())
+    assert config["train"]["finetune"] == "all" and config["train"]["init_from"] == str(base)
+    x = Pipeline.from_pretrained(run)(2, prompt="a circle star", steps=2, seed=0)
+    assert torch.isfinite(x).all()
+    off = dreambooth(base, _concept(2), tmp_path / "off", prior_weight=0.0, **kw)
+    a, b = load_file(str(run / "model.safetensors")), load_file(str(off / "model.safetensors"))
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    lora = dreambooth(base, _concept(2), tmp_path / "lora", prior_weight=1.0, lora=True, **kw)
+    assert json.loads((lora / "config.json").read_text())["adapter"]["kind"] == "lora"
+    with pytest.raises(ValueError, match="prior_weight must be"):
+        dreambooth(base, _concept(2), tmp_path / "bad", prior_weight=-1.0, **kw)
+
+
+def test_the_dreambooth_command(base, tmp_path, capsys):
+    from PIL import Image
+
+    folder = tmp_path / "subject"
+    folder.mkdir()
+    for i, im in enumerate(_concept(2)):
+        Image.fromarray(((im.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()).save(folder / f"{i}.png")
+    args = ["--base", str(base), "--images", str(folder), "--identifier", "circle", "--class-noun", "star"]
+    args += ["--class-images", "2", "--steps", "2", "--batch-size", "4", "--out", str(tmp_path / "db"), "--no-progress"]
+    assert main(["finetune", "dreambooth", *args]) == 0
+    assert "fine-tuned on 2 image(s) of 'a circle star'" in capsys.readouterr().out
