@@ -237,7 +237,7 @@ def _resolve(base: str) -> str:
 
 
 def add_finetune_parser(sub) -> None:
-    from difflab.core.validation import LR, POS_INT, SEED
+    from difflab.core.validation import LR, NONNEG, POS_INT, SEED
 
     f = sub.add_parser("finetune", help="personalise a text-to-image model: textual-inversion, dreambooth")
     fs = f.add_subparsers(dest="method", required=True, metavar="METHOD")
@@ -267,7 +267,7 @@ def add_finetune_parser(sub) -> None:
     db.add_argument("--images", required=True, help="folder of the subject's images (3-5)")
     db.add_argument("--identifier", default="sks", help="the rare identifier word (default sks)")
     db.add_argument("--class-noun", required=True, help="the subject's class, e.g. star")
-    db.add_argument("--prior-weight", type=float, default=1.0, help="lambda of the prior loss; 0: off (default 1)")
+    db.add_argument("--prior-weight", type=NONNEG, default=1.0, help="lambda of the prior loss; 0: off (default 1)")
     db.add_argument("--class-images", type=POS_INT, default=50, help="prior images the base generates (default 50)")
     db.add_argument("--lora", action="store_true", help="train LoRA adapters instead of every weight")
     db.add_argument("--lora-rank", type=POS_INT, default=4)
