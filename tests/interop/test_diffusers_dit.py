@@ -64,16 +64,9 @@ SCHEDULERS = {  # diffusers scheduler -> the difflab sampler that is the same me
 
 
 def _with_scheduler(folder, root, name):
-    cls, changes, _ = SCHEDULERS[name]
-    dst = root / f"dit-{name}"
-    if not dst.exists():
-        shutil.copytree(folder, dst)
-        config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-        getattr(diffusers, cls).from_config(config, **changes).save_pretrained(dst / "scheduler")
-        index = json.loads((dst / "model_index.json").read_text())
-        index["scheduler"] = ["diffusers", cls]
-        (dst / "model_index.json").write_text(json.dumps(index))
-    return dst
+    from tests.interop.test_diffusers_folder import with_scheduler
+
+    return with_scheduler(folder, root, name, SCHEDULERS, prefix="dit-")
 
 
 @pytest.mark.parametrize("name", list(SCHEDULERS))

@@ -112,12 +112,12 @@ SCHEDULERS = {  # diffusers scheduler (and config changes) -> the difflab sample
 }
 
 
-def _with_scheduler(folder, root, name: str):
-    """A copy of the folder whose scheduler is SCHEDULERS[name] (model_index.json updated)."""
+def with_scheduler(folder, root, name: str, table: dict | None = None, prefix: str = ""):
+    """A copy of the folder whose scheduler is table[name] (default SCHEDULERS; model_index.json updated)."""
     import diffusers
 
-    cls, changes, _ = SCHEDULERS[name]
-    dst = root / name
+    cls, changes, _ = (table or SCHEDULERS)[name]
+    dst = root / f"{prefix}{name}"
     if not dst.exists():
         shutil.copytree(folder, dst)
         config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
@@ -133,7 +133,7 @@ def _with_scheduler(folder, root, name: str):
 def test_samplers_equal_the_diffusers_pipeline(folder, tmp_path_factory, name, guidance):
     from diffusers import StableDiffusionPipeline
 
-    variant = _with_scheduler(folder, tmp_path_factory.getbasetemp(), name)
+    variant = with_scheduler(folder, tmp_path_factory.getbasetemp(), name)
     steps = 7 if name == "euler_linspace" else 4
     ref = StableDiffusionPipeline.from_pretrained(variant, safety_checker=None, requires_safety_checker=False)
     ref.set_progress_bar_config(disable=True)
