@@ -11,6 +11,7 @@ import torch
 from difflab.cli import main
 from difflab.core.sampling import SAMPLERS
 from difflab.pipeline import Pipeline
+from tests.interop.test_diffusers_folder import tiny_vae
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -18,7 +19,7 @@ diffusers = pytest.importorskip("diffusers")
 def tiny_dit_folder(root, learn_sigma: bool = True):
     """DiTPipeline folder: a 2-layer DiT (hidden 32, patch 2, 8x8x4 latents; 1000 classes + the null
     row, as the ImageNet models), an AutoencoderKL (factor 2: 16x16 images) and a DDIM scheduler."""
-    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+    from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 
     torch.manual_seed(0)
     transformer = DiTTransformer2DModel(
@@ -31,15 +32,7 @@ def tiny_dit_folder(root, learn_sigma: bool = True):
         patch_size=2,
         num_embeds_ada_norm=1000,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(32, 64),
-        latent_channels=4,
-        sample_size=16,
-    )
+    vae = tiny_vae()
     with torch.no_grad():  # adaLN-Zero starts at zero: make every layer matter
         for module in (transformer, vae):
             for p in module.parameters():

@@ -17,11 +17,26 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
 
+def tiny_vae():
+    """An AutoencoderKL of factor 2 for 16x16 RGB images and 4-channel 8x8 latents (random weights)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(32, 64),
+        latent_channels=4,
+        sample_size=16,
+    )
+
+
 def tiny_sd_folder(root, max_length: int = 16):
     """A StableDiffusionPipeline folder: CLIP text model (2 layers, 32-d, `max_length` tokens),
     UNet2DConditionModel (32/64 channels, 8x8 latents), AutoencoderKL (factor 2, 16x16 images), DDIM
     scheduler."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     root.mkdir(parents=True, exist_ok=True)
@@ -57,15 +72,7 @@ def tiny_sd_folder(root, max_length: int = 16):
         cross_attention_dim=32,
         attention_head_dim=8,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(32, 64),
-        latent_channels=4,
-        sample_size=16,
-    )
+    vae = tiny_vae()
     with torch.no_grad():  # no zero-initialised layers: every part of the networks matters
         for module in (unet, vae):
             for p in module.parameters():
