@@ -28,6 +28,13 @@ diffusers Stable Diffusion folder) edits the image's latents: the mask is pooled
 are pasted back exactly; Blended Diffusion scores the decoded latent composite with the image-text model,
 its gradient flowing back through the decoder.
 
+Strengths are the papers' diffusion times: SDEdit's t0, Blended Diffusion's skipped fraction,
+DiffEdit's encoding ratio and mask noise, Prompt-to-Prompt's inversion depth, ILVR's t_stop. An
+edit at t0 starts from the noise level of diffusion time t0 on the model's schedule
+(`Schedule.sigma_at_time`: DDPM's timestep t0 T, the SDEs' t = t0, and for an EDM model the papers'
+VP SDE, where t0 = 0.5 is sigma 3.4), whatever --steps and the sampler, and runs round(t0 * steps)
+steps from there (`core.sampling.edit_sigmas`); result.info records sigma_t0 and edit_steps.
+
 Writes OUT (the edited image alone, at the model's resolution) and a strip
 (input | mask | output, captioned) beside it.
 
@@ -302,6 +309,7 @@ def edit(
         source_prompt,
         clip,
         progress,
+        schedule=D.schedule,
     )
     first_tiles = [("input", image)]
     if mask is not None:

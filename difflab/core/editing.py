@@ -108,9 +108,30 @@ class EditContext:
     tiles: list[tuple[str, Tensor]] = field(default_factory=list)  # the strip, after input (and mask)
     output_tiles: list[tuple[str, Tensor]] | None = None  # the strip's last tiles (default: ("output", out))
     info: dict = field(default_factory=dict)
+    schedule: Any = None  # the model's noise schedule: the papers' diffusion time t0 -> sigma
 
     def cond(self, prompt: str | None, flag: str = "--prompt") -> dict:
         return self.prompts.cond(prompt, flag)
+
+    def sigma_at(self, t0: float) -> float:
+        """The noise level at the papers' diffusion time t0 in [0, 1] (`Schedule.sigma_at_time`)."""
+        if self.schedule is None:
+            raise ValueError("this EditContext has no schedule: the papers' t0 needs the model's noise schedule")
+        return float(self.schedule.sigma_at_time(t0))
+
+    def tail(self, t0: float) -> Tensor:
+        """The grid an edit re-runs from diffusion time t0 (`core.sampling.edit_sigmas`) on `steps`
+        steps; recorded in info as sigma_t0 (where the edit starts) and edit_steps."""
+        from difflab.core.sampling import edit_sigmas
+
+        self.sigma_at(t0)  # the missing-schedule error first
+        if t0 == 1.0:  # a whole generation: the model's own grid (a diffusers folder's scheduler spacing)
+            grid = self.sigmas
+        else:
+            grid = edit_sigmas(self.schedule, t0, len(self.sigmas) - 1).to(self.sigmas.device)
+        self.info.setdefault("sigma_t0", float(grid[0]))
+        self.info.setdefault("edit_steps", len(grid) - 1)
+        return grid
 
     def mask_tile(self, mask: Tensor) -> Tensor:
         """A {0, 1} mask (1, 1, H, W) as a black-and-white tile (1, C, H, W) in [-1, 1]."""

@@ -63,6 +63,7 @@ __all__ = [
     "final_step",
     "sigmas_soft_logsnr",
     "default_sigmas",
+    "edit_sigmas",
     "sample_langevin",
     "invert_euler",
     "DEFAULT_SAMPLER",
@@ -130,6 +131,22 @@ def slice_sigmas(sigmas: Tensor, strength: float) -> Tensor:
     n = len(sigmas) - 1
     k = max(1, round(strength * n))
     return sigmas[n - k :]
+
+
+def edit_sigmas(schedule, t0: float, steps: int) -> Tensor:
+    """The grid an edit runs from the papers' diffusion time t0 (`Schedule.sigma_at_time`): it starts
+    at that noise level whatever `steps` and the sampler are, and spends max(1, round(t0 * steps))
+    steps down to 0 (a whole generation's `steps` at t0 = 1), spaced like `default_sigmas`."""
+    if not 0.0 < t0 <= 1.0:
+        raise ValueError(f"strength (t0) must be in (0, 1], got {t0}")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"number of steps must be a positive int, got {steps!r}")
+    start = float(schedule.sigma_at_time(t0))
+    lo = float(schedule.sigma_min)
+    k = max(1, round(t0 * steps))
+    if start <= lo or k == 1:
+        return torch.tensor([start, 0.0], dtype=torch.float64)
+    return sigmas_soft_logsnr(k, lo, start)
 
 
 def expand_cond(cond: dict | None, n: int) -> dict:

@@ -66,8 +66,26 @@ class Schedule:
         """Factor taking VE-coordinate x to the network's native input (VP: 1/sqrt(1+sigma^2))."""
         return torch.ones_like(_as64(sigma))
 
+    def sigma_at_time(self, t0: float) -> float:
+        """The noise level at the papers' diffusion time t0 in [0, 1] (SDEdit's t0, DiffEdit's encoding
+        ratio, Blended Diffusion's skipped fraction, ILVR's t_stop), whatever grid a sampler uses.
+
+        A schedule with a time axis uses its own (DDPM: timestep t0 T, the SDEs: t = t0). One without
+        (EDM, where time is sigma) uses the VP SDE of the papers, beta from 0.1 to 20 (the continuous
+        form of DDPM's linear betas: t0 = 0.5 is sigma 3.4), capped at sigma_max."""
+        t0 = _check_t0(t0)
+        sigma = float(torch.expm1(_as64(0.1 * t0 + 0.5 * (20.0 - 0.1) * t0 * t0)).sqrt())
+        return min(sigma, float(self.sigma_max))
+
     def to_config(self) -> dict:
         raise NotImplementedError
+
+
+def _check_t0(t0) -> float:
+    t0 = float(t0)
+    if not 0.0 <= t0 <= 1.0:  # NaN fails too
+        raise ValueError(f"diffusion time t0 must be in [0, 1], got {t0}")
+    return t0
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,6 +192,11 @@ class DiscreteVP(Schedule):
     def scale(self, sigma) -> Tensor:
         return 1 / (_as64(sigma) ** 2 + 1).sqrt()
 
+    def sigma_at_time(self, t0: float) -> float:
+        """DDPM's timestep t = t0 T (1-based: index t0 T - 1); t0 = 0 is the clean image."""
+        t0 = _check_t0(t0)
+        return 0.0 if t0 == 0 else float(self.sigma(max(t0 * self.T - 1, 0.0)))
+
     def to_config(self) -> dict:
         extra = {"interpolation": self.interpolation} if self.interpolation != "log" else {}
         if self.kind == "custom":
@@ -230,6 +253,9 @@ class ContinuousVP(Schedule):
     def c_noise(self, sigma) -> Tensor:
         return 999 * self.t(sigma)
 
+    def sigma_at_time(self, t0: float) -> float:
+        return float(self.sigma(_check_t0(t0)))
+
     def scale(self, sigma) -> Tensor:
         return 1 / (_as64(sigma) ** 2 + 1).sqrt()
 
@@ -263,6 +289,10 @@ class VE(Schedule):
 
     def c_noise(self, sigma) -> Tensor:
         return (0.5 * _as64(sigma)).log()
+
+    def sigma_at_time(self, t0: float) -> float:
+        t0 = _check_t0(t0)
+        return 0.0 if t0 == 0 else float(self.sigma(t0))
 
     def to_config(self) -> dict:
         return {"type": "VE", "sigma_min": self.sigma_min, "sigma_max": self.sigma_max}

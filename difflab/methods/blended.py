@@ -145,11 +145,11 @@ def _edit(
         ctx.image,
         ctx.mask,
         ctx.prompt,
-        ctx.sigmas,
+        ctx.tail(strength),  # starts at the paper's t0 (0.75: 25 of 100 steps skipped)
         scale=guidance_scale,
         lambda_range=lambda_range,
         n_aug=n_aug,
-        strength=strength,
+        strength=1.0,
         n_candidates=candidates,
         noise=ctx.generator,
         method=ctx.sampler,

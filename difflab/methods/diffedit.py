@@ -138,7 +138,7 @@ def _edit(
         )
     mask = ctx.mask
     if mask is None:
-        sigma_mask = float(slice_sigmas(ctx.sigmas, mask_noise)[0])
+        sigma_mask = ctx.sigma_at(mask_noise)
         mask = diffedit_mask(
             ctx.denoiser,
             ctx.image,
@@ -156,7 +156,7 @@ def _edit(
     # the query under classifier-free guidance (which, given the null condition, is D_u)
     uc = ctx.cond("", "--source-prompt")
     guided = cfg(guidance_scale, uc)(ctx.denoiser) if guidance_scale != 1.0 else ctx.denoiser
-    return diffedit(guided, ctx.image, mask, ctx.sigmas, qc, uc, strength=strength, progress=ctx.progress)
+    return diffedit(guided, ctx.image, mask, ctx.tail(strength), qc, uc, strength=1.0, progress=ctx.progress)
 
 
 EDIT = EditMethod(
@@ -173,7 +173,8 @@ EDIT = EditMethod(
         Knob(
             "strength",
             0.5,
-            "r: encoding ratio, the fraction of the grid inverted and re-decoded",
+            "r: encoding ratio, the paper's diffusion time the input is DDIM-encoded to (then round(r * steps) "
+            "steps back), independent of --steps",
             metavar="R",
             lo=0.0,
             hi=1.0,
@@ -199,7 +200,7 @@ EDIT = EditMethod(
         Knob(
             "mask_noise",
             0.5,
-            "noise level of the automatic mask, as a fraction of the grid (paper: 50%%)",
+            "diffusion time of the automatic mask's noise (paper: 50%%, t = 0.5)",
             metavar="FRAC",
             lo=0.0,
             hi=1.0,

@@ -68,8 +68,7 @@ def ilvr_callback(reference: Tensor, factor: int, sigma_stop: float = 0.0, *, fi
 
 
 def _edit(ctx: EditContext, *, factor: int, stop: float, filter: str) -> Tensor:
-    n = len(ctx.sigmas) - 1
-    sigma_stop = float(ctx.sigmas[n - round(stop * n)])
+    sigma_stop = ctx.sigma_at(stop)  # the paper's t_stop as a diffusion time
     cb = ilvr_callback(ctx.image, factor, sigma_stop, filter=filter, noise=torch.Generator().manual_seed(ctx.seed + 1))
     x = torch.randn(ctx.image.shape, generator=ctx.generator).to(ctx.image.device) * float(ctx.sigmas[0])
     return sample(
@@ -105,7 +104,7 @@ EDIT = EditMethod(
         Knob(
             "stop",
             0.0,
-            "fraction of the last steps left without the refinement (the paper's t_stop; 0: refine "
+            "the paper's t_stop: the diffusion time below which the refinement stops (0: refine "
             "every step, the output's low-pass equals the input's)",
             metavar="FRAC",
             lo=0.0,

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from difflab.core.attention import AttentionHook, AttnContext, attention_hooks
 from difflab.core.editing import EditContext, EditMethod, Knob
-from difflab.core.sampling import Step, cat_conds, expand_cond, invert_euler, noise_source, sample, slice_sigmas
+from difflab.core.sampling import Step, cat_conds, expand_cond, invert_euler, noise_source, sample
 
 __all__ = ["P2PController", "prompt_to_prompt", "word_swap_mapper", "refine_mapper", "EDIT"]
 
@@ -269,7 +269,7 @@ def _edit(
                 )
             reweight = {reweight_token: reweight_scale}
     src, dst = ctx.cond(ctx.source_prompt, "--source-prompt"), ctx.cond(ctx.prompt, "--prompt")
-    tail = slice_sigmas(ctx.sigmas, strength)
+    tail = ctx.tail(strength)
     x_T = invert_euler(ctx.denoiser, ctx.image, tail.flip(0), cond=src, progress=ctx.progress)
     ctl = P2PController(
         2,
@@ -348,7 +348,8 @@ EDIT = EditMethod(
         Knob(
             "strength",
             1.0,
-            "fraction of the grid inverted and regenerated (1: from pure noise)",
+            "diffusion time t0 the input is inverted to and regenerated from (1: from pure noise), "
+            "independent of --steps",
             metavar="FRAC",
             lo=0.0,
             hi=1.0,

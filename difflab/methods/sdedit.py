@@ -3,7 +3,10 @@ Meng et al. 2022, https://arxiv.org/abs/2108.01073 (official code: ermongroup/SD
 
 Notation (paper -> difflab):
     x^(g) guide image        -> `guide` (N, C, H, W), in the data range
-    t0 in [0, 1]             -> `strength`: the fraction of the sigma grid that is re-run
+    t0 in [0, 1]             -> `strength`: `difflab edit` and `edit()` start at the paper's t0 (the
+                                diffusion time of the model's schedule, `Schedule.sigma_at_time`);
+                                `sdedit(...)` itself re-runs that fraction of the grid it is given
+                                (`core.sampling.edit_sigmas(schedule, t0, steps)` builds the t0 one)
     x(t0) = x^(g) + sigma(t0) z  (VE-SDE; VP is the same process in difflab coordinates)
     reverse SDE from t0      -> any difflab sampler on the grid's tail (ancestral by default)
     mask Omega (edit region) -> `edit_mask` (N|1, 1|C, H, W), 1 = may change, 0 = keep the guide
@@ -74,7 +77,8 @@ def strength_knob(default: float, note: str = "") -> Knob:
     return Knob(
         "strength",
         default,
-        "fraction of the sigma grid re-run from the noised input (SDEdit's t0), in (0, 1]" + note,
+        "the paper's t0: the diffusion time the input is noised to, in (0, 1] (on DDPM's linear schedule "
+        "0.5 is sigma 3.4), then round(t0 * steps) steps down; independent of --steps and the sampler" + note,
         metavar="T0",
         lo=0.0,
         hi=1.0,
@@ -86,8 +90,8 @@ def _edit(ctx: EditContext, *, strength: float) -> Tensor:
     return sdedit(
         ctx.denoiser,
         ctx.image,
-        ctx.sigmas,
-        strength=strength,
+        ctx.tail(strength),  # starts at the paper's t0, whatever the steps and the sampler
+        strength=1.0,
         edit_mask=ctx.mask,
         method=ctx.sampler,
         cond=ctx.cond(ctx.prompt),
