@@ -39,9 +39,14 @@ TRAINABLE_PREFIX = "text_encoder."  # a jointly trained text encoder's tensors i
 def build_denoiser(
     model_config: dict, schedule: dict, prediction: str, sigma_data: float | None = None
 ) -> Preconditioned:
-    """Rebuild the denoiser from config.json's pieces (weights freshly initialised)."""
+    """Rebuild the denoiser from config.json's pieces (weights freshly initialised). A network with
+    learn_sigma (2C output channels: the prediction, then the variance interpolation) gets a
+    learned-variance denoiser."""
     net = create_model_from_config(model_config)
-    return Preconditioned(net, schedule_from_config(schedule), prediction, sigma_data=sigma_data)
+    learned = bool(getattr(net.config, "learn_sigma", False))
+    return Preconditioned(
+        net, schedule_from_config(schedule), prediction, sigma_data=sigma_data, learned_variance=learned
+    )
 
 
 def load_run(run: str | os.PathLike, weights: str = "ema") -> tuple[Preconditioned, dict]:

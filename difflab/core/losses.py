@@ -46,6 +46,7 @@ __all__ = [
     "approx_standard_normal_cdf",
     "discretized_gaussian_log_likelihood",
     "vlb_terms",
+    "hybrid_terms",
 ]
 
 SigmaSampler = Callable[[int, torch.Generator | None], Tensor]
@@ -125,7 +126,13 @@ WEIGHTINGS: dict[str, Callable] = {
 class DenoisingLoss:
     """E_sigma[ w(sigma) ||F(c_in x, c_noise) - target||^2 ] with x = x0 + sigma n."""
 
-    def __init__(self, sigma_sampler: SigmaSampler, weighting: str | Callable = "simple"):
+    def __init__(self, sigma_sampler: SigmaSampler, weighting: str | Callable = "simple", vlb_weight: float = 0.0):
+        """vlb_weight = lambda > 0: Improved DDPM's L_hybrid = L_simple + lambda L_vlb for a
+        learned-variance denoiser on a DiscreteVP schedule (the paper: 0.001); L_vlb is estimated
+        as T L_t in bits/dim at the drawn t, so lambda T = 1 at T = 1000 (ADM's and DiT's code)."""
+        if not (vlb_weight >= 0 and math.isfinite(vlb_weight)):
+            raise ValueError(f"vlb_weight must be a finite number >= 0, got {vlb_weight}")
+        self.vlb_weight = float(vlb_weight)
         if isinstance(weighting, str):
             if weighting not in WEIGHTINGS:
                 raise ValueError(f"unknown weighting {weighting!r}; known: {', '.join(WEIGHTINGS)}")
@@ -155,10 +162,16 @@ class DenoisingLoss:
         sigma = torch.as_tensor(sigma, dtype=torch.float64)
         if noise is None:
             noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
-        per_sample = denoiser.loss(x0, sigma.to(x0.device), noise, **cond)
+        vb = None
+        if self.vlb_weight > 0:
+            per_sample, vb = hybrid_terms(denoiser, x0, sigma, noise, **cond)
+        else:
+            per_sample = denoiser.loss(x0, sigma.to(x0.device), noise, **cond)
         _, c_out, _, _ = denoiser.coefficients(sigma)
         w = self.weighting(sigma, c_out, denoiser.sigma_data).to(per_sample.device, per_sample.dtype)
         losses = w * per_sample
+        if vb is not None:
+            losses = losses + self.vlb_weight * denoiser.schedule.T * vb.to(losses.dtype)
         return losses.mean() if reduce else losses
 
 
@@ -219,9 +232,7 @@ def vlb_terms(
     variance: "learned" (Improved DDPM's interpolation between log beta~ and log beta by the
     network's v output), "small" (beta~_t) or "large" (beta_t).
     """
-    schedule = denoiser.schedule
-    if not isinstance(schedule, DiscreteVP):
-        raise ValueError(f"vlb_terms needs a DiscreteVP schedule, got {type(schedule).__name__}")
+    schedule = _discrete(denoiser, "vlb_terms")
     if noise is None:
         noise = torch.randn_like(x0)
     t = t.to(torch.long)
@@ -232,6 +243,18 @@ def vlb_terms(
         x0_hat, v = denoiser.forward_with_variance(x_t / ab.sqrt(), sigma, **cond)
     else:
         x0_hat, v = denoiser(x_t / ab.sqrt(), sigma, **cond), None
+    return _vb(schedule, x0, x_t, t, x0_hat, v, variance)
+
+
+def _discrete(denoiser: Preconditioned, what: str) -> DiscreteVP:
+    if not isinstance(denoiser.schedule, DiscreteVP):
+        raise ValueError(f"{what} needs a DiscreteVP schedule, got {type(denoiser.schedule).__name__}")
+    return denoiser.schedule
+
+
+def _vb(schedule: DiscreteVP, x0: Tensor, x_t: Tensor, t: Tensor, x0_hat: Tensor, v: Tensor | None, variance: str):
+    """L_t in nats (B,) of the reverse step whose mean comes from x0_hat and whose variance is
+    `variance` ("learned": from v in [-1, 1])."""
     true_mean, true_logvar = q_posterior(schedule, x0, x_t, t)
     model_mean, _ = q_posterior(schedule, x0_hat, x_t, t)
     min_log = true_logvar  # log beta~ (clipped)
@@ -248,3 +271,28 @@ def vlb_terms(
     kl = normal_kl(true_mean, true_logvar, model_mean, model_logvar).flatten(1).mean(1)
     nll = -discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_logvar).flatten(1).mean(1)
     return torch.where(t == 0, nll, kl)
+
+
+def hybrid_terms(denoiser: Preconditioned, x0: Tensor, sigma: Tensor, noise: Tensor, **cond) -> tuple[Tensor, Tensor]:
+    """Improved DDPM's two terms from one network call, per sample (B,): the network-space squared error
+    of the prediction channels (L_simple for eps) and L_t of the VLB in bits per dimension, its mean
+    from the prediction with the gradient stopped (so L_vlb trains the variance channels only), its
+    variance the learned interpolation (Nichol & Dhariwal 2021, section 3.1). sigma must lie on the
+    DiscreteVP grid (discrete_uniform draws it there)."""
+    schedule = _discrete(denoiser, "L_hybrid")
+    if not denoiser.learned_variance:
+        raise ValueError("L_hybrid needs a learned-variance network (learn_sigma=True: 2C output channels)")
+    c_skip, c_out, c_in, c_noise = denoiser.coeffs_for(x0, sigma)
+    sig = sigma.to(x0.device, x0.dtype).reshape(-1, *([1] * (x0.ndim - 1)))
+    x = x0 + sig * noise
+    out = denoiser._net(c_in * x, c_noise, cond)
+    c = out.shape[1] // 2
+    mean, v = out[:, :c], out[:, c:]
+    target = noise if denoiser.prediction == "eps" else (x0 - c_skip * x) / c_out
+    dt = torch.promote_types(x0.dtype, torch.float32)  # float32 at least (bf16 training), float64 kept
+    mse = (mean.to(dt) - target.to(dt)).pow(2).flatten(1).mean(1)
+    t = schedule.t(sigma.cpu()).round().long().to(x0.device)
+    x0_hat = (c_skip * x + c_out * mean.detach().to(x.dtype)).to(dt)
+    x_t = (x / (1 + sig**2).sqrt()).to(dt)
+    vb = _vb(schedule, x0.to(dt), x_t, t, x0_hat, v.to(dt), "learned") / math.log(2.0)
+    return mse, vb

@@ -297,37 +297,74 @@ def sample_ddim(denoiser, x, sigmas, *, cond=None, callback=None, noise=None, pr
 
 
 def sample_ddpm(
-    denoiser, x, schedule: DiscreteVP, *, cond=None, callback=None, noise=None, progress=False, variance: str = "small"
+    denoiser,
+    x,
+    schedule: DiscreteVP,
+    *,
+    cond=None,
+    callback=None,
+    noise=None,
+    progress=False,
+    variance: str = "small",
+    steps: int | None = None,
+    clip_x0: bool = False,
 ):
-    """DDPM's ancestral sampler over the full discrete chain (Ho et al. 2020, Algorithm 2).
+    """DDPM's ancestral sampler (Ho et al. 2020, Algorithm 2), over the full discrete chain or, with
+    `steps`, over that many evenly spaced timesteps (Improved DDPM's respacing, section 4).
 
     Written in VP coordinates as the paper does: mu = c1 x0_hat + c2 x_t, with
     c1 = sqrt(abar_{t-1}) beta_t / (1 - abar_t), c2 = sqrt(alpha_t) (1 - abar_{t-1}) / (1 - abar_t),
-    and variance beta~_t = (1 - abar_{t-1}) / (1 - abar_t) beta_t ("small") or beta_t ("large").
-    `x` enters and leaves in VE coordinates, at sigma_T and 0. The reference for the other samplers.
+    and variance beta~_t = (1 - abar_{t-1}) / (1 - abar_t) beta_t ("small"), beta_t ("large"), or
+    "learned": exp(v log beta_t + (1 - v) log beta~_t) with v = (out + 1) / 2 from a learned-variance
+    denoiser's extra channels (Nichol & Dhariwal 2021, eq. 15). On a respaced chain beta_t is
+    1 - abar_t / abar_{t_prev}. `clip_x0` clamps x0_hat to [-1, 1] each step as the official
+    samplers do. `x` enters and leaves in VE coordinates, at sigma_T and 0. The reference for the
+    other samplers.
     """
     if not isinstance(schedule, DiscreteVP):
         raise ValueError(f"sample_ddpm needs a DiscreteVP schedule, got {type(schedule).__name__}")
-    if variance not in ("small", "large"):
-        raise ValueError(f"variance must be 'small' or 'large', got {variance!r}")
-    sigmas = torch.cat([schedule.sigmas.flip(0), schedule.sigmas.new_zeros(1)])
+    if variance not in ("small", "large", "learned"):
+        raise ValueError(f"variance must be 'small', 'large' or 'learned', got {variance!r}")
+    if variance == "learned" and not getattr(denoiser, "learned_variance", False):
+        raise ValueError("variance='learned' needs a learned-variance denoiser (a learn_sigma network)")
+    T = schedule.T
+    if steps is None:
+        ts = list(range(T))
+    else:
+        if not isinstance(steps, int) or not 1 <= steps <= T:
+            raise ValueError(f"steps must be an int in [1, {T}], got {steps!r}")
+        ts = sorted({round(i * (T - 1) / max(steps - 1, 1)) for i in range(steps)})
+    sigmas = torch.cat([schedule.sigmas[ts].flip(0), schedule.sigmas.new_zeros(1)])
     check_grid(x, sigmas)
     run, draw = StepRunner(denoiser, x, cond, callback), noise_source(noise)
-    abar, betas, T = schedule.alphas_cumprod, schedule.betas, schedule.T
-    x_t = x * math.sqrt(float(abar[-1]))  # VE -> VP
-    for i in progress_range(T, progress, "ddpm"):
-        t = T - 1 - i
-        ab, ab_prev = float(abar[t]), (float(abar[t - 1]) if t > 0 else 1.0)
-        beta = float(betas[t])
-        x0_hat = run(x_t / math.sqrt(ab), float(schedule.sigmas[t]))
+    abar = schedule.alphas_cumprod
+    x_t = x * math.sqrt(float(abar[ts[-1]]))  # VE -> VP
+    n = len(ts)
+    for i in progress_range(n, progress, "ddpm"):
+        k = n - 1 - i
+        t = ts[k]
+        ab, ab_prev = float(abar[t]), (float(abar[ts[k - 1]]) if k > 0 else 1.0)
+        beta = float(schedule.betas[t]) if steps is None else 1 - ab / ab_prev
+        sigma_t = float(schedule.sigmas[t])
+        if variance == "learned":
+            x0_hat, v = denoiser.forward_with_variance(x_t / math.sqrt(ab), run.ones * sigma_t, **run.cond)
+        else:
+            x0_hat = run(x_t / math.sqrt(ab), sigma_t)
+        if clip_x0:
+            x0_hat = x0_hat.clamp(-1, 1)
         c1 = math.sqrt(ab_prev) * beta / (1 - ab)
         c2 = math.sqrt(1 - beta) * (1 - ab_prev) / (1 - ab)
         x_t = c1 * x0_hat + c2 * x_t
-        if t > 0:
-            var = beta * (1 - ab_prev) / (1 - ab) if variance == "small" else beta
-            x_t = x_t + math.sqrt(var) * draw(i, x_t)
-        sigma_next = float(schedule.sigmas[t - 1]) if t > 0 else 0.0
-        x_ve = run.after(i, x_t / math.sqrt(ab_prev), float(schedule.sigmas[t]), sigma_next, x0_hat)
+        if k > 0:
+            small = beta * (1 - ab_prev) / (1 - ab)
+            if variance == "learned":
+                frac = (v.to(x_t.dtype) + 1) / 2
+                std = (0.5 * (frac * math.log(beta) + (1 - frac) * math.log(small))).exp()
+                x_t = x_t + std * draw(i, x_t)
+            else:
+                x_t = x_t + math.sqrt(small if variance == "small" else beta) * draw(i, x_t)
+        sigma_next = float(schedule.sigmas[ts[k - 1]]) if k > 0 else 0.0
+        x_ve = run.after(i, x_t / math.sqrt(ab_prev), sigma_t, sigma_next, x0_hat)
         x_t = x_ve * math.sqrt(ab_prev)
     return x_t
 

@@ -40,11 +40,11 @@ from torch import Tensor, nn
 
 from difflab.core.denoiser import Preconditioned
 from difflab.core.losses import DenoisingLoss, discrete_uniform, lognormal
-from difflab.core.schedules import EDM, schedule_from_config
+from difflab.core.schedules import EDM, DiscreteVP, schedule_from_config
 from difflab.core.validation import MAX_LR, check_budget, check_number, check_training_state
 from difflab.data import ImageData, batch_indices, load_dataset
 from difflab.data._hash import seed_from
-from difflab.nn import create_model
+from difflab.nn import create_model, model_config
 from difflab.nn.base import load_weights
 from difflab.nn.lora import add_lora, has_lora, lora_state, load_lora_state
 from difflab.nn.text import TEXT_ENCODERS
@@ -100,6 +100,9 @@ class TrainConfig:
     p_mean: float = -1.2
     p_std: float = 1.2
     weighting: str = "simple"
+    # L_hybrid's lambda (Nichol & Dhariwal 2021: 0.001) for a learned-variance network (learn_sigma=True,
+    # a DiscreteVP schedule): the variance channels learn by the VLB; 0 leaves them untrained
+    vlb_weight: float = 0.001
     sigma_data: float | None = None  # EDM's sigma_data; None: 0.5 for images in [-1, 1], 1.0 for latents
     # optimisation
     batch_size: int = 64
@@ -165,6 +168,7 @@ class TrainConfig:
             ("save_every", 0, False, True),
             ("log_every", 1, False, True),
             ("ema_decay", 0, False, False),
+            ("vlb_weight", 0, False, False),
         ):
             check_number(name, getattr(self, name), lo=lo, lo_open=lo_open, integer=integer)
         if self.sigma_data is not None:
@@ -313,10 +317,23 @@ def _new_denoiser(cfg: TrainConfig, data: ImageData, context_dim: int | None = N
         overrides["num_classes"] = len(data.class_names) or int(data.labels.max()) + 1
     if context_dim is not None:
         overrides["context_dim"] = context_dim
+    schedule = schedule_from_config(cfg.schedule)
+    discrete = isinstance(schedule, DiscreteVP)
+    if not discrete and "learn_sigma" not in cfg.model_overrides and getattr(model_config(cfg.model), "learn_sigma", 0):
+        # a paper-size DiT learns its variance by DDPM's bound, which only a DDPM schedule has: on
+        # difflab's default EDM recipe it learns the mean alone (model_overrides learn_sigma=True refuses)
+        overrides["learn_sigma"] = False
     overrides.update(cfg.model_overrides)
     net = create_model(cfg.model, **overrides)
+    learned = bool(getattr(net.config, "learn_sigma", False))
+    if learned and not discrete:
+        raise ValueError(
+            f"learn_sigma=True learns the variance by DDPM's variational bound, which needs a DiscreteVP "
+            f"schedule; this run's is {type(schedule).__name__} (use the DDPM recipe: schedule "
+            "{'type': 'DiscreteVP', 'kind': 'linear'}, prediction 'eps', sigma_sampler 'discrete_uniform')"
+        )
     sigma_data = cfg.sigma_data if cfg.sigma_data is not None else (1.0 if cfg.autoencoder else None)
-    return Preconditioned(net, schedule_from_config(cfg.schedule), cfg.prediction, sigma_data=sigma_data)
+    return Preconditioned(net, schedule, cfg.prediction, sigma_data=sigma_data, learned_variance=learned)
 
 
 @dataclasses.dataclass
@@ -734,9 +751,15 @@ def _train(
     elif rank == 0 and log_path.exists():
         log_path.unlink()
 
+    if denoiser.learned_variance and cfg.sigma_sampler != "discrete_uniform":
+        raise ValueError(
+            "a learned-variance network trains on DDPM's timesteps (L_hybrid): sigma_sampler must be "
+            f"'discrete_uniform', got {cfg.sigma_sampler!r}"
+        )
     loss_fn = DenoisingLoss(
         lognormal(cfg.p_mean, cfg.p_std) if cfg.sigma_sampler == "lognormal" else discrete_uniform(denoiser.schedule),
         cfg.weighting,
+        vlb_weight=cfg.vlb_weight if denoiser.learned_variance else 0.0,
     )
     step_loss = _LossModule(denoiser, loss_fn, text_encoder)
     if world > 1:

@@ -104,3 +104,77 @@ def test_vlb_terms_exact_denoiser_small_variance_kl_is_zero_when_x0_known():
     assert kl.abs().max() < 1e-6
     with pytest.raises(ValueError, match="variance must be"):
         vlb_terms(D, x0, t, variance="huge")
+
+
+# --------------------------------------------------------------------------------------------
+# L_hybrid (Nichol & Dhariwal 2021): L_simple + lambda L_vlb from one network call
+# --------------------------------------------------------------------------------------------
+
+
+class _CheatWithVariance(torch.nn.Module):
+    """An eps net that knows x0, with a variance channel v = `v` (a learnable scalar), and a
+    learnable scale `a` on the prediction so gradients can be told apart."""
+
+    def __init__(self, sched, x0, v):
+        super().__init__()
+        self.sched, self.x0 = sched, x0
+        self.a = torch.nn.Parameter(torch.tensor(1.0, dtype=torch.float64))
+        self.v = torch.nn.Parameter(torch.tensor(float(v), dtype=torch.float64))
+
+    def forward(self, x_in, c, **k):
+        sigma = self.sched.sigma(c.double()).reshape(-1, 1, 1, 1)
+        x = x_in * (1 + sigma**2).sqrt()
+        eps = self.a * (x - self.x0) / sigma
+        return torch.cat([eps, self.v * torch.ones_like(eps)], 1)
+
+
+def _hybrid_setup(v):
+    from difflab.core.losses import hybrid_terms
+
+    sched = vp_linear(T=100)
+    x0 = torch.rand(4, 1, 2, 2, dtype=torch.float64) * 2 - 1
+    net = _CheatWithVariance(sched, x0, v)
+    D = Preconditioned(net, sched, "eps", learned_variance=True)
+    t = torch.tensor([0, 10, 50, 99])
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    return hybrid_terms, D, net, x0, sched.sigmas[t], noise, t
+
+
+def test_hybrid_vlb_is_zero_for_the_true_mean_and_posterior_variance():
+    hybrid_terms, D, net, x0, sigma, noise, t = _hybrid_setup(v=-1.0)  # v = -1: log beta~, the posterior's
+    mse, vb = hybrid_terms(D, x0, sigma, noise)
+    assert mse.abs().max() < 1e-20  # the eps is exact
+    assert vb[1:].abs().max() < 1e-9  # KL(q || p) = 0 at t > 0
+    assert vb[0] > 0  # at t = 0: the discretised decoder's NLL, in bits
+    # and it is vlb_terms' value (another code path: x_t built in VP coordinates) in bits
+    ref = vlb_terms(D, x0, t, noise=noise, variance="learned") / math.log(2)
+    torch.testing.assert_close(vb, ref.to(vb.dtype), rtol=1e-6, atol=1e-9)
+
+
+def test_hybrid_gradients_vlb_trains_only_the_variance_and_mse_only_the_mean():
+    hybrid_terms, D, net, x0, sigma, noise, t = _hybrid_setup(v=0.3)
+    net.a.data.fill_(0.9)  # a wrong mean, so both terms have gradients to give
+    mse, vb = hybrid_terms(D, x0, sigma, noise)
+    vb[1:].sum().backward()
+    assert net.a.grad is None or net.a.grad == 0  # the mean's gradient is stopped in L_vlb
+    assert net.v.grad.abs() > 0
+    net.zero_grad()
+    mse, vb = hybrid_terms(D, x0, sigma, noise)
+    mse.sum().backward()
+    assert net.v.grad is None or net.v.grad == 0
+    assert net.a.grad.abs() > 0
+
+
+def test_denoising_loss_with_vlb_weight_is_l_hybrid():
+    from difflab.core.losses import DenoisingLoss, discrete_uniform
+
+    hybrid_terms, D, net, x0, sigma, noise, t = _hybrid_setup(v=0.3)
+    net.a.data.fill_(0.9)
+    mse, vb = hybrid_terms(D, x0, sigma, noise)
+    loss = DenoisingLoss(discrete_uniform(D.schedule), vlb_weight=0.001)
+    got = loss(D, x0, sigma=sigma, noise=noise, reduce=False)
+    torch.testing.assert_close(got, mse + 0.001 * 100 * vb)  # lambda T L_t: the VLB's estimate
+    plain = DenoisingLoss(discrete_uniform(D.schedule))(D, x0, sigma=sigma, noise=noise, reduce=False)
+    torch.testing.assert_close(plain, mse.float())  # vlb_weight 0: L_simple on the prediction channels
+    with pytest.raises(ValueError, match="vlb_weight must be"):
+        DenoisingLoss(discrete_uniform(D.schedule), vlb_weight=float("nan"))
