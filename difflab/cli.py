@@ -31,15 +31,20 @@ def _train_config(args: argparse.Namespace):
     from difflab.train import TrainConfig
 
     values = {}
+    if args.recipe:
+        from difflab.train import RECIPES
+
+        values = {k: (dict(v) if isinstance(v, dict) else v) for k, v in RECIPES[args.recipe].items()}
     if args.config:
         path = Path(args.config)
         if not path.is_file():
             raise SystemExit(f"difflab train: config file {path} does not exist")
         try:
-            values = json.loads(path.read_text())
+            loaded = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise SystemExit(f"difflab train: {path} is not valid JSON: {e}")
-        values = values.get("train", values)  # accept a run's config.json too
+        loaded = loaded.get("train", loaded)  # accept a run's config.json too
+        values = {**values, **loaded}  # --config's fields win over --recipe's
     flags = {
         "data": args.data,
         "model": args.model,
@@ -310,6 +315,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", help="digits | fashion_mnist | shapes | folder:PATH (default fashion_mnist)")
     t.add_argument("--model", help="unet-xs | unet-s | unet-m | DiT-T/2 ... (default unet-s)")
     t.add_argument("--out", required=True, help="run folder to write (or to resume)")
+    t.add_argument(
+        "--recipe",
+        choices=("edm", "ddpm", "iddpm"),
+        help="the paper's objective: edm (Karras et al. 2022, the default), ddpm (Ho et al. 2020: eps, linear "
+        "betas, T = 1000, L_simple), iddpm (Nichol & Dhariwal 2021: cosine betas, learned variances by L_hybrid)",
+    )
     t.add_argument("--steps", type=POS_INT, help="budget in optimizer steps (default 2000)")
     t.add_argument("--minutes", type=POSITIVE, help="budget in minutes instead of steps (see --clock)")
     t.add_argument(

@@ -17,6 +17,7 @@ w(sigma, c_out) -> per-sample weight on the network-space error:
 | min_snr(g)| min(SNR, g)              | min(SNR, g) c_out^2  (Hang et al. 2023) |
 | "v"       | SNR + 1                  | (SNR + 1) c_out^2   (the v-prediction loss) |
 | "edm"     | (sigma^2+sd^2)/(sigma sd)^2 | that times c_out^2 |
+| "vlb"     | DDPM's true bound, fixed Sigma = beta_t (eps nets, DiscreteVP) | beta_t / (2 alpha_t (1 - abar_t)) |
 
 Also the DDPM variational-bound pieces (Ho et al. 2020, eq. 5; Nichol & Dhariwal 2021) for
 learned variances and bits/dim: `q_posterior`, `normal_kl`, `discretized_gaussian_log_likelihood`.
@@ -47,6 +48,7 @@ __all__ = [
     "discretized_gaussian_log_likelihood",
     "vlb_terms",
     "hybrid_terms",
+    "fixed_vlb_weight",
 ]
 
 SigmaSampler = Callable[[int, torch.Generator | None], Tensor]
@@ -127,12 +129,19 @@ class DenoisingLoss:
     """E_sigma[ w(sigma) ||F(c_in x, c_noise) - target||^2 ] with x = x0 + sigma n."""
 
     def __init__(self, sigma_sampler: SigmaSampler, weighting: str | Callable = "simple", vlb_weight: float = 0.0):
+        """weighting "vlb": Ho et al.'s "true variational bound" objective with the fixed variance beta_t:
+        L_{t-1} per dimension = beta_t / (2 alpha_t (1 - abar_t)) ||eps - eps_hat||^2 (their eq. 8 with
+        eq. 11; L_0 in the same Gaussian form, L_T constant), for an eps network on a DiscreteVP
+        schedule. With t drawn uniformly its mean is the bound / T."""
         """vlb_weight = lambda > 0: Improved DDPM's L_hybrid = L_simple + lambda L_vlb for a
         learned-variance denoiser on a DiscreteVP schedule (the paper: 0.001); L_vlb is estimated
         as T L_t in bits/dim at the drawn t, so lambda T = 1 at T = 1000 (ADM's and DiT's code)."""
         if not (vlb_weight >= 0 and math.isfinite(vlb_weight)):
             raise ValueError(f"vlb_weight must be a finite number >= 0, got {vlb_weight}")
         self.vlb_weight = float(vlb_weight)
+        self.fixed_vlb = weighting == "vlb"
+        if self.fixed_vlb:
+            weighting = WEIGHTINGS["simple"]  # replaced per batch by fixed_vlb_weight
         if isinstance(weighting, str):
             if weighting not in WEIGHTINGS:
                 raise ValueError(f"unknown weighting {weighting!r}; known: {', '.join(WEIGHTINGS)}")
@@ -168,7 +177,10 @@ class DenoisingLoss:
         else:
             per_sample = denoiser.loss(x0, sigma.to(x0.device), noise, **cond)
         _, c_out, _, _ = denoiser.coefficients(sigma)
-        w = self.weighting(sigma, c_out, denoiser.sigma_data).to(per_sample.device, per_sample.dtype)
+        if self.fixed_vlb:
+            w = fixed_vlb_weight(denoiser, sigma).to(per_sample.device, per_sample.dtype)
+        else:
+            w = self.weighting(sigma, c_out, denoiser.sigma_data).to(per_sample.device, per_sample.dtype)
         losses = w * per_sample
         if vb is not None:
             losses = losses + self.vlb_weight * denoiser.schedule.T * vb.to(losses.dtype)
@@ -271,6 +283,19 @@ def _vb(schedule: DiscreteVP, x0: Tensor, x_t: Tensor, t: Tensor, x0_hat: Tensor
     kl = normal_kl(true_mean, true_logvar, model_mean, model_logvar).flatten(1).mean(1)
     nll = -discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_logvar).flatten(1).mean(1)
     return torch.where(t == 0, nll, kl)
+
+
+def fixed_vlb_weight(denoiser: Preconditioned, sigma: Tensor) -> Tensor:
+    """(B,) weights on the eps MSE that make it DDPM's L_{t-1} with Sigma = beta_t: beta_t / (2 alpha_t
+    (1 - abar_t)), t read off sigma (which must lie on the DiscreteVP grid)."""
+    schedule = _discrete(denoiser, 'weighting "vlb"')
+    if denoiser.prediction != "eps":
+        raise ValueError(f'weighting "vlb" is DDPM\'s bound for an eps network, got prediction {denoiser.prediction!r}')
+    t = schedule.t(torch.as_tensor(sigma, dtype=torch.float64).cpu()).round().long()
+    abar = schedule.alphas_cumprod
+    ab_prev = torch.where(t > 0, abar[(t - 1).clamp(min=0)], torch.ones_like(abar[t]))
+    alpha = abar[t] / ab_prev
+    return (1 - alpha) / (2 * alpha * (1 - abar[t]))
 
 
 def hybrid_terms(denoiser: Preconditioned, x0: Tensor, sigma: Tensor, noise: Tensor, **cond) -> tuple[Tensor, Tensor]:

@@ -205,6 +205,40 @@ class TrainConfig:
             raise ValueError(f"finetune={self.finetune!r} adapts a trained model: give init_from (--init-from RUN)")
 
 
+# The papers' training objectives as TrainConfig fields (`difflab train --recipe NAME`): what is
+# predicted, the noise schedule, how sigma is drawn, the loss. Optimisation (lr, batch, EMA) is the
+# user's choice either way.
+RECIPES: dict[str, dict[str, Any]] = {
+    # Karras et al. 2022: EDM preconditioning, ln sigma ~ N(-1.2, 1.2^2) (difflab's default)
+    "edm": {"prediction": "edm", "schedule": EDM().to_config(), "sigma_sampler": "lognormal", "weighting": "simple"},
+    # Ho et al. 2020: eps prediction, linear betas 1e-4..0.02 over T = 1000, t ~ U{1..T}, L_simple
+    "ddpm": {
+        "prediction": "eps",
+        "schedule": {"type": "DiscreteVP", "kind": "linear", "T": 1000, "quantize": False},
+        "sigma_sampler": "discrete_uniform",
+        "weighting": "simple",
+    },
+    # Nichol & Dhariwal 2021: cosine schedule, learned variances by L_hybrid (lambda 0.001)
+    "iddpm": {
+        "prediction": "eps",
+        "schedule": {"type": "DiscreteVP", "kind": "cosine", "T": 1000, "quantize": False},
+        "sigma_sampler": "discrete_uniform",
+        "weighting": "simple",
+        "vlb_weight": 0.001,
+        "model_overrides": {"learn_sigma": True},
+    },
+}
+
+
+def recipe_config(name: str, **changes) -> "TrainConfig":
+    """A TrainConfig with recipe `name`'s fields (RECIPES), then `changes`; model_overrides merge."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; known: {', '.join(RECIPES)}")
+    values = {k: (dict(v) if isinstance(v, dict) else v) for k, v in RECIPES[name].items()}
+    overrides = {**values.pop("model_overrides", {}), **changes.pop("model_overrides", {})}
+    return TrainConfig(**values, **changes, model_overrides=overrides)
+
+
 # --------------------------------------------------------------------------------------------
 # Building blocks
 # --------------------------------------------------------------------------------------------

@@ -178,3 +178,30 @@ def test_denoising_loss_with_vlb_weight_is_l_hybrid():
     torch.testing.assert_close(plain, mse.float())  # vlb_weight 0: L_simple on the prediction channels
     with pytest.raises(ValueError, match="vlb_weight must be"):
         DenoisingLoss(discrete_uniform(D.schedule), vlb_weight=float("nan"))
+
+
+def test_fixed_vlb_weighting_is_ddpms_bound_with_sigma_beta():
+    """w(t) ||eps - eps_hat||^2 is the part of KL(q || p_theta) (Sigma = beta_t) that depends on the
+    network: the KL of a wrong network minus that of the exact one, at every t > 0."""
+    from difflab.core.losses import DenoisingLoss, discrete_uniform, fixed_vlb_weight
+
+    sched = vp_linear(T=100)
+    x0 = torch.rand(4, 1, 2, 2, dtype=torch.float64) * 2 - 1
+    t = torch.tensor([1, 10, 50, 99])
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    exact = _CheatWithVariance(sched, x0, 0.0)
+    wrong = _CheatWithVariance(sched, x0, 0.0)
+    wrong.a.data.fill_(0.8)
+    kl = {}
+    for name, net in (("exact", exact), ("wrong", wrong)):
+        D = Preconditioned(net, sched, "eps", learned_variance=True)  # the v channel is ignored below
+        kl[name] = vlb_terms(D, x0, t, noise=noise, variance="large")
+    D = Preconditioned(wrong, sched, "eps", learned_variance=True)
+    loss = DenoisingLoss(discrete_uniform(sched), weighting="vlb")
+    got = loss(D, x0, sigma=sched.sigmas[t], noise=noise, reduce=False).double()
+    torch.testing.assert_close(got, kl["wrong"] - kl["exact"], rtol=1e-5, atol=1e-9)
+    w = fixed_vlb_weight(D, sched.sigmas[t])
+    beta = sched.betas[t]
+    torch.testing.assert_close(w, beta / (2 * (1 - beta) * (1 - sched.alphas_cumprod[t])))
+    with pytest.raises(ValueError, match="for an eps network"):
+        fixed_vlb_weight(Preconditioned(wrong, sched, "v"), sched.sigmas[t])

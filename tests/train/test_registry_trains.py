@@ -76,3 +76,26 @@ def test_learn_sigma_on_edm_is_refused_with_the_reason(tmp_path):
     cfg = _tiny("DiT-S/2", **{**DDPM, "sigma_sampler": "lognormal"})
     with pytest.raises(ValueError, match="sigma_sampler must be 'discrete_uniform'"):
         train(cfg, tmp_path / "run2", progress=False)
+
+
+@pytest.mark.parametrize("recipe", ["ddpm", "iddpm"])
+def test_train_recipe_flag_sets_the_papers_objective(recipe, tmp_path):
+    from difflab.cli import main
+    from difflab.train import recipe_config
+
+    out = tmp_path / "run"
+    rc = main(
+        ["train", "--recipe", recipe, "--data", "digits", "--model", "unet-xs", "--unconditional", "--steps", "2"]
+        + ["--batch-size", "2", "--save-every", "0", "--out", str(out), "--no-progress"]
+    )
+    assert rc == 0
+    train_cfg = json.loads((out / "config.json").read_text())["train"]
+    want = recipe_config(recipe)
+    assert train_cfg["prediction"] == "eps" and train_cfg["sigma_sampler"] == "discrete_uniform"
+    assert train_cfg["schedule"] == want.schedule
+    assert train_cfg["schedule"]["kind"] == ("linear" if recipe == "ddpm" else "cosine")
+    pipe = Pipeline.from_pretrained(out)
+    assert pipe.denoiser.learned_variance == (recipe == "iddpm")  # iddpm: learn_sigma + L_hybrid
+    assert torch.isfinite(pipe(1, steps=2, seed=0)).all()
+    with pytest.raises(ValueError, match="unknown recipe 'vdm'"):
+        recipe_config("vdm")
