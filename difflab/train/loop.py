@@ -236,7 +236,7 @@ def recipe_config(name: str, **changes) -> "TrainConfig":
         raise ValueError(f"unknown recipe {name!r}; known: {', '.join(RECIPES)}")
     values = {k: (dict(v) if isinstance(v, dict) else v) for k, v in RECIPES[name].items()}
     overrides = {**values.pop("model_overrides", {}), **changes.pop("model_overrides", {})}
-    return TrainConfig(**values, **changes, model_overrides=overrides)
+    return TrainConfig(**{**values, **changes}, model_overrides=overrides)
 
 
 # --------------------------------------------------------------------------------------------
