@@ -343,6 +343,7 @@ def build_site(results: list[PaperResult], out: str | Path) -> Path:
     rows = []
     for r in results:
         folder, page = Path(r.folder), out / r.name
+        page.mkdir(parents=True, exist_ok=True)  # a paper with no figures (or no run yet) still gets its page
         if (folder / "figures").is_dir():
             dest = page / "figures"
             if dest.resolve() != (folder / "figures").resolve():

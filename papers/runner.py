@@ -46,6 +46,10 @@ __all__ = [
     "trend",
     "key",
     "sign_test",
+    "pm",
+    "exceeds",
+    "fd_with_se",
+    "image_rows",
     "atomic_write_text",
     "atomic_write_bytes",
     "save_tensor",
@@ -345,6 +349,59 @@ def trend(values: list[float], direction: int, noise: float) -> tuple[bool, str]
     if all(-x < noise for x in against):
         return True, f"holds within noise (largest step against it {max(-x for x in against):.3f} < {noise:.3f})"
     return True, f"holds overall but not monotonically (a step of {max(-x for x in against):.3f} against it)"
+
+
+def pm(v: float, se: float, digits: int = 3) -> str:
+    """'v +- se' with `digits` decimals."""
+    return f"{v:.{digits}f} +- {se:.{digits}f}"
+
+
+def exceeds(a: float, sa: float, b: float, sb: float) -> bool:
+    """a is above b by more than 2 standard errors of the difference (independent estimates)."""
+    return a - b > 2 * (sa**2 + sb**2) ** 0.5
+
+
+def fd_with_se(feats, ref, boot: int, seed: int) -> tuple[float, float]:
+    """Frechet distance of features (N, D) to reference statistics `ref` (.mu, .cov), and its standard
+    error from `boot` bootstrap resamples of the features (0 when boot < 2)."""
+    import torch
+
+    from difflab.metrics.frechet import frechet_distance, mean_cov
+
+    mu, cov = mean_cov(feats)
+    fd = float(frechet_distance(mu, cov, ref.mu, ref.cov))
+    g = torch.Generator().manual_seed(seed)
+    reps = []
+    for _ in range(boot):
+        idx = torch.randint(len(feats), (len(feats),), generator=g)
+        m, c = mean_cov(feats[idx])
+        reps.append(float(frechet_distance(m, c, ref.mu, ref.cov)))
+    return fd, float(torch.tensor(reps).std()) if boot > 1 else 0.0
+
+
+def image_rows(rows: dict, path: Path, title: str = "", per_row: int = 8, label_width: float = 0.2) -> Path:
+    """A figure of labelled rows of images in [-1, 1] ({label: (N, C, H, W)}, grey or RGB), saved to `path`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(rows), per_row, figsize=(per_row, 1.1 * len(rows) + 0.3), squeeze=False)
+    for r, (label, x) in enumerate(rows.items()):
+        for j in range(per_row):
+            ax = axes[r, j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j < len(x):
+                im = ((x[j].float().permute(1, 2, 0) + 1) / 2).clamp(0, 1).numpy()
+                ax.imshow(im[..., 0] if im.shape[-1] == 1 else im, cmap="gray" if im.shape[-1] == 1 else None)
+            else:
+                ax.axis("off")
+        axes[r, 0].set_ylabel(label, fontsize=7, rotation=0, ha="right", va="center")
+    fig.subplots_adjust(left=label_width, wspace=0.05, hspace=0.1)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return save_figure(fig, path, dpi=110)
 
 
 def sign_test(a: list, b: list) -> tuple[int, int, float]:

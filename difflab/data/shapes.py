@@ -58,6 +58,8 @@ __all__ = [
     "caption_for",
     "parse_caption",
     "encode_attributes",
+    "make_two_colour",
+    "two_colour_score",
 ]
 
 # --------------------------------------------------------------------------------------------
@@ -398,6 +400,60 @@ def render(attrs: Mapping[str, Any], size: int = 32, *, return_mask: bool = Fals
     for cov, _ in layers:
         mask |= cov[0] >= 0.5
     return x, torch.from_numpy(mask[None].astype(np.float32))
+
+
+# --------------------------------------------------------------------------------------------
+# A concept outside the vocabulary: two-colour objects (for personalisation papers)
+# --------------------------------------------------------------------------------------------
+
+
+def make_two_colour(
+    n: int, seed: int = 0, size: int = 32, *, shape: str = "star", colors: tuple[str, str] = ("red", "blue")
+) -> Tensor:
+    """n images of `shape` whose left half (of the object, split at its centre) is colors[0] and right
+    half colors[1], at the generator's sizes, positions and backgrounds: an object no caption of the
+    dataset names and no image of it shows. (n, 3, H, W) in [-1, 1]."""
+    _encode_one("shape", shape)  # a clear error for an unknown shape or colour
+    a, b = _encode_one("color", colors[0]), _encode_one("color", colors[1])
+    if a == b:
+        raise ValueError(f"two_colour needs two different colours, got {colors}")
+    attrs = sample_attributes(n, seed, exclude=[{"shape": s} for s in SHAPES if s != shape])
+    table = _coverage_table(size, _supersample(size))
+    cov = table[attrs["shape"], attrs["size"], attrs["position"]]  # (N, H, W)
+    cx = np.array([_CENTRE[POSITIONS[p]][0] for p in attrs["position"]])  # object centres, fractions of W
+    u = (np.arange(size) + 0.5) / size
+    left = (u[None, :] < cx[:, None])[:, None, :].astype(np.float32)  # (N, 1, W): split between pixel columns
+    layers = [(cov * left, np.repeat(_RGB[[a]], n, 0)), (cov * (1 - left), np.repeat(_RGB[[b]], n, 0))]
+    return _to_torch(_composite(_BG_RGB[attrs["background"]], layers))
+
+
+def two_colour_score(x: Tensor, colors: tuple[str, str] = ("red", "blue"), min_share: float = 0.6) -> dict:
+    """Which images (N, 3, H, W) in [-1, 1] show one object colored colors[0] on its left half and colors[1]
+    on its right: every pixel goes to its nearest palette colour (the six object colours and the two
+    backgrounds); the object is the pixels of the six colours; it splits at its column centroid.
+    Returns per image bool tensors "split" (colors[0] holds >= min_share of the left half's object
+    pixels and colors[1] of the right half's), "either_order" (the same with the halves swapped
+    allowed), and "two_colours" (both colours hold >= (1 - min_share) of the object's pixels)."""
+    palette = torch.from_numpy(np.concatenate([_RGB, _BG_RGB])).to(x)  # (8, 3)
+    rgb = ((x.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1)  # (N, H, W, 3)
+    label = torch.cdist(rgb.reshape(len(x), -1, 3), palette[None].expand(len(x), -1, -1)).argmin(-1)
+    label = label.reshape(rgb.shape[:3])  # (N, H, W): 0..5 colours, 6..7 backgrounds
+    obj = label < len(COLORS)
+    cols = torch.arange(x.shape[-1], device=x.device, dtype=rgb.dtype)[None, None, :]
+    count = obj.sum((1, 2)).clamp(min=1)
+    centre = (obj * cols).sum((1, 2)) / count  # (N,) column centroid
+    left = obj & (cols < centre[:, None, None])
+    right = obj & (cols >= centre[:, None, None])
+    a, b = COLORS.index(colors[0]), COLORS.index(colors[1])
+
+    def share(region, c):
+        return ((label == c) & region).sum((1, 2)) / region.sum((1, 2)).clamp(min=1)
+
+    present = obj.sum((1, 2)) > 0
+    split = present & (share(left, a) >= min_share) & (share(right, b) >= min_share)
+    swapped = present & (share(left, b) >= min_share) & (share(right, a) >= min_share)
+    both = present & (share(obj, a) >= 1 - min_share) & (share(obj, b) >= 1 - min_share)
+    return {"split": split, "either_order": split | swapped, "two_colours": both}
 
 
 def _check_size(size: int) -> None:

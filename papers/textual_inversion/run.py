@@ -17,6 +17,10 @@ Parts:
   eval   n samples of each prompt (fixed seeds, guidance as the zoo evaluates the base), judged by
          difflab's shapes attribute classifier: the concept is right when shape = star and colour =
          red; position and size are judged where the prompt names them.
+  novel  the same for the two-colour star (papers/concepts.py: red on its left half, blue on its right),
+         an appearance no training image shows: the word "<T*>" from "star", scored with the rivals
+         "a star" and "a red and blue star" by the rate of samples that show it (two_colour_score) and
+         CLIP-I (the shipped image-text model) to held-out images of it.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ import torch  # noqa: E402
 if __package__ in (None, ""):  # run as a file: python papers/textual_inversion/run.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from papers.runner import (  # noqa: E402
+    image_rows,
+    pm,
     Paper,
     Results,
     Run,
@@ -46,7 +52,9 @@ from papers.runner import (  # noqa: E402
     save_figure,
 )
 
-from difflab.data.shapes import COLORS, POSITIONS, SHAPES, SIZES, make_shapes  # noqa: E402
+from papers.concepts import Judge, concept_images  # noqa: E402
+
+from difflab.data.shapes import COLORS, POSITIONS, SHAPES, SIZES  # noqa: E402
 from difflab.metrics.classifiers import load_classifier  # noqa: E402
 from difflab.metrics.classifiers import prepare_images  # noqa: E402
 
@@ -54,8 +62,30 @@ HERE = Path(__file__).resolve().parent
 OUT = HERE
 BASE = "shapes-text-unet"
 TOKEN, INIT = "<S*>", "star"
-FULL = {"n_images": 5, "steps": 300, "lr": 5e-3, "batch_size": 8, "n": 200, "sample_steps": 20, "guidance": 3.0}
-QUICK = {"n_images": 3, "steps": 6, "lr": 5e-3, "batch_size": 4, "n": 12, "sample_steps": 4, "guidance": 3.0}
+FULL = {
+    "n_images": 5,
+    "steps": 300,
+    "lr": 5e-3,
+    "batch_size": 8,
+    "n": 200,
+    "sample_steps": 20,
+    "guidance": 3.0,
+    "n_ref": 100,
+    "boot": 200,
+}
+QUICK = {
+    "n_images": 3,
+    "steps": 6,
+    "lr": 5e-3,
+    "batch_size": 4,
+    "n": 12,
+    "sample_steps": 4,
+    "guidance": 3.0,
+    "n_ref": 8,
+    "boot": 20,
+}
+NOVEL_TOKEN = "<T*>"  # the two-colour star's word (papers/concepts.py)
+NOVEL_PROMPTS = (f"a {NOVEL_TOKEN}", "a star", "a red and blue star")  # learned word, its initial word, a description
 # prompt -> the attributes it names (the concept is shape star, colour red)
 PROMPTS = {
     f"a {TOKEN}": {"shape": "star", "color": "red"},
@@ -69,23 +99,16 @@ PROMPTS = {
 VOCAB = {"shape": SHAPES, "color": COLORS, "position": POSITIONS, "size": SIZES}
 
 
-def concept_images(n: int, seed: int) -> torch.Tensor:
-    """n red stars from the shapes generator (every other shape and colour excluded)."""
-    exclude = [{"shape": s} for s in SHAPES if s != "star"] + [{"color": c} for c in COLORS if c != "red"]
-    return make_shapes(n, seed=seed + 101, exclude=exclude)["images"]
-
-
-def part_learn(run: Run) -> dict:
+def _learn(run: Run, images: torch.Tensor, folder: Path, token: str) -> dict:
     from difflab.finetune import textual_inversion
 
     st = run.settings
-    folder = run.out / "cache" / "ti"
     c0, t0 = cpu_seconds(), time.perf_counter()
     textual_inversion(
         _base(),
-        concept_images(st["n_images"], run.seed),
+        images,
         folder,
-        token=TOKEN,
+        token=token,
         init=INIT,
         steps=st["steps"],
         lr=st["lr"],
@@ -93,16 +116,37 @@ def part_learn(run: Run) -> dict:
         seed=run.seed,
         progress=False,
     )
-    size = (folder / "model.safetensors").stat().st_size
-    base_size = (_base() / "model.safetensors").stat().st_size
     return {
         "cpu_min": round((cpu_seconds() - c0) / 60, 2),
         "wall_s": round(time.perf_counter() - t0, 1),
-        "file_bytes": size,
-        "base_bytes": base_size,
+        "file_bytes": (folder / "model.safetensors").stat().st_size,
+        "base_bytes": (_base() / "model.safetensors").stat().st_size,
         "steps": st["steps"],
         "n_images": st["n_images"],
     }
+
+
+def part_learn(run: Run) -> dict:
+    return _learn(run, concept_images(run.settings["n_images"], run.seed), run.out / "cache" / "ti", TOKEN)
+
+
+def part_novel(run: Run) -> dict:
+    """The two-colour star (papers/concepts.py), which no training image shows: learn NOVEL_TOKEN on
+    the same settings and score it, the initial word and a describing caption against held-out images."""
+    st = run.settings
+    images = concept_images(st["n_images"], run.seed, "two_colour")
+    folder = run.out / "cache" / "ti_novel"
+    cost = _learn(run, images, folder, NOVEL_TOKEN)
+    judge = Judge(concept_images(st["n_ref"], run.seed + 7, "two_colour"))
+    pipe = load_pipeline(folder)
+    rows, grids = {}, {"images": images}
+    for i, prompt in enumerate(NOVEL_PROMPTS):
+        x = pipe(st["n"], prompt=prompt, steps=st["sample_steps"], guidance_scale=st["guidance"], seed=run.seed + i)
+        rows[prompt] = judge(x, st["boot"], run.seed)
+        grids[prompt] = x[:8]
+        log(f"novel {prompt!r}: split {rows[prompt]['split']:.3f} CLIP-I {rows[prompt]['clip_sim']:.3f}")
+    torch.save(grids, run.out / "cache" / "novel_grids.pt")
+    return {"cost": cost, "rows": rows, "settings": {k: st[k] for k in ("n", "n_ref", "sample_steps", "guidance")}}
 
 
 def _base() -> Path:
@@ -203,6 +247,8 @@ def write_report(run: Run) -> None:
             )
             + "\n"
         )
+        if res.get("novel"):
+            L.append(_novel_claim(res["novel"]))
         L += ["| prompt | red star (concept) | position | size |", "|---|---|---|---|"]
         for p, r in rows.items():
             L.append(
@@ -219,7 +265,77 @@ def write_report(run: Run) -> None:
             fig.suptitle(f"'a {TOKEN}' after Textual Inversion", fontsize=9)
             save_figure(fig, OUT / "figures" / "token_samples.png", dpi=120)
             L.append("\n![samples of the learned word](figures/token_samples.png)\n")
+    if res.get("novel"):
+        L += _novel_table(res["novel"])
     atomic_write_text(OUT / "report.md", "\n".join(L))
+
+
+def _novel_claim(novel: dict) -> str:
+    rows = novel["rows"]
+    tok = rows[NOVEL_PROMPTS[0]]
+    verdicts, parts = {}, []
+    for key, se in (("split", None), ("clip_sim", "clip_sim_se")):
+        wins = []
+        for rival in NOVEL_PROMPTS[1:]:
+            r = rows[rival]
+            a_se = prop_se(tok[key], tok["n"]) if se is None else tok[se]
+            b_se = prop_se(r[key], r["n"]) if se is None else r[se]
+            wins.append(tok[key] - r[key] > 2 * (a_se**2 + b_se**2) ** 0.5)
+        verdicts[key] = all(wins)
+    for p in NOVEL_PROMPTS:
+        r = rows[p]
+        parts.append(
+            f"'{p}': {pm(r['split'], prop_se(r['split'], r['n']))} (two colours in either order "
+            f"{pm(r['two_colours'], prop_se(r['two_colours'], r['n']))}), CLIP-I {pm(r['clip_sim'], r['clip_sim_se'])}"
+        )
+    if verdicts["split"] and verdicts["clip_sim"]:
+        verdict = "holds"
+    elif verdicts["clip_sim"] or verdicts["split"]:
+        which = "CLIP-I" if verdicts["clip_sim"] else "the two-colour rate"
+        verdict = f"holds partly: on {which} only"
+    else:
+        verdict = "does not hold"
+    return (
+        f"- **On an appearance no training image shows (a star red on the left, blue on the right), the learned "
+        f"word '{NOVEL_TOKEN}' reproduces it better than its initial word and a describing caption.** Rate of "
+        "samples that show it (two_colour_score) and CLIP-I to its held-out images: "
+        + "; ".join(parts)
+        + f". {verdict.capitalize()} (the rate and CLIP-I each above both rivals' by 2 standard errors decide)."
+        + (
+            " The denoiser is frozen: a word can only steer it toward what it already draws; papers/dreambooth "
+            "fine-tunes the denoiser on the same images."
+            if not verdicts["split"]
+            else ""
+        )
+        + "\n"
+    )
+
+
+def _novel_table(novel: dict) -> list[str]:
+    rows, cost = novel["rows"], novel["cost"]
+    L = [
+        f"\n## The two-colour star\n\nLearned from {cost['n_images']} images in {cost['steps']} steps: "
+        f"{cost['cpu_min']} CPU-minutes, {cost['file_bytes']:,} bytes.\n",
+        "| prompt | shows it | two colours | red star | SIM | CLIP-I | colours (" + ", ".join(COLORS) + ") |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for p, r in rows.items():
+        L.append(
+            f"| {p} | {pm(r['split'], prop_se(r['split'], r['n']))} | "
+            f"{pm(r['two_colours'], prop_se(r['two_colours'], r['n']))} | "
+            f"{pm(r['subject'], prop_se(r['subject'], r['n']))} | {pm(r['sim'], r['sim_se'])} | "
+            f"{pm(r['clip_sim'], r['clip_sim_se'])} | {r['colors']} |"
+        )
+    grids = OUT / "cache" / "novel_grids.pt"
+    if grids.exists():
+        g = torch.load(grids)
+        image_rows(
+            {"the user's images": g["images"], **{f"'{p}'": g[p] for p in NOVEL_PROMPTS}},
+            OUT / "figures" / "two_colour.png",
+            "Textual Inversion on the two-colour star",
+        )
+        L.append("\n![the two-colour star: the user's images and samples](figures/two_colour.png)\n")
+    return L
 
 
 def configure(run: Run) -> None:
@@ -232,7 +348,7 @@ PAPER = Paper(
     __doc__,
     title="Textual Inversion (Gal et al. 2023)",
     claim="One new word, learned with everything else frozen from a few images, reproduces a concept the model never saw named better than existing words, and composes with other words.",
-    parts={"learn": part_learn, "eval": part_eval},
+    parts={"learn": part_learn, "eval": part_eval, "novel": part_novel},
     report=write_report,
     full=FULL,
     quick=QUICK,

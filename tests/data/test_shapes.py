@@ -210,3 +210,29 @@ def test_make_shapes_is_fast():
     b = make_shapes(10_000, seed=1)
     assert time.perf_counter() - t < 5.0
     assert b["images"].shape == (10_000, 3, 32, 32) and len(b["captions"]) == 10_000
+
+
+def test_two_colour_objects_are_scored_exactly():
+    from difflab.data.shapes import make_two_colour, two_colour_score
+
+    x = make_two_colour(40, seed=3)
+    assert x.shape == (40, 3, 32, 32) and x.min() >= -1 and x.max() <= 1
+    assert torch.equal(x, make_two_colour(40, seed=3))
+    s = two_colour_score(x)
+    assert s["split"].all() and s["two_colours"].all()
+    mirrored = two_colour_score(x.flip(-1))  # blue left, red right: two colours, the wrong order
+    assert not mirrored["split"].any() and mirrored["either_order"].all()
+    one = two_colour_score(make_shapes(40, seed=3)["images"])  # single-colour objects: never two colours
+    assert not one["two_colours"].any() and not one["either_order"].any()
+    # every object pixel red on the left of its centre and blue on its right
+    rgb = (x[0] + 1) / 2
+    red, blue = torch.tensor(COLOR_RGB["red"]), torch.tensor(COLOR_RGB["blue"])
+    is_red = (rgb - red[:, None, None]).abs().amax(0) < 1e-5
+    is_blue = (rgb - blue[:, None, None]).abs().amax(0) < 1e-5
+    cols = torch.arange(32)
+    assert is_red.any() and is_blue.any()
+    assert cols[is_red.any(0)].max() < cols[is_blue.any(0)].min()
+    with pytest.raises(ValueError, match="two different colours"):
+        make_two_colour(2, colors=("red", "red"))
+    with pytest.raises(ValueError, match="hexagon"):
+        make_two_colour(2, shape="hexagon")
