@@ -285,7 +285,7 @@ def _novel_claim(novel: dict) -> str:
     for p in NOVEL_PROMPTS:
         r = rows[p]
         parts.append(
-            f"'{p}': {pm(r['split'], prop_se(r['split'], r['n']))} (two colours in either order "
+            f"'{p}': {pm(r['split'], prop_se(r['split'], r['n']))} (both colours in the object "
             f"{pm(r['two_colours'], prop_se(r['two_colours'], r['n']))}), CLIP-I {pm(r['clip_sim'], r['clip_sim_se'])}"
         )
     if verdicts["split"] and verdicts["clip_sim"]:

@@ -88,7 +88,17 @@ def test_two_processes_writing_results_lose_nothing(tmp_path):
 
 def test_every_paper_declares_itself_to_the_runner():
     folders = sorted(p.parent.name for p in PAPERS_DIR.glob("*/run.py"))
-    assert folders == ["dit", "editing", "guidance", "sdg", "text2image", "text_editing", "textual_inversion", "theory"]
+    assert folders == [
+        "dit",
+        "dreambooth",
+        "editing",
+        "guidance",
+        "sdg",
+        "text2image",
+        "text_editing",
+        "textual_inversion",
+        "theory",
+    ]
     for name in folders:
         paper = importlib.import_module(f"papers.{name}.run").PAPER
         assert paper.name == name and paper.folder == PAPERS_DIR / name and paper.parts
