@@ -212,3 +212,43 @@ def test_sampler_errors():
         sample_euler(gm.denoiser, bad, sigmas_karras(4, 0.1, 1.0))
     with pytest.raises(ValueError, match="finite and >= 0"):
         sample_euler(gm.denoiser, x, torch.tensor([1.0, float("nan"), 0.0]))
+
+
+class _ConstVariance(torch.nn.Module):
+    """An eps net (0.1 x_in) with a constant variance channel v: a learned-variance network whose
+    v = -1 is DDPM's posterior variance beta~ and v = +1 its beta."""
+
+    def __init__(self, v: float):
+        super().__init__()
+        self.v = v
+
+    def forward(self, x_in, c_noise, **cond):
+        return torch.cat([0.1 * x_in, torch.full_like(x_in, self.v)], 1)
+
+
+@pytest.mark.parametrize("v,fixed", [(-1.0, "small"), (1.0, "large")])
+@pytest.mark.parametrize("steps", [None, 7])
+def test_sample_ddpm_learned_variance_at_its_ends_is_the_fixed_one(v, fixed, steps):
+    from difflab.core import Preconditioned, vp_linear
+
+    sched = vp_linear(T=50)
+    D = Preconditioned(_ConstVariance(v), sched, "eps", learned_variance=True)
+    x = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * sched.sigma_max
+    a = sample_ddpm(D, x, sched, variance="learned", steps=steps, noise=torch.Generator().manual_seed(1))
+    b = sample_ddpm(D, x, sched, variance=fixed, steps=steps, noise=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_sample_ddpm_respaced_on_every_timestep_is_the_full_chain():
+    from difflab.core import Preconditioned, vp_linear
+
+    sched = vp_linear(T=40)
+    D = Preconditioned(_ConstVariance(0.0), sched, "eps", learned_variance=True)
+    x = torch.randn(2, 1, 3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * sched.sigma_max
+    full = sample_ddpm(D, x, sched, noise=torch.Generator().manual_seed(1))
+    every = sample_ddpm(D, x, sched, steps=40, noise=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(every, full, rtol=1e-9, atol=1e-9)  # beta_t = 1 - abar_t / abar_(t-1), rounding only
+    with pytest.raises(ValueError, match="learned-variance denoiser"):
+        sample_ddpm(Preconditioned(torch.nn.Identity(), sched, "eps"), x, sched, variance="learned")
+    clipped = sample_ddpm(D, x, sched, steps=5, clip_x0=True, noise=torch.Generator().manual_seed(1))
+    assert clipped.abs().max() <= 1 + 1e-9  # the last step returns x0_hat, clipped
