@@ -90,6 +90,7 @@ def test_every_paper_declares_itself_to_the_runner():
     folders = sorted(p.parent.name for p in PAPERS_DIR.glob("*/run.py"))
     assert folders == [
         "ddim",
+        "ddpm",
         "dit",
         "dreambooth",
         "editing",
