@@ -9,7 +9,7 @@ spaced timesteps of the 1000-step chain (DDIM's linear tau), from the same noise
   sigma-hat                the larger variance sqrt(1 - abar_t / abar_prev) (DDPM's Sigma = beta_t on the
                            respaced chain; the paper's hat-sigma row)
 
-    python papers/ddim/run.py            # ~25 CPU-minutes
+    python papers/ddim/run.py            # ~16 CPU-minutes (after papers/ddpm --only train)
     python papers/ddim/run.py --quick    # plumbing check, written to _quick/
     python papers/ddim/run.py --report   # rebuild report.md from results.json
 

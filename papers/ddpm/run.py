@@ -10,7 +10,7 @@ eq. 11). The optimisation is scaled to a CPU budget, the same for both: `minutes
 thread, batch 64, lr 1e-3 with 100 warmup steps, EMA 0.999 (the paper: 800k steps at lr 2e-4, EMA
 0.9999).
 
-    python papers/ddpm/run.py            # ~100 CPU-minutes (60 of them training)
+    python papers/ddpm/run.py            # ~90 CPU-minutes (60 of them training)
     python papers/ddpm/run.py --quick    # plumbing check, written to _quick/
     python papers/ddpm/run.py --report   # rebuild report.md from results.json
 

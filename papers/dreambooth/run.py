@@ -7,7 +7,7 @@ never paired "red" with "star", so "a star" gives stars of the other colours. A 
 the shapes generator are the user's images, captioned "a sks star"; the prior images are the frozen
 base's own samples of "a star" (the class prompt), trained on beside them with weight lambda.
 
-    python papers/dreambooth/run.py            # ~20 CPU-minutes
+    python papers/dreambooth/run.py            # ~50 CPU-minutes (one thread)
     python papers/dreambooth/run.py --quick    # plumbing check, written to _quick/
     python papers/dreambooth/run.py --report   # rebuild report.md from results.json
 

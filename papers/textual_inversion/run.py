@@ -7,7 +7,7 @@ model was never taught. The concept is the red star: a few images of it from the
 are the user's images. Textual Inversion learns the pseudo-word "<S*>" from the word "star" (its
 initial embedding) with everything else frozen, in difflab's training loop.
 
-    python papers/textual_inversion/run.py            # ~6 CPU-minutes
+    python papers/textual_inversion/run.py            # ~35 CPU-minutes (one thread)
     python papers/textual_inversion/run.py --quick    # plumbing check, written to _quick/
     python papers/textual_inversion/run.py --report   # rebuild report.md from results.json
 
