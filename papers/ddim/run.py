@@ -266,7 +266,7 @@ def write_report(run: Run) -> None:
 def _figures() -> str:
     f = OUT / "cache" / "interp_paths.pt"
     if f.exists():
-        paths = torch.load(f)
+        paths = torch.load(f, weights_only=True)
         rows = {name.replace("|", " path "): x for name, x in paths.items()}
         image_rows(
             rows, OUT / "figures" / "interpolation.png", per_row=len(next(iter(paths.values()))), label_width=0.15

@@ -280,7 +280,7 @@ def write_report(run: Run) -> None:
 def _figure() -> str:
     f = OUT / "cache" / "grids.pt"
     if f.exists():
-        grids = torch.load(f)
+        grids = torch.load(f, weights_only=True)
         image_rows(
             {k.replace("_", " "): x for k, x in grids.items()},
             OUT / "figures" / "samples.png",

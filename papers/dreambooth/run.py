@@ -246,7 +246,7 @@ def write_report(run: Run) -> None:
         L.append(_figure())
     novel_grids = OUT / "cache" / "novel_grids.pt"
     if res.get("novel") and novel_grids.exists():
-        g = torch.load(novel_grids)
+        g = torch.load(novel_grids, weights_only=True)
         rows = {"the user's images": g["images"], **{LABEL[k]: g[k] for k in ("base", "full", "lora")}}
         image_rows(
             rows, OUT / "figures" / "two_colour.png", f"'{SUBJECT_PROMPT}' after DreamBooth on the two-colour star"
@@ -395,7 +395,7 @@ def _cost_claim(learn: dict, novel: dict | None = None) -> str:
 def _figure() -> str:
     grid_file = OUT / "cache" / "grids.pt"
     if grid_file.exists():
-        grids = torch.load(grid_file)
+        grids = torch.load(grid_file, weights_only=True)
         rows = {}
         for name in ["base", *VARIANTS]:
             for prompt in (SUBJECT_PROMPT, CLASS_PROMPT):

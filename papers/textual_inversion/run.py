@@ -257,7 +257,7 @@ def write_report(run: Run) -> None:
             )
         grid_file = OUT / "cache" / "token_grid.pt"
         if grid_file.exists():
-            grid = torch.load(grid_file)
+            grid = torch.load(grid_file, weights_only=True)
             fig, axes = plt.subplots(2, 8, figsize=(8, 2.2))
             for ax, im in zip(axes.flat, grid):
                 ax.imshow(((im.permute(1, 2, 0) + 1) / 2).clamp(0, 1).numpy())
@@ -328,7 +328,7 @@ def _novel_table(novel: dict) -> list[str]:
         )
     grids = OUT / "cache" / "novel_grids.pt"
     if grids.exists():
-        g = torch.load(grids)
+        g = torch.load(grids, weights_only=True)
         image_rows(
             {"the user's images": g["images"], **{f"'{p}'": g[p] for p in NOVEL_PROMPTS}},
             OUT / "figures" / "two_colour.png",
