@@ -176,13 +176,7 @@ def dreambooth(
 
 
 def _cmd_dreambooth(args) -> int:
-    from difflab.pipeline import Pipeline
-
-    base = Pipeline.from_pretrained(_resolve(args.base))
-    if base.conditioning != "text":
-        raise ValueError(f"--base {args.base} is not a text-to-image model (DreamBooth binds a word to the subject)")
-    c, h, _ = base.image_shape()
-    images = load_concept_images(args.images, h, c)
+    _, images = _text_base_and_images(args, "DreamBooth binds a word to the subject")
     out = dreambooth(
         _resolve(args.base),
         images,
@@ -204,13 +198,7 @@ def _cmd_dreambooth(args) -> int:
 
 
 def _cmd_textual_inversion(args) -> int:
-    from difflab.pipeline import Pipeline
-
-    base = Pipeline.from_pretrained(_resolve(args.base))
-    if base.conditioning != "text":
-        raise ValueError(f"--base {args.base} is not a text-to-image model (Textual Inversion learns a word)")
-    c, h, _ = base.image_shape()
-    images = load_concept_images(args.images, h, c)
+    base, images = _text_base_and_images(args, "Textual Inversion learns a word")
     templates = TEMPLATES
     if hasattr(base.text_encoder, "unknown_words"):  # a word-level encoder: templates in its vocabulary only
         templates = tuple(t for t in TEMPLATES if not base.text_encoder.unknown_words([t.format("")]))
@@ -231,6 +219,18 @@ def _cmd_textual_inversion(args) -> int:
     )
     print(f"learned {args.token!r} from {len(images)} image(s): {out} (sample with --prompt 'a {args.token} ...')")
     return 0
+
+
+def _text_base_and_images(args, why: str):
+    """The --base pipeline (text-to-image, else a one-line error saying `why`) and the --images folder's
+    images at its size and channel count."""
+    from difflab.pipeline import Pipeline
+
+    base = Pipeline.from_pretrained(_resolve(args.base))
+    if base.conditioning != "text":
+        raise ValueError(f"--base {args.base} is not a text-to-image model ({why})")
+    c, h, _ = base.image_shape()
+    return base, load_concept_images(args.images, h, c)
 
 
 def _resolve(base: str) -> str:

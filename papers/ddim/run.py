@@ -49,8 +49,9 @@ from papers.runner import (  # noqa: E402
     pm,
 )
 
+from papers.ddpm.run import fmnist_reference  # noqa: E402
+
 from difflab.core.sampling import invert_euler, sample_ddim, sample_ddpm  # noqa: E402
-from difflab.metrics import default_extractor, feature_extractor, reference_stats  # noqa: E402
 from difflab.metrics.features import extract  # noqa: E402
 from difflab.pipeline import Pipeline  # noqa: E402
 
@@ -94,22 +95,13 @@ def _sample(D, z: torch.Tensor, sampler: str, S: int, seed: int) -> torch.Tensor
 
 
 def part_table(run: Run):
-    from difflab.data import load_dataset
 
     torch.set_num_threads(1)
     D = _model(run)
     if D is None:
         return SKIPPED
     st = run.settings
-    ext = feature_extractor(default_extractor("fashion_mnist"))
-    ref = reference_stats(
-        ext,
-        "fashion_mnist",
-        "train",
-        images=lambda: load_dataset("fashion_mnist", "train", pad_to=32).images,
-        data_kwargs={"pad_to": 32},
-        log=log,
-    )
+    ext, ref = fmnist_reference()
     z = torch.randn(st["n"], 1, 32, 32, generator=torch.Generator().manual_seed(run.seed)) * D.schedule.sigma_max
     rows, grids = {}, {}
     for sampler in SAMPLERS:

@@ -144,12 +144,11 @@ def part_train(run: Run) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def part_eval(run: Run) -> dict:
+def fmnist_reference():
+    """(extractor, reference statistics) of FD-FMNIST: difflab's Fashion-MNIST classifier features of
+    the training split padded to 32 x 32 (cached), as papers/ddim scores too."""
     from difflab.data import load_dataset
-    from difflab.metrics.bpd import vlb_bits_per_dim
 
-    torch.set_num_threads(1)
-    st = run.settings
     ext = feature_extractor(default_extractor("fashion_mnist"))
     ref = reference_stats(
         ext,
@@ -159,6 +158,16 @@ def part_eval(run: Run) -> dict:
         data_kwargs={"pad_to": 32},
         log=log,
     )
+    return ext, ref
+
+
+def part_eval(run: Run) -> dict:
+    from difflab.data import load_dataset
+    from difflab.metrics.bpd import vlb_bits_per_dim
+
+    torch.set_num_threads(1)
+    st = run.settings
+    ext, ref = fmnist_reference()
     test = load_dataset("fashion_mnist", "test", pad_to=32).images[: st["n_bpd"]]
     rows, grids = {}, {}
     for name, weights in (("simple", "ema"), ("simple", "raw"), ("vlb", "ema")):
