@@ -61,7 +61,7 @@ def model_card(config: dict, zoo: dict | None = None, *, name: str, exported: st
         "",
         f"# {name}",
         "",
-        f"A {kind}{latent} diffusion model ({model.get('arch', '?')}) on {data.get('name', '?')} images of {size}, "
+        f"{'An' if kind[0] in 'aeiou' else 'A'} {kind}{latent} diffusion model ({model.get('arch', '?')}) on {data.get('name', '?')} images of {size}, "
         "trained with difflab.",
         "",
     ]
@@ -144,6 +144,9 @@ def model_card(config: dict, zoo: dict | None = None, *, name: str, exported: st
         "A small research model for teaching and testing: low resolution, one dataset, no safety filtering.",
         "",
     ]
+    notes = (zoo or {}).get("notes", [])  # what the record says of itself
+    if notes:
+        lines += ["## Notes", ""] + [f"- {note}" for note in notes] + [""]
     return "\n".join(lines)
 
 

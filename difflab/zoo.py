@@ -31,7 +31,7 @@ from difflab.assets import asset
 __all__ = ["ZOO_DIR", "names", "load", "measure", "publish", "check"]
 
 ZOO_DIR = asset("zoo")
-CHECK = {"n": 200, "steps": 10, "seed": 0}
+CHECK = {"n": 100, "steps": 10, "seed": 0}
 # how far CI's recomputation may drift from the recorded check (float differences across
 # machines move a few samples; a broken model moves everything)
 TOLERANCE = {
@@ -153,6 +153,7 @@ def publish(
     """Copy a run's EMA model into checkpoints/zoo/<name>/ and record its training and quality
     (sampled on `device`; on CUDA with TF32 off, so that CI's CPU re-check sees the same numbers),
     at classifier-free guidance `guidance_scale` (the scale the model is meant to be used at)."""
+    from difflab.card import model_card
     from difflab.pipeline import Pipeline
     from difflab.runfolder import read_safetensors, write_json
 
@@ -196,6 +197,8 @@ def publish(
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     write_json(tmp / "zoo.json", record)
+    config = json.loads((tmp / "config.json").read_text())
+    (tmp / "README.md").write_text(model_card(config, record, name=name))  # the model card
     # replace the old entry only once the new one is complete
     if out.exists():
         shutil.rmtree(out)

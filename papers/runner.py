@@ -326,6 +326,36 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
+def train_cached(cfg, folder: Path) -> dict:
+    """Train run config `cfg` into `folder`: reuse a finished run of exactly cfg, resume an unfinished
+    one from its checkpoint, else start; the log's last row summarised (steps, CPU- or wall-minutes,
+    final loss)."""
+    from dataclasses import asdict
+
+    from difflab.train import train
+
+    folder = Path(folder)
+    if not _finished_run(folder, json.loads(json.dumps(asdict(cfg))), cfg.steps, cfg.minutes):
+        train(cfg, folder, resume=(folder / "checkpoint.safetensors").is_file(), progress=False)
+    rows = [json.loads(r) for r in (folder / "log.jsonl").read_text().splitlines() if r.strip()]
+    return {"steps": rows[-1]["step"], "cpu_min": round(rows[-1]["time"] / 60, 1), "final_loss": rows[-1]["loss"]}
+
+
+def _finished_run(folder: Path, cfg: dict, steps, minutes) -> bool:
+    """folder holds a run of exactly the train config `cfg` whose budget is spent."""
+    try:
+        saved = json.loads((folder / "config.json").read_text())["train"]
+        rows = [json.loads(r) for r in (folder / "log.jsonl").read_text().splitlines() if r.strip()]
+    except (OSError, KeyError, ValueError):
+        return False
+    if saved != cfg:
+        return False
+    last = rows[-1] if rows else {}
+    if steps is not None:
+        return last.get("step", 0) >= steps
+    return last.get("time", 0) >= 60 * minutes * 0.98 and (folder / "model.safetensors").is_file()
+
+
 def key(v: float) -> str:
     """A sweep value as a results.json key: 0.5 -> '0.5', 2.0 -> '2'."""
     return f"{v:g}"

@@ -130,3 +130,34 @@ def test_device_and_dtype_reach_the_pipelines_a_paper_loads(tmp_path):
     assert "pipelines on cpu in torch.bfloat16" in runs["machine"]
     with pytest.raises(ValueError, match="unknown device 'tpu'"):
         main(paper, ["--out", str(tmp_path), "--device", "tpu"])
+
+
+def test_train_cached_reuses_a_finished_run_resumes_an_unfinished_one_and_retrains_a_changed_one(tmp_path):
+    import torch
+
+    from papers.runner import train_cached
+
+    from difflab.train import TrainConfig
+
+    def cfg(steps, lr=1e-3):
+        return TrainConfig(
+            data="digits", model="unet-xs", steps=steps, batch_size=8, save_every=1, log_every=1, warmup=1, lr=lr
+        )
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        folder = tmp_path / "run"
+        first = train_cached(cfg(2), folder)
+        assert first["steps"] == 2
+        log = (folder / "log.jsonl").read_text()
+        assert train_cached(cfg(2), folder) == first and (folder / "log.jsonl").read_text() == log  # reused
+        more = train_cached(cfg(3), folder)  # a longer budget: resumed from the checkpoint, not restarted
+        rows = [json.loads(r) for r in (folder / "log.jsonl").read_text().splitlines() if r.strip()]
+        assert more["steps"] == 3 and [r["step"] for r in rows] == [1, 2, 3]
+        other = train_cached(cfg(2, lr=5e-4), tmp_path / "other")  # another config: its own run
+        assert (
+            other["steps"] == 2 and json.loads((tmp_path / "other" / "config.json").read_text())["train"]["lr"] == 5e-4
+        )
+    finally:
+        torch.set_num_threads(threads)

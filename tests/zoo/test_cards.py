@@ -19,10 +19,11 @@ def test_every_zoo_folder_has_its_current_card(name):
     for section in ("## Data", "## Recipe", "## Metrics", "## Licence", "## Limits"):
         assert section in card
     assert zoo["command"] in card and f"n = {zoo['eval']['n']} samples" in card
+    assert all(note in card for note in zoo.get("notes", []))  # what the record says of itself
 
 
 def test_a_card_names_the_data_licence_and_the_classes():
     card = (ZOO_DIR / "fmnist-unet-s" / "README.md").read_text()
     assert "Fashion-MNIST" in card and "Licence: MIT" in card and "9 Ankle boot" in card
     card = (ZOO_DIR / "digits-unet-s" / "README.md").read_text()
-    assert "CC BY 4.0" in card
+    assert "CC BY 4.0" in card and "An unconditional diffusion model" in card

@@ -35,6 +35,7 @@ def test_publish_records_metrics_and_check_catches_a_damaged_model(tiny_run, tmp
     assert record["train"]["steps"] == 3 and record["eval"]["n"] == 60
     assert set(record["check"]) >= {"fd", "precision", "recall", "class_accuracy"}
     assert zoo.names() == ["tiny"] and "`tiny`" in zoo.table()
+    assert "## Metrics" in (out / "README.md").read_text()  # the model card comes with it
     want, got = zoo.check("tiny")
     assert got["fd"] == pytest.approx(want["fd"], rel=1e-4)  # same machine, same seed: same samples
 
