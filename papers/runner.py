@@ -328,8 +328,8 @@ def cpu_seconds() -> float:
 
 def train_cached(cfg, folder: Path) -> dict:
     """Train run config `cfg` into `folder`: reuse a finished run of exactly cfg, resume an unfinished
-    one from its checkpoint, else start; the log's last row summarised (steps, CPU- or wall-minutes,
-    final loss)."""
+    one from its checkpoint, else start; then the run summarised (steps, CPU- or wall-minutes by the
+    run's clock, the last logged loss)."""
     from dataclasses import asdict
 
     from difflab.train import train
@@ -337,23 +337,33 @@ def train_cached(cfg, folder: Path) -> dict:
     folder = Path(folder)
     if not _finished_run(folder, json.loads(json.dumps(asdict(cfg))), cfg.steps, cfg.minutes):
         train(cfg, folder, resume=(folder / "checkpoint.safetensors").is_file(), progress=False)
+    step, seconds, loss = _progress(folder)
+    return {"steps": step, "cpu_min": round(seconds / 60, 1), "final_loss": loss}
+
+
+def _progress(folder: Path) -> tuple[int, float, float | None]:
+    """(steps, seconds, last logged loss) of a run folder: the checkpoint's step and time where there
+    is one (the log is written every log_every steps only), else the log's last row."""
     rows = [json.loads(r) for r in (folder / "log.jsonl").read_text().splitlines() if r.strip()]
-    return {"steps": rows[-1]["step"], "cpu_min": round(rows[-1]["time"] / 60, 1), "final_loss": rows[-1]["loss"]}
+    step, seconds = (rows[-1]["step"], rows[-1]["time"]) if rows else (0, 0.0)
+    if (folder / "checkpoint.safetensors").is_file():
+        from difflab.runfolder import read_safetensors
+
+        _, meta = read_safetensors(folder / "checkpoint.safetensors")
+        step, seconds = int(meta.get("step", step)), float(meta.get("elapsed", seconds))
+    return step, seconds, rows[-1]["loss"] if rows else None
 
 
 def _finished_run(folder: Path, cfg: dict, steps, minutes) -> bool:
     """folder holds a run of exactly the train config `cfg` whose budget is spent."""
     try:
         saved = json.loads((folder / "config.json").read_text())["train"]
-        rows = [json.loads(r) for r in (folder / "log.jsonl").read_text().splitlines() if r.strip()]
+        step, seconds, _ = _progress(folder)
     except (OSError, KeyError, ValueError):
         return False
-    if saved != cfg:
+    if saved != cfg or not (folder / "model.safetensors").is_file():
         return False
-    last = rows[-1] if rows else {}
-    if steps is not None:
-        return last.get("step", 0) >= steps
-    return last.get("time", 0) >= 60 * minutes * 0.98 and (folder / "model.safetensors").is_file()
+    return step >= steps if steps is not None else seconds >= 60 * minutes
 
 
 def key(v: float) -> str:
