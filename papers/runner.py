@@ -326,6 +326,16 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
+def report_head(title: str, name: str, doc: str) -> list[str]:
+    """A page's first lines: its title, the command that produced it, and the module docstring's
+    description (its second paragraph up to the command block)."""
+    return [
+        f"# {title}\n",
+        f"Produced by `python papers/{name}/run.py` (numbers from `results.json`; `--report` rebuilds this page).\n",
+        doc.split("\n\n", 1)[1].split("\n\n    python")[0].strip() + "\n",
+    ]
+
+
 def train_cached(cfg, folder: Path) -> dict:
     """Train run config `cfg` into `folder`: reuse a finished run of exactly cfg, resume an unfinished
     one from its checkpoint, else start; then the run summarised (steps, CPU- or wall-minutes by the

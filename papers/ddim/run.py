@@ -47,6 +47,7 @@ from papers.runner import (  # noqa: E402
     log,
     main,
     pm,
+    report_head,
 )
 
 from papers.ddpm.run import fmnist_reference  # noqa: E402
@@ -181,11 +182,7 @@ def _pm(v: float, se: float, d: int = 2) -> str:
 
 def write_report(run: Run) -> None:
     res = Results(OUT).load()
-    L = [
-        "# DDIM in small (Song et al. 2021)\n",
-        "Produced by `python papers/ddim/run.py` (numbers from `results.json`; `--report` rebuilds this page).\n",
-        __doc__.split("\n\n", 1)[1].split("\n\n    python")[0].strip() + "\n",
-    ]
+    L = report_head("DDIM in small (Song et al. 2021)", "ddim", __doc__)
     t, ip, inv = res.get("table"), res.get("interp"), res.get("invert")
     if t or ip or inv:
         L.append("## Claims, measured\n")

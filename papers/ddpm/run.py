@@ -52,6 +52,7 @@ from papers.runner import (  # noqa: E402
     log,
     main,
     pm,
+    report_head,
     train_cached,
 )
 
@@ -227,11 +228,7 @@ def _below(a: float, sa: float, b: float, sb: float) -> bool:
 
 def write_report(run: Run) -> None:
     res = Results(OUT).load()
-    L = [
-        "# DDPM trained as published, in small (Ho et al. 2020)\n",
-        "Produced by `python papers/ddpm/run.py` (numbers from `results.json`; `--report` rebuilds this page).\n",
-        __doc__.split("\n\n", 1)[1].split("\n\n    python")[0].strip() + "\n",
-    ]
+    L = report_head("DDPM trained as published, in small (Ho et al. 2020)", "ddpm", __doc__)
     tr, ev = res.get("train"), res.get("eval")
     if tr:
         L.append(

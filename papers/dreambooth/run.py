@@ -43,6 +43,7 @@ from papers.runner import (  # noqa: E402
     exceeds,
     image_rows,
     pm,
+    report_head,
     Paper,
     Results,
     Run,
@@ -208,11 +209,11 @@ def _rate(r: dict, k: str) -> str:
 
 def write_report(run: Run) -> None:
     res = Results(OUT).load()
-    L = [
-        "# DreamBooth: a subject bound to an identifier, with and without prior preservation (Ruiz et al. 2023)\n",
-        "Produced by `python papers/dreambooth/run.py` (numbers from `results.json`; `--report` rebuilds this page).\n",
-        __doc__.split("\n\n", 1)[1].split("\n\n    python")[0].strip() + "\n",
-    ]
+    L = report_head(
+        "DreamBooth: a subject bound to an identifier, with and without prior preservation (Ruiz et al. 2023)",
+        "dreambooth",
+        __doc__,
+    )
     learn, ev = res.get("learn"), res.get("eval")
     if ev:
         rows, st = ev["rows"], ev["settings"]

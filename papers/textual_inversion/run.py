@@ -40,6 +40,7 @@ if __package__ in (None, ""):  # run as a file: python papers/textual_inversion/
 from papers.runner import (  # noqa: E402
     image_rows,
     pm,
+    report_head,
     Paper,
     Results,
     Run,
@@ -189,12 +190,7 @@ def _fmt(r: dict, key: str = "concept") -> str:
 
 def write_report(run: Run) -> None:
     res = Results(OUT).load()
-    L = [
-        "# Textual Inversion on a held-out concept (Gal et al. 2023)\n",
-        "Produced by `python papers/textual_inversion/run.py` (numbers from `results.json`; `--report` rebuilds "
-        "this page).\n",
-        __doc__.split("\n\n", 1)[1].split("\n\n    python")[0].strip() + "\n",
-    ]
+    L = report_head("Textual Inversion on a held-out concept (Gal et al. 2023)", "textual_inversion", __doc__)
     learn, ev = res.get("learn"), res.get("eval")
     if learn:
         L.append(

@@ -89,6 +89,7 @@ def test_two_processes_writing_results_lose_nothing(tmp_path):
 def test_every_paper_declares_itself_to_the_runner():
     folders = sorted(p.parent.name for p in PAPERS_DIR.glob("*/run.py"))
     assert folders == [
+        "adm",
         "ddim",
         "ddpm",
         "dit",
