@@ -115,12 +115,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_sample(args: argparse.Namespace) -> int:
     from difflab.data import save_image_grid
+    from difflab.assets import resolve_run
     from difflab.pipeline import Pipeline
 
     check_output_file(args.out, what="--out")
     if (args.classifier is None) != (args.classifier_guidance is None):
         raise ValueError("--classifier-guidance SCALE and --classifier FOLDER go together")
-    pipe = Pipeline.from_pretrained(args.run).to(args.device, args.dtype)
+    pipe = Pipeline.from_pretrained(resolve_run(args.run)).to(args.device, args.dtype)  # a folder or a zoo name
     if args.low_memory:
         pipe.enable_low_memory()
     clf = None if args.classifier is None else pipe.load_classifier(args.classifier)

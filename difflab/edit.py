@@ -343,6 +343,7 @@ def _strip_path(out: Path) -> Path:
 
 def _cmd_edit(args: argparse.Namespace) -> int:
     from difflab.data import save_image_grid
+    from difflab.assets import resolve_run
     from difflab.pipeline import Pipeline
 
     method = args.method
@@ -351,7 +352,7 @@ def _cmd_edit(args: argparse.Namespace) -> int:
     strip = check_output_file(args.strip if args.strip else _strip_path(out), what="--strip")
     if out.resolve() == strip.resolve():
         raise ValueError(f"--strip {strip} is the same file as --out")
-    pipe = Pipeline.from_pretrained(args.run).to(args.device, args.dtype)
+    pipe = Pipeline.from_pretrained(resolve_run(args.run)).to(args.device, args.dtype)  # a folder or a zoo name
     if args.low_memory:
         pipe.enable_low_memory()
     C, H, _ = pipe.image_shape()

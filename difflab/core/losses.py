@@ -40,6 +40,7 @@ __all__ = [
     "lognormal",
     "log_uniform",
     "continuous_uniform",
+    "training_sigmas",
     "min_snr",
     "WEIGHTINGS",
     "q_posterior",
@@ -98,6 +99,19 @@ def continuous_uniform(schedule: Schedule, t_min: float = 1e-3, t_max: float = 1
         return schedule.sigma(t_min + u * (t_max - t_min))
 
     return draw
+
+
+def training_sigmas(schedule: Schedule) -> SigmaSampler:
+    """The sigma distribution a model of this schedule is usually trained on, for the methods that
+    fine-tune or optimise against a pretrained model's loss (Imagic, UniTune): EDM's log-normal for
+    an EDM schedule, DDPM's uniform timesteps for a discrete VP one, uniform t otherwise."""
+    from difflab.core.schedules import EDM
+
+    if isinstance(schedule, EDM):
+        return lognormal()
+    if isinstance(schedule, DiscreteVP):
+        return discrete_uniform(schedule)
+    return continuous_uniform(schedule)
 
 
 # --------------------------------------------------------------------------------------------

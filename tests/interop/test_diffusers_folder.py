@@ -250,6 +250,7 @@ EDITS = {
     "ilvr": {"factor": 2, "prompt": "a cat"},
     "diffedit": {"prompt": "a red cat", "source_prompt": "a cat", "n_draws": 2},
     "p2p": {"prompt": "a dog", "source_prompt": "a cat", "self_replace": 0.5},
+    "imagic": {"prompt": "a red cat", "embed_steps": 2, "tune_steps": 2, "sweep": "0", "batch": 2},
 }
 MASKED = {"sdedit": "edit", "repaint": "keep"}
 

@@ -65,3 +65,21 @@ def test_prompt_attribute_accuracy_reads_what_the_prompt_names():
     wrong = zoo.prompt_attribute_accuracy(test.images, prompts[1:] + prompts[:1])  # each image, another's prompt
     assert right > 0.9, right
     assert wrong < 0.2, wrong
+
+
+def test_sample_and_edit_take_a_zoo_name(tmp_path, capsys, monkeypatch):
+    """`--run NAME` finds the zoo model when no folder of that name exists (sample, edit)."""
+    from difflab.cli import main
+    from difflab.data import save_image_grid
+    from difflab.data.shapes import render
+
+    monkeypatch.chdir(tmp_path)  # no folder called shapes-text-unet here
+    assert main(["sample", "--run", "shapes-text-unet", "--prompt", "a red star", "--n", "2", "--steps", "2",
+                 "--out", "s.png"]) == 0  # fmt: skip
+    save_image_grid(render({"shape": "circle", "color": "red", "size": "large", "position": "left"})[None],
+                    "in.png", nrow=1, padding=0)  # fmt: skip
+    code = main(["edit", "imagic", "--run", "shapes-text-unet", "--image", "in.png", "--prompt",
+                 "a large blue star on the left", "--embed-steps", "1", "--tune-steps", "1", "--steps", "2",
+                 "--sweep", "0", "--out", "e.png", "--no-progress"])  # fmt: skip
+    assert code == 0 and (tmp_path / "s.png").is_file() and (tmp_path / "e.png").is_file()
+    assert "input | eta 0 (reconstruction) | output (eta 0.7)" in capsys.readouterr().out
