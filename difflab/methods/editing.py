@@ -8,12 +8,13 @@ exports `EDIT` (a `difflab.core.editing.EditMethod`) from its module and is list
 from __future__ import annotations
 
 from difflab.core.editing import EditMethod
-from difflab.methods import blended, diffedit, ilvr, imagic, p2p, repaint, sdedit
+from difflab.methods import blended, diffedit, ilvr, imagic, p2p, repaint, sdedit, unitune
 
 __all__ = ["EDIT_METHODS", "edit_method"]
 
 EDIT_METHODS: dict[str, EditMethod] = {
-    m.name: m for m in (sdedit.EDIT, ilvr.EDIT, repaint.EDIT, blended.EDIT, diffedit.EDIT, p2p.EDIT, imagic.EDIT)
+    m.name: m
+    for m in (sdedit.EDIT, ilvr.EDIT, repaint.EDIT, blended.EDIT, diffedit.EDIT, p2p.EDIT, imagic.EDIT, unitune.EDIT)
 }
 
 

@@ -251,6 +251,7 @@ EDITS = {
     "diffedit": {"prompt": "a red cat", "source_prompt": "a cat", "n_draws": 2},
     "p2p": {"prompt": "a dog", "source_prompt": "a cat", "self_replace": 0.5},
     "imagic": {"prompt": "a red cat", "embed_steps": 2, "tune_steps": 2, "sweep": "0", "batch": 2},
+    "unitune": {"prompt": "a red cat", "tune_steps": 2, "batch": 2, "blend": 0.2},
 }
 MASKED = {"sdedit": "edit", "repaint": "keep"}
 

@@ -181,3 +181,40 @@ def test_imagic_refuses_a_class_model(tiny_run):
     C, H, W = pipe.image_shape()
     with pytest.raises(ValueError, match="imagic optimises a text embedding: it needs a text-to-image model"):
         edit(pipe, "imagic", torch.zeros(1, C, H, W), prompt="0", steps=1, embed_steps=1, tune_steps=1)
+
+
+# UniTune (Valevski et al. 2022) shares stage B's fine-tuning on one image
+
+
+def test_unitune_edit_is_sdedit_on_the_tuned_model_then_the_blend(setup):
+    from difflab.methods.sdedit import sdedit
+    from difflab.methods.unitune import unitune_edit, unitune_fit
+
+    D, cond, x0 = setup
+    before = _weights(D)
+    tuned, losses = unitune_fit(D, x0, cond, steps=3, lr=1e-3, batch=2)
+    assert len(losses) == 3 and all(torch.equal(before[k], v) for k, v in D.state_dict().items())
+    tail = sigmas_karras(4, 0.01, 5.0)
+    g = lambda: torch.Generator().manual_seed(4)  # noqa: E731
+    out = unitune_edit(tuned, x0, tail, cond, guidance_scale=1.0, noise=g())
+    assert torch.equal(out, sdedit(tuned, x0, tail, strength=1.0, cond=cond, noise=g()))
+    half = unitune_edit(tuned, x0, tail, cond, guidance_scale=1.0, blend=0.25, noise=g())
+    torch.testing.assert_close(half, 0.75 * out + 0.25 * x0)
+    assert torch.equal(unitune_edit(tuned, x0, tail, cond, guidance_scale=1.0, blend=1.0, noise=g()), x0)
+    with pytest.raises(ValueError, match="unitune blend must be"):
+        unitune_edit(tuned, x0, tail, cond, blend=1.5)
+    with pytest.raises(ValueError, match="needs uncond"):
+        unitune_edit(tuned, x0, tail, cond, guidance_scale=2.0)
+
+
+def test_difflab_edit_unitune_on_the_zoo_text_model(zoo_text):
+    from difflab.edit import edit
+
+    pipe, image = zoo_text
+    before = _weights(pipe.denoiser)
+    r = edit(pipe, "unitune", image, prompt="a green circle", steps=4, tune_steps=2, batch=1, seed=1)
+    assert r.output.shape == (1, 3, 32, 32) and torch.isfinite(r.output).all()
+    assert r.info["edit_prompt"] == "sks a green circle" and r.info["sigma_t0"] > 0
+    assert all(torch.equal(before[k], v) for k, v in pipe.denoiser.state_dict().items())
+    with pytest.raises(ValueError, match="unitune identifier must be one word, got 'two words'"):
+        edit(pipe, "unitune", image, prompt="a green circle", identifier="two words", tune_steps=1)
