@@ -1,4 +1,5 @@
-"""`difflab edit METHOD`: training-free editing of one image with a trained run folder.
+"""`difflab edit METHOD`: editing of one image with a trained run folder, training-free (SDEdit ... Prompt-to-Prompt)
+or by optimisation on that image (Imagic, UniTune, DiffusionCLIP, Asyrp: the run itself is never changed).
 
 | METHOD   | paper (difflab/methods/)                         | needs                               |
 |----------|--------------------------------------------------|-------------------------------------|
@@ -364,7 +365,7 @@ def _cmd_edit(args: argparse.Namespace) -> int:
             mask = 1 - mask
     elif getattr(args, "invert_mask", False):
         raise ValueError("--invert-mask given without --mask")
-    clip = load_clip(args.clip) if method == "blended" and args.clip else None
+    clip = load_clip(args.clip) if spec.prompt == "text" and args.clip else None
     print(spec.title)
     if spec.mask is not None:
         print(
@@ -412,8 +413,8 @@ def add_edit_parser(subparsers) -> argparse.ArgumentParser:
 
     e = subparsers.add_parser(
         "edit",
-        help="training-free image editing with a run: " + ", ".join(METHODS),
-        description="Edit one image with a trained run, without training: "
+        help="image editing with a run (training-free, or by optimisation on the image): " + ", ".join(METHODS),
+        description="Edit one image with a trained run (the optimising methods tune a copy, never the run): "
         + "; ".join(f"{name}: {spec.title}" for name, spec in METHODS.items())
         + ". Masks are black-and-white images; "
         "RePaint's mask marks what to keep (white = keep), SDEdit's, Blended Diffusion's and DiffEdit's what to "

@@ -1,7 +1,7 @@
 """The editing registry's types: what an image-editing method takes and how it runs.
 
-Every training-free editor in difflab/methods/ (SDEdit, ILVR, RePaint, Blended Diffusion,
-DiffEdit, Prompt-to-Prompt) exports one `EDIT`, an `EditMethod`: its title, what it needs (mask,
+Every editor in difflab/methods/ (SDEdit, ILVR, RePaint, Blended Diffusion,
+DiffEdit, Prompt-to-Prompt, Imagic, UniTune, DiffusionCLIP, Asyrp) exports one `EDIT`, an `EditMethod`: its title, what it needs (mask,
 prompts, sampler), its knobs with their defaults, ranges and help, and `run(ctx, **knobs)`, the
 method called on one image. `difflab.methods.editing.EDIT_METHODS` collects them; `difflab edit`
 builds its flags from the knobs, `difflab.edit.edit` checks its inputs against the entry and calls

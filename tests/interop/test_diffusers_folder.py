@@ -408,3 +408,19 @@ def test_editing_methods_run_on_a_pixel_unet_folder(tmp_path, method):
     if mask is not None:
         keep = mask if method == "repaint" else 1 - mask
         assert torch.equal(r.output * keep, image.clamp(-1, 1) * keep)
+
+
+@pytest.mark.parametrize("method", ["diffusionclip", "asyrp"])
+def test_clip_directed_editors_run_on_it(pipe, method, tmp_path):
+    """DiffusionCLIP fine-tunes a copy of the wrapped diffusers UNet through the VAE decoder; Asyrp
+    shifts its mid_block (h-space): both run on the SD-layout folder."""
+    from difflab.edit import edit, load_clip
+    from tests.metrics.test_clip_score import tiny_clip_folder
+
+    clip = load_clip(tiny_clip_folder(tmp_path / "clip"))
+    kw = {"diffusionclip": {"iterations": 1, "inv_steps": 2, "train_steps": 1, "test_steps": 2},
+          "asyrp": {"iterations": 1, "edit_t": 0.9}}[method]  # fmt: skip
+    before = {k: v.clone() for k, v in pipe.denoiser.state_dict().items()}
+    r = edit(pipe, method, _image(), prompt="a red cat", source_prompt="a cat", clip=clip, steps=4, **kw)
+    assert r.output.shape == (1, 3, 16, 16) and torch.isfinite(r.output).all()
+    assert all(torch.equal(before[k], v) for k, v in pipe.denoiser.state_dict().items())

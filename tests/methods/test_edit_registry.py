@@ -36,7 +36,18 @@ def _modules_defining_edit() -> set[str]:
 def test_every_module_that_exports_an_editor_is_registered():
     registered = {m.run.__module__.rsplit(".", 1)[1] for m in EDIT_METHODS.values()}
     assert _modules_defining_edit() == registered
-    assert set(EDIT_METHODS) == {"sdedit", "ilvr", "repaint", "blended", "diffedit", "p2p", "imagic", "unitune"}
+    assert set(EDIT_METHODS) == {
+        "sdedit",
+        "ilvr",
+        "repaint",
+        "blended",
+        "diffedit",
+        "p2p",
+        "imagic",
+        "unitune",
+        "diffusionclip",
+        "asyrp",
+    }
     with pytest.raises(ValueError, match="unknown edit method 'nope'; known: sdedit, ilvr"):
         edit_method("nope")
 
