@@ -173,7 +173,7 @@ def asyrp_train(
     steps: int = 40,
     edit_t: float = 0.5,
     iterations: int = 5,
-    lr: float = 1e-3,
+    lr: float = 3e-2,
     clip_weight: float = 1.0,
     recon_weight: float = 1.0,
     cond: dict | None = None,
@@ -243,15 +243,16 @@ def _edit(
     clip_weight: float,
     recon_weight: float,
     scale: float,
+    model_prompt: str | None,
 ) -> Tensor:
     steps = len(ctx.sigmas) - 1  # --steps: the DDIM steps of the inversion and the reverse process (paper: 40)
     if ctx.clip is None:
         raise ValueError("asyrp needs an image-text model: --clip FOLDER (see difflab.edit.save_clip)")
     space = getattr(ctx.prompts, "latent_space", None)
-    if ctx.prompts.conditioning == "text":  # as DiffusionCLIP: the model conditioned on what the input shows
-        cond = ctx.cond(ctx.source_prompt, "--source-prompt")
-    else:
-        cond = ctx.prompts.null_cond("asyrp edits with the unconditional model")
+    if model_prompt:  # the model conditioned on a neutral text: not --source-prompt, whose words (a colour, say)
+        cond = ctx.cond(model_prompt, "--model-prompt")  # would pull every step back to the source
+    else:  # the paper's unconditional model
+        cond = ctx.prompts.null_cond("asyrp edits with the unconditional model (or give --model-prompt)")
     delta, losses = asyrp_train(
         ctx.denoiser,
         ctx.image,
@@ -305,10 +306,26 @@ EDIT = EditMethod(
             hi=1.0,
         ),
         Knob("iterations", 5, "training passes over the image (one Adam step of f_t per timestep)", type=int, lo=0),
-        Knob("lr", 1e-3, "learning rate of f_t", metavar="LR", lo=0.0, lo_open=True),
+        Knob(
+            "lr",
+            3e-2,
+            "learning rate of f_t (Adam; papers/asyrp's pilot: 1e-3 and 3e-3 left the colour unchanged)",
+            metavar="LR",
+            lo=0.0,
+            lo_open=True,
+        ),
         Knob("clip_weight", 1.0, "lambda_clip of the directional loss", lo=0.0),
         Knob("recon_weight", 1.0, "lambda_recon of |P_t^edit - P_t^orig|", lo=0.0),
         Knob("scale", 1.0, "delta_h is multiplied by this at editing (the paper's linearity: 0 = no edit)"),
+        Knob(
+            "model_prompt",
+            None,
+            "the text a text-to-image model is conditioned on while it inverts and edits (default: the unconditional "
+            "model, as the paper's); a neutral one such as 'a circle' inverts better, --source-prompt's colour would "
+            "hold the edit back",
+            type=str,
+            metavar="TEXT",
+        ),
     ),
     run=_edit,
 )
