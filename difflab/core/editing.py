@@ -133,6 +133,19 @@ class EditContext:
         self.info.setdefault("edit_steps", len(grid) - 1)
         return grid
 
+    def clip_decoder(self, method: str):
+        """For a method scored by the image-text model `clip`: one-line errors when it is missing or
+        takes another channel count than the run's images; returns the decoder from the run's latents to
+        pixels (None for a pixel model), through which the image-text losses see a latent edit."""
+        if self.clip is None:
+            raise ValueError(f"{method} needs an image-text model: --clip FOLDER (see difflab.edit.save_clip)")
+        space = getattr(self.prompts, "latent_space", None)
+        channels = self.prompts.image_shape()[0] if space is not None else self.image.shape[1]
+        cin = getattr(getattr(self.clip, "config", None), "in_channels", 3)
+        if cin != channels:
+            raise ValueError(f"the image-text model takes {cin}-channel images; this run's are {channels}-channel")
+        return None if space is None else space.decode
+
     def mask_tile(self, mask: Tensor) -> Tensor:
         """A {0, 1} mask (1, 1, H, W) as a black-and-white tile (1, C, H, W) in [-1, 1]."""
         return (mask * 2 - 1).expand(-1, self.image.shape[1], -1, -1)

@@ -246,9 +246,7 @@ def _edit(
     model_prompt: str | None,
 ) -> Tensor:
     steps = len(ctx.sigmas) - 1  # --steps: the DDIM steps of the inversion and the reverse process (paper: 40)
-    if ctx.clip is None:
-        raise ValueError("asyrp needs an image-text model: --clip FOLDER (see difflab.edit.save_clip)")
-    space = getattr(ctx.prompts, "latent_space", None)
+    decode = ctx.clip_decoder("asyrp")
     if model_prompt:  # the model conditioned on a neutral text: not --source-prompt, whose words (a colour, say)
         cond = ctx.cond(model_prompt, "--model-prompt")  # would pull every step back to the source
     else:  # the paper's unconditional model
@@ -266,7 +264,7 @@ def _edit(
         clip_weight=clip_weight,
         recon_weight=recon_weight,
         cond=cond,
-        decode=None if space is None else space.decode,
+        decode=decode,
         progress=ctx.progress,
     )
     x_T = asyrp_invert(ctx.denoiser, ctx.image, steps=steps, cond=cond)

@@ -132,13 +132,7 @@ def blended_diffusion(
 def _edit(
     ctx: EditContext, *, strength: float, guidance_scale: float, lambda_range: float, n_aug: int, candidates: int
 ) -> Tensor:
-    if ctx.clip is None:
-        raise ValueError("blended needs an image-text model: --clip FOLDER (see difflab.edit.save_clip)")
-    space = getattr(ctx.prompts, "latent_space", None)  # a latent model: losses on decoded composites
-    channels = ctx.prompts.image_shape()[0] if space is not None else ctx.image.shape[1]
-    cin = getattr(getattr(ctx.clip, "config", None), "in_channels", 3)
-    if cin != channels:
-        raise ValueError(f"the image-text model takes {cin}-channel images; this run's are {channels}-channel")
+    decode = ctx.clip_decoder("blended")  # a latent model: losses on decoded composites
     outs, sims = blended_diffusion(
         ctx.denoiser,
         ctx.clip,
@@ -155,7 +149,7 @@ def _edit(
         method=ctx.sampler,
         aug_generator=torch.Generator().manual_seed(ctx.seed + 1),
         cond=ctx.prompts.null_cond("blended guides the unconditional model"),
-        decode=None if space is None else space.decode,
+        decode=decode,
     )
     ctx.info["scores"] = sims.tolist()
     ctx.output_tiles = [

@@ -33,8 +33,6 @@ Usage::
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -42,6 +40,7 @@ from torch import Tensor
 from difflab.core.editing import EditContext, EditMethod, Knob
 from difflab.core.sampling import edit_sigmas, invert_euler, progress_range, sample
 from difflab.core.validation import check_finite_tensor, check_number
+from difflab.methods.imagic import finish_tuning, trainable_copy
 
 __all__ = [
     "directional_clip_loss",
@@ -143,14 +142,7 @@ def diffusionclip_finetune(
         latents = torch.cat([ddim_invert(denoiser, x[None], inv_grid, cond) for x in images])
         pixels = images if decode is None else decode(images)
         t_ref, t_tgt = clip.encode_text([source_text]).detach(), clip.encode_text([target_text]).detach()
-    tuned = copy.deepcopy(denoiser)
-    if lora_rank:
-        from difflab.nn.lora import add_lora
-
-        add_lora(tuned.net, rank=lora_rank)
-    else:
-        tuned.requires_grad_(True)
-    params = [p for p in tuned.parameters() if p.requires_grad]
+    tuned, params = trainable_copy(denoiser, lora_rank)
     opt = torch.optim.Adam(params, lr=lr)
     losses = []
     with torch.enable_grad():
@@ -164,9 +156,7 @@ def diffusionclip_finetune(
                 loss.backward()
                 opt.step()
                 losses.append(float(loss.detach()))
-    tuned.requires_grad_(False)
-    if not all(torch.isfinite(p).all() for p in params):
-        raise ValueError(f"DiffusionCLIP fine-tuning diverged (NaN/inf weights) at lr {lr:g}: lower the lr")
+    finish_tuning(tuned, params, lr, "DiffusionCLIP fine-tuning")
     return tuned.eval(), losses
 
 
@@ -199,13 +189,7 @@ def _edit(
     l1_weight: float,
     lora_rank: int,
 ) -> Tensor:
-    if ctx.clip is None:
-        raise ValueError("diffusionclip needs an image-text model: --clip FOLDER (see difflab.edit.save_clip)")
-    space = getattr(ctx.prompts, "latent_space", None)
-    channels = ctx.prompts.image_shape()[0] if space is not None else ctx.image.shape[1]
-    cin = getattr(getattr(ctx.clip, "config", None), "in_channels", 3)
-    if cin != channels:
-        raise ValueError(f"the image-text model takes {cin}-channel images; this run's are {channels}-channel")
+    decode = ctx.clip_decoder("diffusionclip")
     if ctx.prompts.conditioning == "text":  # the model conditioned on what the input shows: its DDIM
         cond = ctx.cond(ctx.source_prompt, "--source-prompt")  # inversion is near-exact (0.02 -> 1e-5 MSE)
     else:  # a class or unconditional model: the unconditional one, as the paper's
@@ -224,7 +208,7 @@ def _edit(
         clip_weight=clip_weight,
         l1_weight=l1_weight,
         cond=cond,
-        decode=None if space is None else space.decode,
+        decode=decode,
         lora_rank=lora_rank,
         progress=ctx.progress,
     )

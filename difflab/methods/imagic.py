@@ -109,6 +109,26 @@ def optimize_embedding(
     return {**cond, EMBED_KEY: e.detach().to(cond[EMBED_KEY].dtype)}, losses
 
 
+def trainable_copy(denoiser, lora_rank: int = 0):
+    """A deep copy of `denoiser` to fine-tune (the caller's model is never changed), and its trainable
+    parameters: every weight, or LoRA adapters of rank `lora_rank` (> 0) on its attention projections."""
+    tuned = copy.deepcopy(denoiser)
+    if lora_rank:
+        from difflab.nn.lora import add_lora
+
+        add_lora(tuned.net, rank=lora_rank)
+    else:
+        tuned.requires_grad_(True)
+    return tuned, [p for p in tuned.parameters() if p.requires_grad]
+
+
+def finish_tuning(tuned, params, lr: float, what: str) -> None:
+    """Gradients off and eval mode on a tuned copy; a one-line error if its weights diverged."""
+    tuned.requires_grad_(False).eval()
+    if not all(torch.isfinite(p).all() for p in params):
+        raise ValueError(f"{what} diverged (NaN/inf weights) at lr {lr:g}: lower the learning rate")
+
+
 def finetune_on_image(
     denoiser,
     x0: Tensor,
@@ -126,15 +146,7 @@ def finetune_on_image(
     or LoRA adapters of rank `lora_rank` (> 0) on its attention projections. Returns (the tuned copy
     in eval mode with gradients off, the loss of every step); `denoiser` itself is not changed."""
     _check_image(x0)
-    tuned = copy.deepcopy(denoiser)
-    if lora_rank:
-        from difflab.nn.lora import add_lora
-
-        add_lora(tuned.net, rank=lora_rank)
-    else:
-        for p in tuned.parameters():
-            p.requires_grad_(True)
-    params = [p for p in tuned.parameters() if p.requires_grad]
+    tuned, params = trainable_copy(denoiser, lora_rank)
     sigma_draw = sigma_draw or training_sigmas(tuned.schedule)
     generator = generator or torch.Generator().manual_seed(0)
     opt = torch.optim.Adam(params, lr=lr)
@@ -147,10 +159,7 @@ def finetune_on_image(
             loss.backward()
             opt.step()
             losses.append(float(loss.detach()))
-    for p in tuned.parameters():
-        p.requires_grad_(False)
-    if not all(torch.isfinite(p).all() for p in params):
-        raise ValueError(f"Imagic fine-tuning diverged (NaN/inf weights) at lr {lr:g}: lower the fine-tuning lr")
+    finish_tuning(tuned, params, lr, "Imagic fine-tuning")
     return tuned.eval(), losses
 
 

@@ -218,3 +218,9 @@ def test_difflab_edit_unitune_on_the_zoo_text_model(zoo_text):
     assert all(torch.equal(before[k], v) for k, v in pipe.denoiser.state_dict().items())
     with pytest.raises(ValueError, match="unitune identifier must be one word, got 'two words'"):
         edit(pipe, "unitune", image, prompt="a green circle", identifier="two words", tune_steps=1)
+
+
+def test_a_diverging_fine_tune_is_a_one_line_error(setup):
+    D, cond, x0 = setup
+    with pytest.raises(ValueError, match="Imagic fine-tuning diverged .* at lr 1e\\+30"):
+        finetune_on_image(D, x0, cond, steps=3, lr=1e30, batch=2)
