@@ -302,6 +302,8 @@ def _knob_widget(gr, knob):
     label = f"{knob.name} — {knob.help}"
     if knob.choices is not None:
         return gr.Dropdown(list(knob.choices), value=knob.default, label=label)
+    if knob.type is str:  # free text (a token, a list of numbers, a prompt)
+        return gr.Textbox(value=knob.default or "", label=label)
     if knob.type is float and knob.lo is not None and knob.hi is not None:
         return gr.Slider(knob.lo, knob.hi, value=knob.default, label=label, step=0.01)
     return gr.Number(value=knob.default, label=label, precision=0 if knob.type is int else None)

@@ -216,3 +216,15 @@ def test_generate_paint_edit_compare_and_bad_input_in_the_page(browser):
     driver.find_element(By.ID, "compare-button").click()
     assert _status(driver, "compare-status").startswith("3 samplers, 6 steps, seed 0")
     assert _image_src(driver, "compare-output")
+
+
+def test_every_knob_gets_a_widget_of_its_type():
+    """Free-text knobs (Imagic's eta sweep, UniTune's token, Asyrp's model prompt) get a text box, not a
+    number field; the values the page sends back reach the method with their types."""
+    gr = pytest.importorskip("gradio")
+    for _, knob in ui._knob_order():
+        widget = ui._knob_widget(gr, knob)
+        if knob.type is str and knob.choices is None:
+            assert isinstance(widget, gr.Textbox), knob.name
+    values = ["0,1" if (m, k.name) == ("imagic", "sweep") else None for m, k in ui._knob_order()]
+    assert ui._knob_kwargs("imagic", values) == {"sweep": "0,1"}
