@@ -92,7 +92,7 @@ def test_one_paper_quick_on_a_tiny_budget_and_the_site(tmp_path, capsys):
 
 def test_unknown_paper_and_no_paper_are_one_line_errors(tmp_path, capsys):
     assert main(["reproduce", "nope", "--out", str(tmp_path)]) == 2
-    assert "unknown paper(s) ['nope']; known: adm, ddim, ddpm, dit, dreambooth" in capsys.readouterr().err
+    assert "unknown paper(s) ['nope']; known: adm, asyrp, ddim, ddpm, diffusionclip" in capsys.readouterr().err
     assert main(["reproduce", "--out", str(tmp_path)]) == 2
     assert "name a paper (or all), or pass --list" in capsys.readouterr().err
 

@@ -90,17 +90,21 @@ def test_every_paper_declares_itself_to_the_runner():
     folders = sorted(p.parent.name for p in PAPERS_DIR.glob("*/run.py"))
     assert folders == [
         "adm",
+        "asyrp",
         "ddim",
         "ddpm",
+        "diffusionclip",
         "dit",
         "dreambooth",
         "editing",
         "guidance",
+        "imagic",
         "sdg",
         "text2image",
         "text_editing",
         "textual_inversion",
         "theory",
+        "unitune",
     ]
     for name in folders:
         paper = importlib.import_module(f"papers.{name}.run").PAPER
