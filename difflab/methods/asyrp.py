@@ -178,6 +178,8 @@ def asyrp_train(
     recon_weight: float = 1.0,
     cond: dict | None = None,
     decode=None,
+    n_aug: int = 0,
+    generator: torch.Generator | None = None,
     progress: bool = False,
 ) -> tuple[DeltaH, list[float]]:
     """f_t trained on `images` (N, C, H, W) with the model frozen: `iterations` passes, each image
@@ -202,6 +204,7 @@ def asyrp_train(
         x_Ts = torch.cat([asyrp_invert(denoiser, x[None], steps=steps, cond=cond) for x in images])
         t_ref, t_tgt = clip.encode_text([source_text]).detach(), clip.encode_text([target_text]).detach()
     losses = []
+    aug_g = generator or torch.Generator().manual_seed(0)
     frozen = [p.requires_grad for p in denoiser.parameters()]
     denoiser.requires_grad_(False)
     try:
@@ -221,7 +224,7 @@ def asyrp_train(
                             x0_edit = denoiser(x, sig, **cond)
                         a = x0_edit if decode is None else decode(x0_edit)
                         b = x0_orig if decode is None else decode(x0_orig)
-                        loss = clip_weight * directional_clip_loss(clip, a, b, t_tgt, t_ref).mean()
+                        loss = clip_weight * directional_clip_loss(clip, a, b, t_tgt, t_ref, n_aug, aug_g).mean()
                         loss = loss + recon_weight * (x0_edit - x0_orig).abs().mean()
                         loss.backward()
                         opt.step()
@@ -244,6 +247,7 @@ def _edit(
     recon_weight: float,
     scale: float,
     model_prompt: str | None,
+    n_aug: int,
 ) -> Tensor:
     steps = len(ctx.sigmas) - 1  # --steps: the DDIM steps of the inversion and the reverse process (paper: 40)
     decode = ctx.clip_decoder("asyrp")
@@ -265,6 +269,8 @@ def _edit(
         recon_weight=recon_weight,
         cond=cond,
         decode=decode,
+        n_aug=n_aug,
+        generator=torch.Generator().manual_seed(ctx.seed),
         progress=ctx.progress,
     )
     x_T = asyrp_invert(ctx.denoiser, ctx.image, steps=steps, cond=cond)
@@ -323,6 +329,13 @@ EDIT = EditMethod(
             "hold the edit back",
             type=str,
             metavar="TEXT",
+        ),
+        Knob(
+            "n_aug",
+            0,
+            "average the directional loss over this many paired random crops (0: the paper's loss)",
+            type=int,
+            lo=0,
         ),
     ),
     run=_edit,

@@ -54,12 +54,31 @@ __all__ = [
 ]
 
 
-def directional_clip_loss(clip, images: Tensor, ref_images: Tensor, target_text: Tensor, ref_text: Tensor) -> Tensor:
+def directional_clip_loss(
+    clip,
+    images: Tensor,
+    ref_images: Tensor,
+    target_text: Tensor,
+    ref_text: Tensor,
+    n_aug: int = 0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """1 - cos(E_I(images) - E_I(ref_images), E_T(target) - E_T(ref)) per image (B,); the text
-    embeddings are (1, d) or (B, d) from `clip.encode_text`."""
-    d_img = clip.encode_image(images) - clip.encode_image(ref_images)
+    embeddings are (1, d) (or (B, d) without n_aug) from `clip.encode_text`. With n_aug > 0 it is averaged over
+    n_aug random crops (`blended.augment`), each cut the same for an image and its reference: a
+    direction that holds in every crop, not a texture one view of the image-text model reads as the
+    target (Blended Diffusion's defence against adversarial gradients, not in DiffusionCLIP's paper)."""
+    if not n_aug:
+        d_img = clip.encode_image(images) - clip.encode_image(ref_images)
+        d_txt = (target_text - ref_text).expand_as(d_img)
+        return 1 - F.cosine_similarity(d_img, d_txt, dim=-1)
+    from difflab.methods.blended import augment
+
+    B = images.shape[0]
+    both = augment(torch.cat([images, ref_images]), n_aug, generator).reshape(n_aug, 2 * B, *images.shape[1:])
+    d_img = clip.encode_image(both[:, :B].flatten(0, 1)) - clip.encode_image(both[:, B:].flatten(0, 1))
     d_txt = (target_text - ref_text).expand_as(d_img)
-    return 1 - F.cosine_similarity(d_img, d_txt, dim=-1)
+    return (1 - F.cosine_similarity(d_img, d_txt, dim=-1)).reshape(n_aug, B).mean(0)
 
 
 def ddim_grid(schedule, t0: float, steps: int) -> Tensor:
@@ -124,6 +143,8 @@ def diffusionclip_finetune(
     cond: dict | None = None,
     decode=None,
     lora_rank: int = 0,
+    n_aug: int = 0,
+    generator: torch.Generator | None = None,
     progress: bool = False,
 ) -> tuple[object, list[float]]:
     """A copy of `denoiser` fine-tuned on `images` (N, C, H, W) (latents with `decode` for a latent
@@ -143,6 +164,7 @@ def diffusionclip_finetune(
         pixels = images if decode is None else decode(images)
         t_ref, t_tgt = clip.encode_text([source_text]).detach(), clip.encode_text([target_text]).detach()
     tuned, params = trainable_copy(denoiser, lora_rank)
+    aug_g = generator or torch.Generator().manual_seed(0)
     opt = torch.optim.Adam(params, lr=lr)
     losses = []
     with torch.enable_grad():
@@ -151,7 +173,8 @@ def diffusionclip_finetune(
                 opt.zero_grad(set_to_none=True)
                 x0_hat = ddim_generate(tuned, latents[i : i + 1], train_grid, cond)
                 out = x0_hat if decode is None else decode(x0_hat)
-                loss = clip_weight * directional_clip_loss(clip, out, pixels[i : i + 1], t_tgt, t_ref).mean()
+                loss = directional_clip_loss(clip, out, pixels[i : i + 1], t_tgt, t_ref, n_aug, aug_g).mean()
+                loss = clip_weight * loss
                 loss = loss + l1_weight * (x0_hat - images[i : i + 1]).abs().mean()
                 loss.backward()
                 opt.step()
@@ -188,6 +211,7 @@ def _edit(
     clip_weight: float,
     l1_weight: float,
     lora_rank: int,
+    n_aug: int,
 ) -> Tensor:
     decode = ctx.clip_decoder("diffusionclip")
     if ctx.prompts.conditioning == "text":  # the model conditioned on what the input shows: its DDIM
@@ -210,6 +234,8 @@ def _edit(
         cond=cond,
         decode=decode,
         lora_rank=lora_rank,
+        n_aug=n_aug,
+        generator=torch.Generator().manual_seed(ctx.seed),
         progress=ctx.progress,
     )
     recon = diffusionclip_edit(
@@ -258,6 +284,14 @@ EDIT = EditMethod(
         Knob("clip_weight", 3.0, "lambda_clip of the directional loss (official: 3)", lo=0.0),
         Knob("l1_weight", 1.0, "lambda_L1 of the identity loss |x0_hat - x0|", lo=0.0),
         Knob("lora_rank", 0, "train LoRA adapters of this rank instead of every weight (0: all)", type=int, lo=0),
+        Knob(
+            "n_aug",
+            0,
+            "average the directional loss over this many paired random crops (0: the paper's loss; a small "
+            "image-text model is fooled by textures without them)",
+            type=int,
+            lo=0,
+        ),
     ),
     run=_edit,
 )

@@ -81,11 +81,21 @@ FULL = {
     "clip_weight": 1.0,
     "recon_weight": 1.0,
     "scales": [0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0],
+    "n_aug": 8,
 }
-QUICK = {**FULL, "n_train": 1, "n_test": 2, "steps": 4, "iterations": 1, "scales": [0.0, 0.5, 1.0]}
+QUICK = {**FULL, "n_train": 1, "n_test": 2, "steps": 4, "iterations": 1, "scales": [0.0, 0.5, 1.0], "n_aug": 2}
 
 
 def part_edit(run: Run) -> dict:
+    return _edit(run, "edit", 0)
+
+
+def part_edit_aug(run: Run) -> dict:
+    """The second attempt, chosen after the first's result: the directional loss over n_aug paired crops."""
+    return _edit(run, "edit_aug", run.settings["n_aug"])
+
+
+def _edit(run: Run, tag: str, n_aug: int) -> dict:
     st = run.settings
     pipe = load_pipeline(BASE)
     clip = load_clip(asset("clip", "shapes"))
@@ -106,6 +116,8 @@ def part_edit(run: Run) -> dict:
         clip_weight=st["clip_weight"],
         recon_weight=st["recon_weight"],
         cond=cond,
+        n_aug=n_aug,
+        generator=torch.Generator().manual_seed(run.seed),
     )
     train_cpu = cpu_seconds() - c0
     log(
@@ -122,7 +134,7 @@ def part_edit(run: Run) -> dict:
             outs[key(s)].append(asyrp_sample(pipe.denoiser, x_T, delta, scale=s, **kw))
         outs["both"].append(asyrp_sample(pipe.denoiser, x_T, delta, scale=1.0, asymmetric=False, **kw))
     outs = {k: torch.cat(v).clamp(-1, 1) for k, v in outs.items()}
-    torch.save(outs, run.cache("edit_outputs.pt"))
+    torch.save(outs, run.cache(f"{tag}_outputs.pt"))
     base = outs[key(0.0)]
     rows = {}
     for k, x in outs.items():
@@ -134,6 +146,7 @@ def part_edit(run: Run) -> dict:
     return {
         "train": train,
         "test": test,
+        "n_aug": n_aug,
         "train_cpu_s": round(train_cpu, 1),
         "loss_start": losses[0],
         "loss_end": losses[-1],
@@ -155,7 +168,18 @@ def _linearity(rows: dict) -> tuple[bool, float]:
     return rising and r2 >= 0.9, r2
 
 
-def _claims(ed: dict | None) -> list[str]:
+def _caveat(one: dict, zero: dict) -> str:
+    """The rules read the colour head alone; say so where the edited images are no longer the input's circles."""
+    if one["success"] > zero["success"] and one["kept"] < 0.5 and one["mse"] > zero["mse"]:
+        return (
+            f" But kept is {one['kept']:.2f} and the MSE to the ideal edit rises ({zero['mse']:.3f} -> {one['mse']:.3f}): "
+            "the outputs are no longer circles (figure), and the classifier's colour head reads blobs; the edit "
+            "the claim means is not shown: it falls short in substance."
+        )
+    return ""
+
+
+def _claims(ed: dict | None, what: str = "") -> list[str]:
     if not ed:
         return []
     rows = ed["rows"]
@@ -163,29 +187,30 @@ def _claims(ed: dict | None) -> list[str]:
     L = []
     ok1 = _gt(one, zero, "success")
     L.append(
-        f"- **One delta-h, learned once with the model frozen, edits unseen images.** On {len(ed['test'])} unseen red "
+        f"- **One delta-h, learned once with the model frozen, edits unseen images**{what}. On {len(ed['test'])} unseen red "
         f"circles: success {pm(one['success'], one['success_se'], 2)} at scale 1 against "
         f"{pm(zero['success'], zero['success_se'], 2)} at scale 0 (the plain reconstruction); kept "
         f"{pm(one['kept'], one['kept_se'], 2)}, right {pm(one['right'], one['right_se'], 2)}: "
-        f"**{'holds' if ok1 else 'does not hold'}** (rule 1)."
+        f"**{'holds' if ok1 else 'does not hold'}** (rule 1)." + _caveat(one, zero)
     )
     ok2, r2 = _linearity(rows)
     changes = ", ".join(f"{k}: {rows[k]['change']:.3f}" for k in rows if k != "both")
     L.append(
-        f"- **The edit grows roughly linearly with the scale of delta-h.** Mean pixel change from scale 0 by scale: "
+        f"- **The edit grows roughly linearly with the scale of delta-h**{what}. Mean pixel change from scale 0 by scale: "
         f"{changes}; a line through the origin over 0..1 fits with R^2 = {r2:.3f}: **{'holds' if ok2 else 'does not hold'}** "
         "(rule 2)."
     )
     ok3 = _gt(one, both, "success")
     L.append(
-        f"- **Only the asymmetric process edits.** Success at scale 1 {pm(one['success'], one['success_se'], 2)} with the "
+        f"- **Only the asymmetric process edits**{what}. Success at scale 1 {pm(one['success'], one['success_se'], 2)} with the "
         f"shift in the x0 prediction only, {pm(both['success'], both['success_se'], 2)} with it in both terms (pixel change "
         f"{one['change']:.3f} against {both['change']:.3f}): **{'holds' if ok3 else 'does not hold'}** (rule 3)."
+        + _caveat(one, zero)
     )
     return L
 
 
-def _figures(ed: dict) -> list[str]:
+def _figures(ed: dict, tag: str = "edit") -> list[str]:
     rows = ed["rows"]
     ks = [k for k in rows if k != "both"]
     fig, ax = plt.subplots(figsize=(4.4, 3.2))
@@ -199,39 +224,59 @@ def _figures(ed: dict) -> list[str]:
     ax.plot([float(k) for k in ks], [rows[k]["success"] for k in ks], "s--", label="success (green)")
     ax.set_xlabel("scale of delta-h")
     ax.legend(fontsize=7)
-    save_figure(fig, OUT / "figures" / "scale.png", dpi=110)
-    lines = ["![the edit against the scale of delta-h](figures/scale.png)\n"]
-    cache = OUT / "cache" / "edit_outputs.pt"
+    name = "" if tag == "edit" else f"_{tag}"
+    save_figure(fig, OUT / "figures" / f"scale{name}.png", dpi=110)
+    lines = [f"![the edit against the scale of delta-h](figures/scale{name}.png)\n"]
+    cache = OUT / "cache" / f"{tag}_outputs.pt"
     if cache.exists():
         outs = torch.load(cache, weights_only=True)
         shown = {"input": images_of(ed["test"])}
         shown.update({f"scale {k}": outs[k] for k in ks})
         shown["scale 1, both terms"] = outs["both"]
         shown["ideal edit"] = torch.stack([render(c["tgt"]) for c in ed["test"]])
-        image_rows(shown, OUT / "figures" / "edits.png", f"unseen circles: '{SOURCE_TEXT}' -> '{TARGET_TEXT}'")
-        lines.append("![unseen test circles over the scale, and the symmetric ablation](figures/edits.png)\n")
+        image_rows(shown, OUT / "figures" / f"edits{name}.png", f"unseen circles: '{SOURCE_TEXT}' -> '{TARGET_TEXT}'")
+        lines.append(f"![unseen test circles over the scale, and the symmetric ablation](figures/edits{name}.png)\n")
     return lines
 
 
 def write_report(run: Run) -> None:
     res = Results(OUT).load()
     L = report_head("Asyrp (Kwon, Jeong, Uh 2023)", "asyrp", __doc__)
-    ed = res.get("edit")
-    L += ["## Claims, measured\n", *_claims(ed), ""]
-    if ed:
+    attempts = [
+        ("edit", " (as fixed before the run)"),
+        ("edit_aug", " (the second attempt, after the first's result: the loss over paired crops)"),
+    ]
+    L.append("## Claims, measured\n")
+    for tag, what in attempts:
+        L += _claims(res.get(tag), what)
+    L.append("")
+    for n, (tag, _) in enumerate(attempts, start=1):
+        ed = res.get(tag)
+        if not ed:
+            continue
         st = ed["settings"]
+        aug = f", the loss over {ed['n_aug']} paired crops" if ed.get("n_aug") else ""
         L.append(
-            f"## Edits of unseen images ({len(ed['train'])} training circles, f_t learned in {ed['train_cpu_s']:.0f} "
-            f"CPU-s, loss {ed['loss_start']:.3f} -> {ed['loss_end']:.3f}; {len(ed['test'])} test circles; "
-            f"{st['steps']} DDIM steps, t_edit {st['edit_t']}, {st['iterations']} passes at lr {st['lr']:g})\n"
+            f"## {n}. Edits of unseen images{aug} ({len(ed['train'])} training circles, f_t learned in "
+            f"{ed['train_cpu_s']:.0f} CPU-s, loss {ed['loss_start']:.3f} -> {ed['loss_end']:.3f}; {len(ed['test'])} test "
+            f"circles; {st['steps']} DDIM steps, t_edit {st['edit_t']}, {st['iterations']} passes at lr {st['lr']:g})\n"
         )
         L += ["| scale | success | kept | right | ideal MSE | pixel change |", "|---|---|---|---|---|---|"]
         for k, r in ed["rows"].items():
             name = "1, shift in both terms" if k == "both" else k
             L.append(f"| {name} | {_row(r)} | {pm(r['change'], r['change_se'], 3)} |")
         L.append("")
-        L += _figures(ed)
-    meta = timing(res, ("edit",))
+        L += _figures(ed, tag)
+    L.append(
+        "## Notes\n\nNeither attempt edits as the paper does. Without crops f_t barely moves the colour and already "
+        "breaks shapes at scale 0.25; with the loss over paired crops the shift is strong (pixel change 0.5 at scale "
+        "0.25, saturating near 0.95 from scale 1) and turns every circle into coloured blobs. The shift acts on a "
+        "2.6 M-parameter UNet's 8 x 8 bottleneck and is judged by a 32 x 32 SmallCLIP: the h-space of so small a "
+        "model may not carry the paper's disentangled directions. What to try next: a smaller lr with more passes "
+        "(the loss rose over training in the second attempt, 1.03 -> 1.27), a larger lambda_recon, the later "
+        "editing interval the paper picks by LPIPS, or a larger pretrained UNet.\n"
+    )
+    meta = timing(res, ("edit", "edit_aug"))
     if meta:
         L.append(f"Time: {meta['cpu_min']:.1f} CPU-minutes ({res.get('runs', {}).get('machine', '')}).\n")
     atomic_write_text(OUT / "report.md", "\n".join(L) + "\n")
@@ -248,7 +293,7 @@ PAPER = Paper(
     title="Asyrp (Kwon, Jeong, Uh 2023)",
     claim="A shift of the frozen UNet's bottleneck (h-space), learned once, edits unseen images through the "
     "asymmetric reverse process, its strength growing with the shift's scale.",
-    parts={"edit": part_edit},
+    parts={"edit": part_edit, "edit_aug": part_edit_aug},
     report=write_report,
     full=FULL,
     quick=QUICK,

@@ -44,6 +44,10 @@ def test_directional_loss_is_one_minus_the_cosine_of_the_two_directions():
     side[:, 2] += 1.0  # orthogonal
     loss = directional_clip_loss(clip, torch.cat([toward, away, side]), ref.expand(3, -1, -1, -1), green, red)
     torch.testing.assert_close(loss, torch.tensor([0.0, 2.0, 1.0]))
+    # over paired crops of these flat images the directions are the same, up to the crops' pixel noise
+    g = torch.Generator().manual_seed(0)
+    aug = directional_clip_loss(clip, torch.cat([toward, away, side]), ref.expand(3, -1, -1, -1), green, red, 4, g)
+    torch.testing.assert_close(aug, torch.tensor([0.0, 2.0, 1.0]), atol=0.05, rtol=0)
 
 
 def _oracle():
