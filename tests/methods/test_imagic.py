@@ -224,3 +224,19 @@ def test_a_diverging_fine_tune_is_a_one_line_error(setup):
     D, cond, x0 = setup
     with pytest.raises(ValueError, match="Imagic fine-tuning diverged .* at lr 1e\\+30"):
         finetune_on_image(D, x0, cond, steps=3, lr=1e30, batch=2)
+
+
+@pytest.mark.parametrize("method", ["imagic", "unitune"])
+def test_the_zoo_latent_model_edits_through_its_autoencoder(method):
+    """On shapes-text-ldm the input is encoded, optimised on as latents and decoded for the strip."""
+    from difflab.assets import resolve_run
+    from difflab.data.shapes import render
+    from difflab.edit import edit
+    from difflab.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(resolve_run("shapes-text-ldm"))
+    image = render({"shape": "square", "color": "red", "size": "large", "position": "left"})[None]
+    kw = {"imagic": {"embed_steps": 1, "sweep": "0"}, "unitune": {}}[method]
+    r = edit(pipe, method, image, prompt="a green square", steps=2, tune_steps=1, batch=1, **kw)
+    assert r.output.shape == image.shape and all(t.shape == image.shape for _, t in r.tiles)
+    assert torch.isfinite(r.output).all()
