@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from difflab.core.editing import EditContext, EditMethod, Knob
 from difflab.core.sampling import ancestral_step, progress_range
 from difflab.core.validation import check_number
-from difflab.methods.diffusionclip import ddim_grid, ddim_invert, directional_clip_loss
+from difflab.methods.diffusionclip import check_direction_inputs, ddim_grid, ddim_invert, directional_clip_loss
 
 __all__ = ["DeltaH", "h_module", "shifted_h", "asyrp_invert", "asyrp_sample", "asyrp_train", "EDIT"]
 
@@ -184,10 +184,7 @@ def asyrp_train(
 ) -> tuple[DeltaH, list[float]]:
     """f_t trained on `images` (N, C, H, W) with the model frozen: `iterations` passes, each image
     inverted to x_T and taken down the editing interval with one Adam step per timestep."""
-    if images.ndim != 4 or len(images) < 1:
-        raise ValueError(f"Asyrp needs images (N, C, H, W), got shape {tuple(images.shape)}")
-    if not source_text.strip() or not target_text.strip():
-        raise ValueError("Asyrp needs a source text and a target text (the direction's two ends)")
+    check_direction_inputs("Asyrp", images, source_text, target_text)
     cond = cond or {}
     net = denoiser.net
     module = h_module(net)

@@ -81,6 +81,16 @@ def directional_clip_loss(
     return (1 - F.cosine_similarity(d_img, d_txt, dim=-1)).reshape(n_aug, B).mean(0)
 
 
+def check_direction_inputs(method: str, images: Tensor, source_text: str, target_text: str) -> None:
+    """One-line errors for a method trained along an image-text direction: images (N, C, H, W), finite,
+    and both ends of the direction given."""
+    if images.ndim != 4 or len(images) < 1:
+        raise ValueError(f"{method} needs images (N, C, H, W), got shape {tuple(images.shape)}")
+    check_finite_tensor("the images", images)
+    if not source_text.strip() or not target_text.strip():
+        raise ValueError(f"{method} needs a source text and a target text (the direction's two ends)")
+
+
 def ddim_grid(schedule, t0: float, steps: int) -> Tensor:
     """The decreasing sigma grid from the papers' t0 down to 0 in (about) `steps` steps."""
     t0 = check_number("strength (t0)", t0, lo=0.0, hi=1.0, lo_open=True)
@@ -151,11 +161,7 @@ def diffusionclip_finetune(
     model) so that its `train_steps`-step DDIM chain from their inversions at t0 follows source_text ->
     target_text. `iterations` passes over the images (one Adam step per image). Returns (the tuned
     copy in eval mode with gradients off, the loss of every step)."""
-    if images.ndim != 4 or len(images) < 1:
-        raise ValueError(f"DiffusionCLIP needs images (N, C, H, W), got shape {tuple(images.shape)}")
-    check_finite_tensor("the images", images)
-    if not source_text.strip() or not target_text.strip():
-        raise ValueError("DiffusionCLIP needs a source text and a target text (the direction's two ends)")
+    check_direction_inputs("DiffusionCLIP", images, source_text, target_text)
     cond = cond or {}
     inv_grid = ddim_grid(denoiser.schedule, strength, inv_steps)
     train_grid = ddim_grid(denoiser.schedule, strength, train_steps)

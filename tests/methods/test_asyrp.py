@@ -92,6 +92,8 @@ def test_training_moves_f_t_and_leaves_the_model_frozen(zoo):
     assert any(float(p.abs().sum()) > 0 for p in delta.out.parameters())
     with pytest.raises(ValueError, match="needs a source text and a target text"):
         asyrp_train(D, image, clip, "", "a green circle", iterations=1)
+    with pytest.raises(ValueError, match=r"Asyrp needs images \(N, C, H, W\), got shape \(3, 32, 32\)"):
+        asyrp_train(D, image[0], clip, "a red circle", "a green circle", iterations=1)
 
 
 def test_difflab_edit_asyrp(zoo):
