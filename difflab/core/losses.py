@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from difflab.core.denoiser import Preconditioned
-from difflab.core.schedules import DiscreteVP, Schedule
+from difflab.core.schedules import EDM, DiscreteVP, Schedule
 
 __all__ = [
     "DenoisingLoss",
@@ -105,8 +105,6 @@ def training_sigmas(schedule: Schedule) -> SigmaSampler:
     """The sigma distribution a model of this schedule is usually trained on, for the methods that
     fine-tune or optimise against a pretrained model's loss (Imagic, UniTune): EDM's log-normal for
     an EDM schedule, DDPM's uniform timesteps for a discrete VP one, uniform t otherwise."""
-    from difflab.core.schedules import EDM
-
     if isinstance(schedule, EDM):
         return lognormal()
     if isinstance(schedule, DiscreteVP):

@@ -109,7 +109,7 @@ def _sigma(x: Tensor, s: float) -> Tensor:
     return torch.full((x.shape[0],), s, dtype=x.dtype, device=x.device)
 
 
-def _interval(grid: Tensor, schedule, edit_t: float, boost_t: float) -> tuple[float, float]:
+def _interval(schedule, edit_t: float, boost_t: float) -> tuple[float, float]:
     edit_t = check_number("asyrp edit_t", edit_t, lo=0.0, hi=1.0)
     boost_t = check_number("asyrp boost_t", boost_t, lo=0.0, hi=1.0)
     if boost_t > edit_t:
@@ -143,7 +143,7 @@ def asyrp_sample(
     below sigma(boost_t). `asymmetric=False` shifts h in both terms (the paper's ablation)."""
     cond = cond or {}
     grid = ddim_grid(denoiser.schedule, 1.0, steps)
-    edit_sigma, boost_sigma = _interval(grid, denoiser.schedule, edit_t, boost_t)
+    edit_sigma, boost_sigma = _interval(denoiser.schedule, edit_t, boost_t)
     g = noise or torch.Generator().manual_seed(0)
     x = x_T
     with torch.no_grad():
@@ -196,7 +196,7 @@ def asyrp_train(
     delta = DeltaH(probe["h"].shape[1]).to(images.device)
     opt = torch.optim.Adam(delta.parameters(), lr=lr)
     grid = ddim_grid(denoiser.schedule, 1.0, steps)
-    edit_sigma, _ = _interval(grid, denoiser.schedule, edit_t, 0.0)
+    edit_sigma, _ = _interval(denoiser.schedule, edit_t, 0.0)
     with torch.no_grad():
         x_Ts = torch.cat([asyrp_invert(denoiser, x[None], steps=steps, cond=cond) for x in images])
         t_ref, t_tgt = clip.encode_text([source_text]).detach(), clip.encode_text([target_text]).detach()
